@@ -1,0 +1,107 @@
+"""Small file-system helpers: atomic writes and JSON reads with one-line user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import SmcpError
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Best-effort fsync of a directory so that a rename survives a crash (no-op where unsupported)."""
+    try:
+        fd = os.open(str(directory), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, ``os.replace``.
+
+    Readers never see a half-written file; on failure the temp file is removed and the old file (if
+    any) is left untouched.  Parent directories are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomically write UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
+    """Atomically write ``obj`` as JSON (sorted keys off: insertion order is kept, trailing newline)."""
+    text = json.dumps(obj, indent=indent, allow_nan=True)
+    return atomic_write_text(path, text + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temp file in the same directory, fsync, then ``os.replace``."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Read a JSON file; a missing, unreadable or corrupt file raises :class:`SmcpError`.
+
+    ``what`` describes the file for the message, e.g. ``"latency table"``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SmcpError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise SmcpError(f"{what} {path} is a directory, expected a JSON file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SmcpError(f"cannot read {what} {path}: {e}") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SmcpError(
+            f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+            "delete it and re-create it"
+        ) from e

@@ -1,0 +1,361 @@
+"""Model registry: build a model from a source string and load checkpoints into it.
+
+Sources accepted by :func:`build_model`:
+
+* ``torchvision/<name>`` — a torchvision classification model, built with ``weights=None`` (no
+  downloads); ``num_classes`` and ``kwargs`` are passed to its builder.
+* ``cifar/resnet20`` | ``resnet32`` | ``resnet44`` | ``resnet56`` | ``resnet110`` — CIFAR ResNets
+  (option-A shortcuts), kwargs ``in_channels`` (default 3); ``num_classes`` defaults to 10.
+* ``mobilenet_v1`` — MobileNetV1, kwargs ``width`` (default 1.0), ``in_channels`` (default 3);
+  ``num_classes`` defaults to 1000.
+* ``path/to/file.py:factory`` — user code: the file is imported by path and ``factory(**kwargs)``
+  is called (with ``num_classes=`` too when given and the factory accepts it).  A relative path is
+  resolved against ``base_dir`` (e.g. the recipe's folder) when given, else the working directory.
+
+Every user mistake raises :class:`~smcp_core.errors.SmcpError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import inspect
+import itertools
+import pickle
+import sys
+import traceback
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from smcp_core.errors import SmcpError
+from smcp_core.models.cifar_resnet import DEPTHS as _CIFAR_DEPTHS
+from smcp_core.models.cifar_resnet import CifarResNet, PadShortcut, cifar_resnet
+from smcp_core.models.mobilenet_v1 import MobileNetV1
+
+__all__ = [
+    "build_model",
+    "load_checkpoint",
+    "list_models",
+    "CifarResNet",
+    "PadShortcut",
+    "MobileNetV1",
+]
+
+_BUILTIN = [f"cifar/{n}" for n in _CIFAR_DEPTHS] + ["mobilenet_v1"]
+_FORMS = "torchvision/<name>, cifar/resnet20|32|44|56|110, mobilenet_v1, or path/to/file.py:factory"
+_counter = itertools.count()
+
+
+def _torchvision_names() -> list[str]:
+    from smcp_core.tv import import_torchvision
+
+    tv = import_torchvision()
+    return sorted(tv.models.list_models(module=tv.models))
+
+
+def list_models() -> list[str]:
+    """All registry names (built-ins first, then ``torchvision/<name>`` classification models)."""
+    return list(_BUILTIN) + [f"torchvision/{n}" for n in _torchvision_names()]
+
+
+def _close(name: str, choices: list[str], n: int = 4) -> str:
+    matches = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
+    return f"did you mean {', '.join(matches)}?" if matches else ""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _call_builder(what: str, fn, kwargs: dict, accepted: list[str] | None = None) -> nn.Module:
+    if accepted is not None:
+        bad = sorted(k for k in kwargs if k not in accepted)
+        if bad:
+            raise SmcpError(
+                f"model {what}: unknown kwargs {', '.join(bad)}; it accepts: "
+                f"{', '.join(accepted) if accepted else '(none)'}, plus num_classes"
+            )
+    try:
+        return fn(**kwargs)
+    except SmcpError:
+        raise
+    except TypeError as exc:
+        try:
+            params = [p for p in inspect.signature(fn).parameters if p not in ("self", "args", "kwargs")]
+        except (TypeError, ValueError):
+            params = []
+        hint = f"; it accepts: {', '.join(params)}" if params else ""
+        raise SmcpError(f"model {what}: bad kwargs {sorted(kwargs)} ({_one_line(exc)}){hint}") from None
+    except Exception as exc:
+        raise SmcpError(f"model {what}: building it failed with {_one_line(exc)}; check its kwargs") from None
+
+
+def build_model(
+    source: str,
+    *,
+    num_classes: int | None = None,
+    kwargs: dict | None = None,
+    base_dir: str | Path | None = None,
+) -> nn.Module:
+    """Build a model from ``source`` (see the module docstring for the accepted forms)."""
+    if not isinstance(source, str) or not source.strip():
+        raise SmcpError(f"model source must be a non-empty string such as {_FORMS} (got {source!r})")
+    source = source.strip()
+    kwargs = dict(kwargs or {})
+    if not isinstance(num_classes, (int, type(None))) or isinstance(num_classes, bool) or (
+        num_classes is not None and num_classes < 1
+    ):
+        raise SmcpError(f"model {source}: num_classes must be a positive integer (got {num_classes!r})")
+    if "num_classes" in kwargs:
+        if num_classes is not None and kwargs["num_classes"] != num_classes:
+            raise SmcpError(
+                f"model {source}: num_classes given twice ({num_classes} and kwargs.num_classes="
+                f"{kwargs['num_classes']}); give it once"
+            )
+        num_classes = kwargs.pop("num_classes")
+
+    if ".py:" in source or source.endswith(".py"):
+        return _build_user(source, num_classes, kwargs, base_dir)
+
+    if source.startswith("torchvision/"):
+        name = source.split("/", 1)[1]
+        names = _torchvision_names()
+        if name not in names:
+            hint = _close(name, names)
+            raise SmcpError(
+                f"model {source}: unknown torchvision classification model '{name}'"
+                + (f"; {hint}" if hint else "; run `list_models()` / `smcp models` to see the names")
+            )
+        from smcp_core.tv import import_torchvision
+
+        tv = import_torchvision()
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        kwargs.setdefault("weights", None)
+        return _call_builder(source, lambda **kw: tv.models.get_model(name, **kw), kwargs)
+
+    if source.startswith("cifar/"):
+        name = source.split("/", 1)[1]
+        if name not in _CIFAR_DEPTHS:
+            hint = _close(source, [f"cifar/{n}" for n in _CIFAR_DEPTHS])
+            raise SmcpError(
+                f"model {source}: unknown CIFAR model; valid: {', '.join('cifar/' + n for n in _CIFAR_DEPTHS)}"
+                + (f"; {hint}" if hint else "")
+            )
+        return _call_builder(
+            source,
+            lambda **kw: cifar_resnet(name, num_classes=10 if num_classes is None else num_classes, **kw),
+            kwargs,
+            ["in_channels"],
+        )
+
+    if source == "mobilenet_v1":
+        return _call_builder(
+            source,
+            lambda **kw: MobileNetV1(num_classes=1000 if num_classes is None else num_classes, **kw),
+            kwargs,
+            ["width", "in_channels"],
+        )
+
+    try:
+        candidates = list_models()
+    except SmcpError:
+        candidates = list(_BUILTIN)
+    # match the bare names too, so "resnt50" suggests torchvision/resnet50 first
+    bare = {c.split("/", 1)[-1]: c for c in reversed(candidates)}
+    matches = difflib.get_close_matches(source, list(bare), n=4, cutoff=0.5)
+    hint = f"did you mean {', '.join(bare[m] for m in matches)}?" if matches else _close(source, candidates)
+    raise SmcpError(f"unknown model source '{source}'; use {_FORMS}" + (f"; {hint}" if hint else ""))
+
+
+# ---------------------------------------------------------------------------------------- user code
+
+
+def _error_location(exc: BaseException, file: Path) -> str:
+    """``file:line`` of the deepest traceback frame inside ``file`` (or of a SyntaxError)."""
+    if isinstance(exc, SyntaxError) and exc.lineno is not None:
+        return f"{exc.filename or file}:{exc.lineno}"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename) == file]
+    if frames:
+        return f"{file}:{frames[-1].lineno}"
+    return str(file)
+
+
+def _build_user(source: str, num_classes: int | None, kwargs: dict, base_dir) -> nn.Module:
+    file_part, sep, factory = source.rpartition(":")
+    if not sep or not file_part.endswith(".py") or not factory:
+        raise SmcpError(
+            f"model {source}: user models are given as path/to/file.py:factory "
+            f"(the function or class in that file that returns the nn.Module)"
+        )
+    path = Path(file_part).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    path = path.resolve()
+    if not path.is_file():
+        raise SmcpError(f"model {source}: file {path} not found; check the path (relative paths are "
+                        f"resolved against {Path(base_dir).resolve() if base_dir else Path.cwd()})")
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
+    mod_name = f"smcp_user_model_{digest}_{next(_counter)}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise SmcpError(f"model {source}: cannot import {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module  # dataclasses, pickling etc. look the module up here
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # SyntaxError, ImportError, anything raised at import time
+        sys.modules.pop(mod_name, None)
+        raise SmcpError(
+            f"model {source}: importing {_error_location(exc, path)} failed: {_one_line(exc)}; fix the file"
+        ) from None
+    fn = getattr(module, factory, None)
+    if fn is None or not callable(fn):
+        available = sorted(
+            n for n, v in vars(module).items()
+            if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == mod_name
+        )
+        what = "not found" if fn is None else "is not callable"
+        raise SmcpError(
+            f"model {source}: '{factory}' {what} in {path}; callables defined there: "
+            f"{', '.join(available) if available else '(none)'}"
+        )
+    call_kwargs = dict(kwargs)
+    if num_classes is not None and _accepts(fn, "num_classes"):
+        call_kwargs["num_classes"] = num_classes
+    try:
+        model = fn(**call_kwargs)
+    except Exception as exc:
+        raise SmcpError(
+            f"model {source}: calling {factory}(**{call_kwargs}) failed at "
+            f"{_error_location(exc, path)}: {_one_line(exc)}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise SmcpError(
+            f"model {source}: {factory}() returned {type(model).__name__}, not a torch.nn.Module; "
+            f"make it return the model"
+        )
+    return model
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+
+
+def _strip_module(sd: dict) -> dict:
+    out = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in sd.items())
+    meta = getattr(sd, "_metadata", None)
+    if meta is not None:
+        out._metadata = OrderedDict(  # type: ignore[attr-defined]
+            ("" if k == "module" else k[len("module."):] if k.startswith("module.") else k, v)
+            for k, v in meta.items()
+        )
+    return out
+
+
+def _extract_state_dict(obj: Any, path: Path) -> tuple[dict, dict]:
+    """Return ``(state_dict, metadata)`` from whatever ``torch.load`` gave."""
+    if isinstance(obj, nn.Module):
+        return obj.state_dict(), {}
+    if not isinstance(obj, dict):
+        raise SmcpError(
+            f"checkpoint {path}: holds a {type(obj).__name__}, expected a state dict or a dict with "
+            f"'state_dict'/'model'; re-save with torch.save(model.state_dict(), path)"
+        )
+    for key in ("state_dict", "model", "model_state_dict", "net"):
+        if key in obj and isinstance(obj[key], (dict, nn.Module)):
+            sd = obj[key].state_dict() if isinstance(obj[key], nn.Module) else obj[key]
+            meta = {}
+            for k, v in obj.items():
+                if k == key:
+                    continue
+                if isinstance(v, torch.Tensor) and v.numel() == 1:
+                    v = v.item()
+                if isinstance(v, (int, float, str, bool)):
+                    meta[k] = v
+            return sd, meta
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, {}
+    raise SmcpError(
+        f"checkpoint {path}: no state dict found (top-level keys: {', '.join(map(str, list(obj)[:8]))}); "
+        f"expected a plain state dict or a dict with 'state_dict' or 'model'"
+    )
+
+
+def _fmt_keys(keys: list[str], n: int = 4) -> str:
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, *, trust: bool = False) -> dict:
+    """Load a checkpoint into ``model`` strictly and return its metadata (e.g. ``best_prec1``).
+
+    Accepts a plain state dict, ``{'state_dict': ...}`` or ``{'model': ...}``; a leading ``module.``
+    (from ``DataParallel``) is stripped.  Loads with ``weights_only=True`` unless ``trust``.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SmcpError(f"checkpoint {p} not found; check the path")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as exc:
+        looks_pickled = "unsupported global" in str(exc).lower() or zipfile.is_zipfile(p)
+        if not trust and "weights only" in str(exc).lower() and looks_pickled:
+            raise SmcpError(
+                f"checkpoint {p}: contains pickled objects; re-save with "
+                f"torch.save(model.state_dict(), path) or pass --trust-checkpoint (only for files you trust)"
+            ) from None
+        raise SmcpError(
+            f"checkpoint {p}: not a PyTorch checkpoint (expected a file written by torch.save)"
+        ) from None
+    except EOFError:
+        raise SmcpError(f"checkpoint {p}: file is empty or truncated; re-save it with torch.save") from None
+    except (RuntimeError, ValueError, zipfile.BadZipFile, OSError) as exc:
+        raise SmcpError(f"checkpoint {p}: not a readable PyTorch checkpoint ({_one_line(exc)})") from None
+    except Exception as exc:  # trust=True unpickling may raise anything (missing classes, ...)
+        raise SmcpError(f"checkpoint {p}: loading failed ({_one_line(exc)})") from None
+
+    sd, meta = _extract_state_dict(obj, p)
+    sd = _strip_module(sd)
+    own = model.state_dict()
+    optional = {k for k in own if k.endswith("num_batches_tracked")}
+    missing = [k for k in own if k not in sd and k not in optional]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [
+        f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and isinstance(sd[k], torch.Tensor) and sd[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_fmt_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_fmt_keys(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatch: {_fmt_keys(mismatched, 3)}")
+        raise SmcpError(
+            f"checkpoint {p} does not match the model ({'; '.join(parts)}); check the model source, "
+            f"its kwargs and num_classes"
+        )
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise SmcpError(f"checkpoint {p}: load_state_dict failed ({_one_line(exc)})") from None
+    return meta

@@ -1,0 +1,305 @@
+"""Physical channel removal.
+
+Given a model whose masked weights are already baked in (``W * m``) and a keep-mask over channel
+classes, :func:`slim_model` re-traces the model and
+
+1. slices every conv/linear/BN/depthwise layer to its kept input and output channels;
+2. rewrites the few functional ops whose arguments count channels (channel ``F.pad``, channel
+   slices ``x[:, a:b]``, ``split``/``chunk``);
+3. replaces a consumer that keeps no input channel (a removed layer) by the constant it computes
+   (its bias, or zeros), folds that constant through the following BN/activations, and lets
+   dead-code elimination drop the producers that fed it.
+
+Because a pruned class is masked in *every* layer that reads it, removing it changes nothing: the
+slim model computes the same function as the masked model (checked by :func:`max_abs_diff`).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import SmcpError
+from .graph import _BN_MODULES, _PASS_MODULES, ChannelGraph, _known_pass_function
+
+
+class ConstantChannels(nn.Module):
+    """Outputs a per-channel constant map; the batch size is taken from ``ref``."""
+
+    def __init__(self, value: torch.Tensor, spatial: tuple[int, ...]) -> None:
+        super().__init__()
+        self.register_buffer("value", value)
+        self.spatial = tuple(int(s) for s in spatial)
+
+    def forward(self, ref: torch.Tensor) -> torch.Tensor:
+        return self.value.expand(ref.shape[0], self.value.shape[1], *self.spatial)
+
+
+def _sl(t: torch.Tensor | None, idx: torch.Tensor, dim: int = 0) -> torch.Tensor | None:
+    if t is None:
+        return None
+    return t.detach().index_select(dim, idx).clone()
+
+
+def _new_conv(old: nn.Conv2d, cin: int, cout: int, groups: int) -> nn.Conv2d:
+    # skip_init: the weights are overwritten right away, so don't pay for (or warn about) init
+    return torch.nn.utils.skip_init(
+        nn.Conv2d, cin, cout, old.kernel_size, old.stride, old.padding, old.dilation, groups,
+        bias=old.bias is not None, padding_mode=old.padding_mode,
+        device=old.weight.device, dtype=old.weight.dtype,
+    )
+
+
+def _set_module(gm: fx.GraphModule, name: str, mod: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, attr, mod)
+
+
+def slim_model(model: nn.Module, graph: ChannelGraph, keep: torch.Tensor) -> fx.GraphModule:
+    """Return a new GraphModule with the pruned channels physically removed.
+
+    ``model`` must have plain (un-parametrised) weights with the masks baked in; it is not modified.
+    ``keep`` is a bool tensor over the graph's channel classes.
+    """
+    keep = keep.to(torch.bool).cpu()
+    model = copy.deepcopy(model).cpu().eval()
+    gm = fx.symbolic_trace(model)
+    ref_names = [n.name for n in graph.gm.graph.nodes]
+    names = [n.name for n in gm.graph.nodes]
+    if names != ref_names:
+        raise SmcpError("slim: the model traces differently from when it was analysed; re-run smcp prune")
+    ref_nodes = {n.name: n for n in graph.gm.graph.nodes}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    labels = graph.node_labels
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+
+    def kept_idx(lab: torch.Tensor) -> torch.Tensor:
+        return torch.nonzero(keep[lab]).flatten()
+
+    # ---- 1. layers
+    dead: list[tuple[str, nn.Module]] = []
+    done: set[str] = set()
+    for l in graph.layers:
+        if l.name in done:
+            continue
+        done.add(l.name)
+        old = gm.get_submodule(l.name)
+        iin, iout = kept_idx(l.in_labels), kept_idx(l.out_labels)
+        if l.kind == "dwconv":
+            new = _new_conv(old, len(iin), len(iin), max(len(iin), 1)) if len(iin) else None
+            if new is None:
+                dead.append((l.node, old))
+                continue
+            new.weight.data.copy_(_sl(old.weight, iin))
+            if old.bias is not None:
+                new.bias.data.copy_(_sl(old.bias, iin))
+            _set_module(gm, l.name, new)
+            continue
+        if len(iin) == 0:
+            dead.append((l.node, old))
+            continue
+        w = _sl(_sl(old.weight, iout, 0), iin, 1)
+        if l.kind == "conv":
+            new = _new_conv(old, len(iin), len(iout), 1)
+        else:
+            new = torch.nn.utils.skip_init(nn.Linear, len(iin), len(iout), bias=old.bias is not None,
+                                           device=old.weight.device, dtype=old.weight.dtype)
+        new.weight.data.copy_(w)
+        if old.bias is not None:
+            new.bias.data.copy_(_sl(old.bias, iout))
+        _set_module(gm, l.name, new)
+
+    for bn_name, node_name in graph.bns.items():
+        bn = gm.get_submodule(bn_name)
+        idx = kept_idx(labels[node_name])
+        new = type(bn)(len(idx), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                       track_running_stats=bn.track_running_stats)
+        with torch.no_grad():
+            if bn.affine:
+                new.weight.copy_(_sl(bn.weight, idx))
+                new.bias.copy_(_sl(bn.bias, idx))
+            if bn.track_running_stats:
+                new.running_mean.copy_(_sl(bn.running_mean, idx))
+                new.running_var.copy_(_sl(bn.running_var, idx))
+                new.num_batches_tracked.copy_(bn.num_batches_tracked)
+        new.eval()
+        _set_module(gm, bn_name, new)
+
+    # ---- 2. functional ops that count channels
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is F.pad:
+            _rewrite_pad(node, ref_nodes, labels, keep)
+        elif node.op == "call_function" and node.target is operator.getitem:
+            _rewrite_getitem(node, labels, keep)
+        elif (node.op == "call_function" and node.target in (torch.split, torch.chunk)) or (
+            node.op == "call_method" and node.target in ("split", "chunk")
+        ):
+            _rewrite_split(gm, node, labels, keep)
+
+    # ---- 3. removed layers become constants
+    for k, (node_name, old) in enumerate(dead):
+        node = nodes[node_name]
+        shape = ref_nodes[node_name].meta["tensor_meta"].shape
+        out_lab = labels[node_name]
+        iout = kept_idx(out_lab)
+        if isinstance(old, nn.Linear):
+            value = torch.zeros(1, len(iout)) if old.bias is None else _sl(old.bias, iout).view(1, -1)
+        else:
+            value = torch.zeros(1, len(iout), 1, 1) if old.bias is None else _sl(old.bias, iout).view(1, -1, 1, 1)
+        spatial = tuple(shape[2:])
+        const_name = f"_smcp_const_{k}"
+        gm.add_submodule(const_name, ConstantChannels(value.detach().clone(), spatial))
+        with gm.graph.inserting_after(node):
+            cnode = gm.graph.call_module(const_name, (placeholder,))
+        node.replace_all_uses_with(cnode)
+        gm.graph.erase_node(node)
+        _fold_constant(gm, cnode)
+
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _pos_keep(node_name: str, labels: dict, keep: torch.Tensor) -> torch.Tensor:
+    return keep[labels[node_name]]
+
+
+def _rewrite_pad(node: fx.Node, ref_nodes: dict, labels: dict, keep: torch.Tensor) -> None:
+    if node.name not in labels or not isinstance(node.args[0], fx.Node):
+        return
+    pad = list(node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
+    rank = len(ref_nodes[node.name].meta["tensor_meta"].shape)
+    ch_pair = rank - 2
+    if ch_pair >= len(pad) // 2:
+        return
+    front, back = pad[2 * ch_pair], pad[2 * ch_pair + 1]
+    if front == 0 and back == 0:
+        return
+    k = _pos_keep(node.name, labels, keep)
+    n = k.numel()
+    pad[2 * ch_pair] = int(k[:front].sum())
+    pad[2 * ch_pair + 1] = int(k[n - back:].sum()) if back else 0
+    if len(node.args) > 1:
+        node.args = (node.args[0], tuple(pad), *node.args[2:])
+    else:
+        node.kwargs = {**node.kwargs, "pad": tuple(pad)}
+
+
+def _rewrite_getitem(node: fx.Node, labels: dict, keep: torch.Tensor) -> None:
+    src, idx = node.args
+    if not isinstance(src, fx.Node) or not isinstance(idx, tuple) or len(idx) < 2:
+        return
+    ch = idx[1]
+    if not isinstance(ch, slice) or ch == slice(None):
+        return
+    src_lab = labels.get(src.name)
+    if not isinstance(src_lab, torch.Tensor):
+        return
+    k = keep[src_lab]
+    c = k.numel()
+    start, stop, step = ch.indices(c)
+    if step != 1:
+        if bool(k.all()):
+            return
+        raise SmcpError(f"slim: strided channel slice at {node.name} cannot be pruned through")
+    new = slice(int(k[:start].sum()), int(k[:stop].sum()), None)
+    node.args = (src, (idx[0], new, *idx[2:]))
+
+
+def _rewrite_split(gm: fx.GraphModule, node: fx.Node, labels: dict, keep: torch.Tensor) -> None:
+    pieces = labels.get(node.name)
+    if not isinstance(pieces, list):
+        return
+    sizes = [int(keep[p].sum()) for p in pieces]
+    if sizes == [int(p.numel()) for p in pieces]:
+        return
+    src = node.args[0]
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_function(torch.split, (src, sizes), {"dim": 1})
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+def _fold_constant(gm: fx.GraphModule, cnode: fx.Node) -> None:
+    """Push a ConstantChannels value through following BN/activation nodes, then feed it to
+    elementwise binary users as a broadcast buffer (no expand)."""
+    const: ConstantChannels = gm.get_submodule(str(cnode.target))
+    if const.value.shape[1] == 0:
+        return  # nothing left to compute; its users are removed layers too (dead code)
+    while len(cnode.users) == 1:
+        user = next(iter(cnode.users))
+        if user.args and user.args[0] is not cnode:
+            break
+        if len(user.all_input_nodes) != 1:
+            break
+        fn = None
+        if user.op == "call_module":
+            mod = gm.get_submodule(str(user.target))
+            if isinstance(mod, _BN_MODULES) or (
+                isinstance(mod, _PASS_MODULES) and not isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d,
+                                                                        nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+                                                                        nn.Upsample))
+            ):
+                fn = mod
+        elif user.op == "call_function" and _known_pass_function(user.target) and user.target not in (
+            F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.interpolate,
+        ):
+            def fn(v, _u=user):  # noqa: E306
+                return _u.target(v, *_u.args[1:], **_u.kwargs)
+        if fn is None:
+            break
+        with torch.no_grad():
+            const.value = fn(const.value).detach().clone()
+        user.replace_all_uses_with(cnode)
+        gm.graph.erase_node(user)
+    # binary users can take the (1, C, 1, 1) value directly
+    binary = {operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.sub}
+    users = list(cnode.users)
+    if users and all(u.op == "call_function" and u.target in binary for u in users):
+        attr = f"{cnode.target}_value"
+        gm.register_buffer(attr, const.value.detach().clone())
+        with gm.graph.inserting_after(cnode):
+            g = gm.graph.get_attr(attr)
+        cnode.replace_all_uses_with(g)
+        gm.graph.erase_node(cnode)
+
+
+@torch.no_grad()
+def max_abs_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    a.eval()
+    b.eval()
+    ya, yb = a(x), b(x)
+    return float((ya - yb).abs().max())
+
+
+def count_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def export_program(gm: nn.Module, example: torch.Tensor, path: Any) -> None:
+    """Save ``gm`` as a ``torch.export`` program with a dynamic batch dimension."""
+    import os
+    import tempfile
+
+    ex = example
+    if ex.shape[0] < 2:
+        ex = ex.repeat(2, *([1] * (ex.dim() - 1)))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    ep = torch.export.export(gm.eval(), (ex,), dynamic_shapes=({0: batch},), strict=False)
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".pt2.tmp")
+    os.close(fd)
+    try:
+        torch.export.save(ep, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
