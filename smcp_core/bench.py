@@ -300,12 +300,19 @@ def _installed(dist: str) -> bool:
     return True
 
 
+_ORT_MODULE = None  # set once onnxruntime was imported and checked
+
+
 def ensure_onnxruntime():
     """Import and return ``onnxruntime``, or raise :class:`SmcpError` saying how to install it.
 
     Also refuses an environment holding both ``onnxruntime`` and ``onnxruntime-gpu``: the two
     distributions install the same ``onnxruntime`` package and overwrite each other's files.
+    The result is cached for the process.
     """
+    global _ORT_MODULE
+    if _ORT_MODULE is not None:
+        return _ORT_MODULE
     if _installed("onnxruntime") and _installed("onnxruntime-gpu"):
         raise SmcpError(
             "both onnxruntime and onnxruntime-gpu are installed; they overwrite each other's files: "
@@ -313,9 +320,10 @@ def ensure_onnxruntime():
             "(pip install 'smcp[cpu]' or 'smcp[gpu]')"
         )
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime
     except ImportError as e:
         raise SmcpError(_ORT_MISSING) from e
+    _ORT_MODULE = onnxruntime
     return onnxruntime
 
 

@@ -223,7 +223,7 @@ class _Entry:
             comp = {
                 "gi": gi,
                 "v": v,
-                "gi_t": torch.tensor(gi, dtype=torch.float64),
+                "gi_t": _axis_lookup(gi),
                 "v_t": torch.tensor(v, dtype=torch.float64),
             }
         else:
@@ -237,8 +237,8 @@ class _Entry:
                 "gi": gi,
                 "go": go,
                 "v": v2,
-                "gi_t": torch.tensor(gi, dtype=torch.float64),
-                "go_t": torch.tensor(go, dtype=torch.float64),
+                "gi_t": _axis_lookup(gi),
+                "go_t": _axis_lookup(go),
                 "v_t": torch.tensor(v2, dtype=torch.float64),
             }
         comp["cin_max"] = float(self.cin_grid[-1])
@@ -305,15 +305,70 @@ def _axis_py(grid: list[float], c: float) -> tuple[int, float]:
     return i, (c - g0) / (g1 - g0)
 
 
-def _axis_t(grid: "torch.Tensor", c: "torch.Tensor"):
+def _axis_lookup(grid: list[float]):
+    """Tensors for :func:`_axis_t`: grid, gaps to the next point, and a left-neighbour index table.
+
+    ``left[c]`` for every integer ``0 <= c <= grid[-1]`` is the index of the largest grid point
+    ``<= c`` (clamped to ``[0, len(grid) - 2]``).  Grid points are integers, so the left neighbour of
+    a fractional width ``c`` is ``left[floor(c)]``: one gather instead of a binary search
+    (``torch.searchsorted`` can be very slow on small inputs on some CPUs).
+    """
     import torch
 
-    cc = c.clamp(min=float(grid[0]))
-    i = torch.searchsorted(grid, cc, right=True) - 1
-    i = i.clamp_(0, grid.numel() - 2)
-    g0 = grid[i]
-    g1 = grid[i + 1]
-    return i, (cc - g0) / (g1 - g0)
+    n = len(grid)
+    top = int(grid[-1])
+    left = [min(max(bisect.bisect_right(grid, float(c)) - 1, 0), n - 2) for c in range(top + 1)]
+    g = torch.tensor(grid, dtype=torch.float64)
+    return g, g[1:] - g[:-1], torch.tensor(left, dtype=torch.long)
+
+
+def _axis_t(lookup, c: "torch.Tensor", cmin: float):
+    """Left neighbour indices and fractions of ``c`` (already checked ``<=`` the last real point)."""
+    g, gap, left = lookup
+    cc = c.clamp(min=cmin)
+    i = left[cc.long()]
+    return i, (cc - g[i]) / gap[i]
+
+
+def _interp_t(e: _Entry, comp: dict, cin_t: "torch.Tensor", cout_t: "torch.Tensor") -> "torch.Tensor":
+    """Interpolated latencies for float64 width tensors of equal shape (range already checked)."""
+    zero = (cin_t == 0) | (cout_t == 0)
+    i, ti = _axis_t(comp["gi_t"], cin_t, comp["gi"][0])
+    v = comp["v_t"]
+    if e.cout_grid is None:
+        out = v[i] * (1.0 - ti) + v[i + 1] * ti
+    else:
+        j, tj = _axis_t(comp["go_t"], cout_t, comp["go"][0])
+        lo = v[i, j] * (1.0 - ti) + v[i + 1, j] * ti
+        hi = v[i, j + 1] * (1.0 - ti) + v[i + 1, j + 1] * ti
+        out = lo * (1.0 - tj) + hi * tj
+    return out.masked_fill(zero, 0.0)
+
+
+_DENSE_MAX = 1 << 22  # entries (32 MiB of float64) per layer key; larger keys interpolate per query
+
+
+def _dense_lut(e: _Entry, comp: dict):
+    """Latency of every integer width (pair), flattened row-major; None when it would be too big."""
+    if "dense" in comp:
+        return comp["dense"]
+    import torch
+
+    n_in = int(comp["cin_max"]) + 1
+    if e.cout_grid is None:
+        c = torch.arange(n_in, dtype=torch.float64)
+        dense = _interp_t(e, comp, c, torch.ones_like(c))
+    else:
+        n_out = int(comp["cout_max"]) + 1
+        if n_in * n_out > _DENSE_MAX:
+            dense = None
+        else:
+            ci, co = torch.meshgrid(
+                torch.arange(n_in, dtype=torch.float64), torch.arange(n_out, dtype=torch.float64), indexing="ij"
+            )
+            dense = _interp_t(e, comp, ci.reshape(-1), co.reshape(-1))
+    comp["dense"] = dense
+    return dense
 
 
 # --------------------------------------------------------------------------------------------------
@@ -465,15 +520,17 @@ class LatencyTable:
     def latency_many(self, sig: LayerSig, cin: Any, cout: Any) -> "torch.Tensor":
         """Vectorised :meth:`latency`: float64 tensor of the broadcast shape of ``cin`` and ``cout``.
 
-        ``cin``/``cout`` may be tensors, arrays, lists or numbers (fractional widths interpolate).
-        Differentiable w.r.t. float tensor inputs between grid points.
+        ``cin``/``cout`` may be tensors, arrays, lists or numbers.  Integer inputs are answered from a
+        dense per-layer table of every integer width pair (built on first use; one gather per
+        query); floating inputs are interpolated (fractional widths allowed, differentiable between
+        grid points).  Both give the same values as :meth:`latency`.
         """
         import torch
 
         e = self._entry(sig)
         comp = e.compiled()
-        cin_t = torch.as_tensor(cin).to(torch.float64)
-        cout_t = torch.as_tensor(cout).to(torch.float64)
+        cin_t = torch.as_tensor(cin)
+        cout_t = torch.as_tensor(cout)
         if cin_t.shape != cout_t.shape:
             cin_t, cout_t = torch.broadcast_tensors(cin_t, cout_t)
         if cin_t.numel() == 0:
@@ -484,19 +541,15 @@ class LatencyTable:
             raise ValueError("channel counts must be >= 0")
         if float(hi_i) > comp["cin_max"]:
             raise self._out_of_range(e, "cin", float(hi_i), comp["cin_max"])
-        zero = (cin_t == 0) | (cout_t == 0)
-        i, ti = _axis_t(comp["gi_t"], cin_t)
-        v = comp["v_t"]
-        if e.cout_grid is None:
-            out = v[i] * (1.0 - ti) + v[i + 1] * ti
-        else:
-            if float(hi_o) > comp["cout_max"]:
-                raise self._out_of_range(e, "cout", float(hi_o), comp["cout_max"])
-            j, tj = _axis_t(comp["go_t"], cout_t)
-            lo = v[i, j] * (1.0 - ti) + v[i + 1, j] * ti
-            hi = v[i, j + 1] * (1.0 - ti) + v[i + 1, j + 1] * ti
-            out = lo * (1.0 - tj) + hi * tj
-        return out.masked_fill(zero, 0.0)
+        if e.cout_grid is not None and float(hi_o) > comp["cout_max"]:
+            raise self._out_of_range(e, "cout", float(hi_o), comp["cout_max"])
+        if not cin_t.is_floating_point() and not cout_t.is_floating_point():
+            dense = _dense_lut(e, comp)
+            if dense is not None:
+                if e.cout_grid is None:
+                    return dense[cin_t.long()].masked_fill(cout_t == 0, 0.0)
+                return dense[cin_t.long() * (int(comp["cout_max"]) + 1) + cout_t.long()]
+        return _interp_t(e, comp, cin_t.to(torch.float64), cout_t.to(torch.float64))
 
     def latency_full(self, sig: LayerSig) -> float:
         """Latency of the unpruned layer (its full widths)."""

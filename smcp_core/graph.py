@@ -219,6 +219,7 @@ class ChannelGraph:
             self.gm = trace(model)
             try:
                 with torch.no_grad():
+                    self.gm(example)  # fails cleanly (ShapeProp would print its own traceback)
                     ShapeProp(self.gm).propagate(example)
             except Exception as exc:  # noqa: BLE001
                 line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

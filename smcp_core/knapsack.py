@@ -222,81 +222,118 @@ def solve_mckp(
     p_idx = [_pareto_group(csts[g], vals[g]) for g in range(n_groups)]
     p_c = [csts[g][p_idx[g]] for g in range(n_groups)]
     p_v = [vals[g][p_idx[g]] for g in range(n_groups)]
-    min_c = np.array([pc[0] for pc in p_c])
-    base_v = np.array([pv[0] for pv in p_v])
-    n_opt = np.array([pc.size for pc in p_c])
-
-    # 2. Hull segments of every group, sorted globally by decreasing slope.
-    seg_dc, seg_dv, seg_g, seg_h = [], [], [], []
-    hull_to_pareto = []
-    for g in range(n_groups):
-        h = _upper_hull(p_c[g], p_v[g])
-        hull_to_pareto.append(h)
-        if h.size > 1:
-            seg_dc.append(np.diff(p_c[g][h]))
-            seg_dv.append(np.diff(p_v[g][h]))
-            seg_g.append(np.full(h.size - 1, g))
-            seg_h.append(np.arange(h.size - 1))
-    if seg_dc:
-        seg_dc = np.concatenate(seg_dc)
-        seg_dv = np.concatenate(seg_dv)
-        seg_g = np.concatenate(seg_g)
-        seg_h = np.concatenate(seg_h)
-        # decreasing slope; within a group the hull order is kept (its slopes strictly decrease)
-        order = np.lexsort((seg_h, seg_g, -(seg_dv / seg_dc)))
-        seg_dc, seg_dv, seg_g = seg_dc[order], seg_dv[order], seg_g[order]
-    else:
-        seg_dc = seg_dv = np.zeros(0)
-        seg_g = np.zeros(0, dtype=np.int64)
 
     # Trivial case: every group's best option fits.
     if float(sum(pc[-1] for pc in p_c)) <= cap:
         return finish(np.array([p_idx[g][-1] for g in range(n_groups)], dtype=np.int64))
 
-    # 3. Lower bound: greedy LP fill rounded down, then best single-option improvements.
-    cur = _greedy_feasible(p_c, p_v, hull_to_pareto, seg_dc, seg_g, min_c, cap)
-    lb = float(sum(p_v[g][cur[g]] for g in range(n_groups)))
-    lb_choice = np.array([p_idx[g][cur[g]] for g in range(n_groups)], dtype=np.int64)
+    # Tolerances: ``eps`` on values (bound tests), ``ctol`` on costs for intermediate feasibility
+    # tests whose sums are formed in a different order than the final one.
+    eps = 1e-9 * max(float(sum(np.abs(pv).max() for pv in p_v)), 1e-300)
+    ctol = 1e-12 * float(sum(np.abs(pc).max() for pc in p_c))
+
+    # 2.-3. LP bounds and a feasible lower bound; then drop options that provably cannot be optimal.
+    lb = -math.inf
+    lb_choice = None
+    for _ in range(_MAX_REDUCTION_ROUNDS):
+        segs = _Segments(p_c, p_v)
+        cur = _greedy_feasible(p_c, p_v, segs, cap)
+        cur_v = float(sum(p_v[g][cur[g]] for g in range(n_groups)))
+        if cur_v > lb:
+            lb = cur_v
+            lb_choice = np.array([p_idx[g][cur[g]] for g in range(n_groups)], dtype=np.int64)
+        keep = _reduce(p_c, p_v, segs, cap + ctol, lb - eps)
+        if keep is None:  # nothing removed
+            break
+        if any(not k.any() for k in keep):  # only through round-off: the greedy answer is optimal
+            return finish(lb_choice)
+        p_idx = [p_idx[g][keep[g]] for g in range(n_groups)]
+        p_c = [p_c[g][keep[g]] for g in range(n_groups)]
+        p_v = [p_v[g][keep[g]] for g in range(n_groups)]
+    else:
+        segs = _Segments(p_c, p_v)
 
     # 4. Frontier search.  Groups with the fewest options first keeps early frontiers small.
+    n_opt = np.array([pc.size for pc in p_c])
+    min_c = np.array([pc[0] for pc in p_c])
+    base_v = np.array([pv[0] for pv in p_v])
     perm = np.argsort(n_opt, kind="stable")
     rank = np.empty(n_groups, dtype=np.int64)
     rank[perm] = np.arange(n_groups)
-    seg_rank = rank[seg_g]
+    seg_rank = rank[segs.g]
     # suffix sums over the processing order: what the groups still to come contribute at minimum
     min_after = np.concatenate([np.cumsum(min_c[perm][::-1])[::-1][1:], [0.0]])
     base_after = np.concatenate([np.cumsum(base_v[perm][::-1])[::-1][1:], [0.0]])
-    scale = float(sum(np.abs(pv).max() for pv in p_v))
-    eps = 1e-9 * max(scale, 1e-300) + 1e-12 * abs(lb)
 
     front_c = np.zeros(1)
     front_v = np.zeros(1)
     parents: list[np.ndarray] = []
     options: list[np.ndarray] = []
     max_front = 1
+    # how to rebuild the solution worth ``lb``: None = the greedy one, else a completion (see below)
+    lb_completion: tuple | None = None
+
+    def trace(choice: np.ndarray, t_last: int, i: int) -> None:
+        """Fill ``choice`` for the groups of steps ``0..t_last`` from entry ``i`` of that frontier."""
+        for t in range(t_last, -1, -1):
+            g = perm[t]
+            choice[g] = p_idx[g][options[t][i]]
+            i = parents[t][i]
+
+    def rebuild_lb() -> np.ndarray:
+        if lb_completion is None:
+            return lb_choice
+        t, parent, opt, n_full, rest = lb_completion
+        choice = np.empty(n_groups, dtype=np.int64)
+        trace(choice, t - 1, parent)
+        choice[perm[t]] = p_idx[perm[t]][opt]
+        steps = np.bincount(segs.g[rest][:n_full], minlength=n_groups)
+        for g in perm[t + 1 :]:
+            choice[g] = p_idx[g][segs.hull[g][steps[g]]]
+        return choice
+
     for t, g in enumerate(perm):
         c, v = p_c[g], p_v[g]
         f = front_c.size
-        # rows = options, columns = frontier entries: each row is sorted by cost
-        cand_c = (c[:, None] + front_c[None, :]).ravel()
-        cand_v = (v[:, None] + front_v[None, :]).ravel()
-        slack = cap - min_after[t] - cand_c
-        ok = slack >= 0.0
-        if t + 1 < n_groups:
-            xp, fp = _lp_table(seg_dc[seg_rank > t], seg_dv[seg_rank > t])
-            bound = cand_v + base_after[t] + np.interp(np.maximum(slack, 0.0), xp, fp)
-        else:
-            bound = cand_v
-        ok &= bound >= lb - eps
-        sel = np.flatnonzero(ok)
-        if sel.size == 0:
-            # only reachable through float round-off: the greedy solution is optimal
-            return finish(lb_choice, max_front)
-        sc = cand_c[sel]
+        last = t + 1 == n_groups
+        if not last:
+            rest = seg_rank > t
+            xp, fp = _lp_table(segs.dc[rest], segs.dv[rest])
+        # Candidates (option r, frontier entry e) are numbered r * f + e: row r is sorted by cost.
+        # Rows are taken in chunks so that huge frontiers never need one huge temporary array.
+        rows = max(1, _CHUNK // f)
+        kept = []
+        for r0 in range(0, c.size, rows):
+            cand_c = (c[r0 : r0 + rows, None] + front_c[None, :]).ravel()
+            cand_v = (v[r0 : r0 + rows, None] + front_v[None, :]).ravel()
+            if last:
+                ok = cand_c <= cap
+                bound = cand_v
+            else:
+                slack = cap - min_after[t] - cand_c
+                ok = slack >= -ctol
+                room = np.maximum(slack, 0.0)
+                bound = cand_v + base_after[t] + np.interp(room, xp, fp)
+                # Cheap feasible completions: the remaining groups take the whole segments that
+                # fit, in slope order (every group ends on a hull vertex).  The best one may raise
+                # the lower bound.
+                n_full = np.searchsorted(xp, room, side="right") - 1
+                complete = np.where(slack >= 0.0, cand_v + fp[n_full], -np.inf)
+                k = int(np.argmax(complete))
+                if complete[k] + base_after[t] > lb:
+                    lb = float(complete[k] + base_after[t])
+                    lb_completion = (t, k % f, r0 + k // f, int(n_full[k]), rest)
+            ok &= bound >= lb - eps
+            kept.append(np.flatnonzero(ok) + r0 * f)
+        sel = np.concatenate(kept) if len(kept) > 1 else kept[0]
+        if sel.size == 0:  # only through round-off: the best known solution is optimal
+            return finish(rebuild_lb(), max_front)
+        # the same additions as above, so the same floating-point results
+        sc = c[sel // f] + front_c[sel % f]
         order = np.argsort(sc, kind="stable")  # timsort: merges the sorted runs
         sel = sel[order]
         sc = sc[order]
-        sv = cand_v[sel]
+        sv = v[sel // f] + front_v[sel % f]
         keep = np.ones(sel.size, dtype=bool)
         if sel.size > 1:
             keep[1:] = sv[1:] > np.maximum.accumulate(sv)[:-1]
@@ -311,27 +348,80 @@ def solve_mckp(
         front_c, front_v = sc, sv
         max_front = max(max_front, int(sel.size))
 
-    # Reconstruct the best final entry (the last one: values increase along the frontier).
+    # The best final entry is the last one (values increase along the frontier).  It is at least
+    # the lower bound up to round-off; when a known solution is better by more, that one is returned.
+    if front_v[-1] < lb - eps:
+        return finish(rebuild_lb(), max_front)
     choice = np.empty(n_groups, dtype=np.int64)
-    i = front_c.size - 1
-    for t in range(n_groups - 1, -1, -1):
-        g = perm[t]
-        choice[g] = p_idx[g][options[t][i]]
-        i = parents[t][i]
-    if front_v[-1] < lb:  # cannot happen except through round-off
-        choice = lb_choice
+    trace(choice, n_groups - 1, front_c.size - 1)
     return finish(choice, max_front)
 
 
-def _greedy_feasible(p_c, p_v, hull_to_pareto, seg_dc, seg_g, min_c, cap) -> np.ndarray:
+_MAX_REDUCTION_ROUNDS = 4
+_CHUNK = 1 << 19  # candidates formed at once in one step of the frontier search
+
+
+class _Segments:
+    """Upper-hull segments of all groups, sorted by decreasing slope (value per unit cost).
+
+    ``hull[g]`` are the hull vertices of group ``g`` as indices into its Pareto list; ``dc``, ``dv``
+    and ``g`` are the cost step, value step and group of every segment; ``min_c``/``base_v`` are each
+    group's cheapest Pareto option's cost and value (where its hull starts).
+    """
+
+    def __init__(self, p_c: list[np.ndarray], p_v: list[np.ndarray]):
+        n_groups = len(p_c)
+        self.hull = [_upper_hull(p_c[g], p_v[g]) for g in range(n_groups)]
+        self.min_c = np.array([pc[0] for pc in p_c])
+        self.base_v = np.array([pv[0] for pv in p_v])
+        dcs, dvs, gs, hs = [], [], [], []
+        for g, h in enumerate(self.hull):
+            if h.size > 1:
+                dcs.append(np.diff(p_c[g][h]))
+                dvs.append(np.diff(p_v[g][h]))
+                gs.append(np.full(h.size - 1, g))
+                hs.append(np.arange(h.size - 1))
+        if not dcs:
+            self.dc = self.dv = np.zeros(0)
+            self.g = np.zeros(0, dtype=np.int64)
+            return
+        dc, dv, gg, hh = (np.concatenate(a) for a in (dcs, dvs, gs, hs))
+        # decreasing slope; within a group the hull order is kept (its slopes strictly decrease)
+        order = np.lexsort((hh, gg, -(dv / dc)))
+        self.dc, self.dv, self.g = dc[order], dv[order], gg[order]
+
+
+def _reduce(p_c, p_v, segs: _Segments, cap: float, threshold: float) -> list[np.ndarray] | None:
+    """Keep-masks of the options that may still be in an optimal solution (``None``: all of them).
+
+    Option ``j`` of group ``g`` is dropped when fixing it leaves a budget the other groups cannot
+    meet even at their cheapest, or when its value plus the LP bound of all *other* groups at the
+    budget left over is below ``threshold`` (the lower bound minus a tolerance).
+    """
+    min_total = float(segs.min_c.sum())
+    base_total = float(segs.base_v.sum())
+    keeps = []
+    changed = False
+    for g in range(len(p_c)):
+        other = segs.g != g
+        xp, fp = _lp_table(segs.dc[other], segs.dv[other])
+        slack = cap - (min_total - segs.min_c[g]) - p_c[g]
+        ub = p_v[g] + (base_total - segs.base_v[g]) + np.interp(np.maximum(slack, 0.0), xp, fp)
+        keep = (slack >= 0.0) & (ub >= threshold)
+        changed |= not keep.all()
+        keeps.append(keep)
+    return keeps if changed else None
+
+
+def _greedy_feasible(p_c, p_v, segs: _Segments, cap: float) -> np.ndarray:
     """A good feasible choice (indices into each group's Pareto list) for the lower bound."""
     n_groups = len(p_c)
-    residual = cap - float(min_c.sum())
-    taken = np.cumsum(seg_dc) <= residual
+    residual = cap - float(segs.min_c.sum())
+    taken = np.cumsum(segs.dc) <= residual
     # keep only the prefix that fits (stop at the first segment that does not)
     n_take = int(np.argmin(taken)) if not taken.all() else taken.size
-    steps = np.bincount(seg_g[:n_take], minlength=n_groups)
-    cur = np.array([hull_to_pareto[g][steps[g]] for g in range(n_groups)], dtype=np.int64)
+    steps = np.bincount(segs.g[:n_take], minlength=n_groups)
+    cur = np.array([segs.hull[g][steps[g]] for g in range(n_groups)], dtype=np.int64)
 
     # improvement: repeatedly apply the single option change with the largest gain that fits
     flat_c = np.concatenate(p_c)

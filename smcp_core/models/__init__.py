@@ -303,6 +303,16 @@ def _fmt_keys(keys: list[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + more
 
 
+def _looks_like_torch_file(p: Path) -> bool:
+    """torch.save writes a zip archive (legacy format: a pickle, whose first byte is 0x80)."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return zipfile.is_zipfile(p) or head[:1] == b"\x80"
+
+
 def load_checkpoint(model: nn.Module, path: str | Path, *, trust: bool = False) -> dict:
     """Load a checkpoint into ``model`` strictly and return its metadata (e.g. ``best_prec1``).
 
@@ -315,7 +325,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, trust: bool = False) 
     try:
         obj = torch.load(p, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
-        looks_pickled = "unsupported global" in str(exc).lower() or zipfile.is_zipfile(p)
+        looks_pickled = "unsupported global" in str(exc).lower() or _looks_like_torch_file(p)
         if not trust and "weights only" in str(exc).lower() and looks_pickled:
             raise SmcpError(
                 f"checkpoint {p}: contains pickled objects; re-save with "
@@ -326,9 +336,11 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, trust: bool = False) 
         ) from None
     except EOFError:
         raise SmcpError(f"checkpoint {p}: file is empty or truncated; re-save it with torch.save") from None
-    except (RuntimeError, ValueError, zipfile.BadZipFile, OSError) as exc:
-        raise SmcpError(f"checkpoint {p}: not a readable PyTorch checkpoint ({_one_line(exc)})") from None
-    except Exception as exc:  # trust=True unpickling may raise anything (missing classes, ...)
+    except Exception as exc:  # corrupt data, or (trust=True) unpickling errors such as missing classes
+        if not _looks_like_torch_file(p):
+            raise SmcpError(
+                f"checkpoint {p}: not a PyTorch checkpoint (expected a file written by torch.save)"
+            ) from None
         raise SmcpError(f"checkpoint {p}: loading failed ({_one_line(exc)})") from None
 
     sd, meta = _extract_state_dict(obj, p)

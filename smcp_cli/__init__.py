@@ -1,0 +1,1 @@
+"""smcp command line (typer + rich). The library lives in smcp_core."""

@@ -1,0 +1,57 @@
+"""smcp export: ONNX (+ TensorRT), parity and measured speed-up against the target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from smcp_cli.common import (JsonOpt, OutOpt, QuietOpt, RecipeOpt, RichReporter, SetOpt, console, emit,
+                             guarded, load, out_dir)
+
+
+def print_report(rep: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"smcp export — {rep['backend']} / {rep['device']}, batch {rep['batch_size']}", title_justify="left")
+    t.add_column("")
+    t.add_column("baseline", justify="right")
+    t.add_column("pruned", justify="right")
+    t.add_row("latency (median ms)", f"{rep['baseline']['latency_ms']:.3f}", f"{rep['pruned']['latency_ms']:.3f}")
+    if rep["pruned"].get("predicted_ms") is not None:
+        t.add_row("predicted by table (ms)", "", f"{rep['pruned']['predicted_ms']:.3f}")
+    acc = rep.get("accuracy")
+    if acc:
+        t.add_row(f"top-1 ({acc['images']} images)", f"{acc['baseline_top1']:.2f}%", f"{acc['pruned_top1']:.2f}%")
+    if rep.get("flops_ratio") is not None:
+        t.add_row("FLOPs / params ratio", "1 / 1", f"{rep['flops_ratio']:.3f} / {rep['params_ratio']:.3f}")
+    console.print(t)
+    verdict = "[bold green]PASS[/bold green]" if rep["passed"] else "[bold red]FAIL[/bold red]"
+    tgt = rep["target"]
+    console.print(
+        f"measured speed-up {rep['speedup']:.2f}x (target {tgt['kind']}={tgt['value']}), "
+        f"ONNX parity max |diff| {rep['parity']['max_abs_diff']:.2e}: {verdict}"
+    )
+
+
+def export(
+    recipe: Optional[str] = RecipeOpt,
+    set_: Optional[list[str]] = SetOpt,
+    out: Optional[Path] = OutOpt,
+    trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT engine (needs tensorrt and a GPU)."),
+    as_json: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Write ONNX, check parity, measure baseline vs pruned; exit 2 when the target is missed."""
+    with guarded(as_json):
+        r = load(recipe, set_)
+        o = out_dir(r, out)
+        from smcp_core import pipeline
+
+        with RichReporter(quiet) as rep:
+            report = pipeline.export(r, o, reporter=rep, trt=trt)
+        if not quiet:
+            print_report(report)
+        emit({"ok": report["passed"], **report}, as_json)
+        pipeline.gate(report)

@@ -1,0 +1,69 @@
+"""smcp inspect: prunable groups, channels, params, FLOPs and what cannot be pruned and why."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from smcp_cli.common import SetOpt, console, emit, guarded
+
+
+def inspect(
+    target: Optional[str] = typer.Argument(None, help="A recipe (file or built-in name) or a model source "
+                                           "(torchvision/resnet50, cifar/resnet56, mobilenet_v1, file.py:factory)."),
+    set_: Optional[list[str]] = SetOpt,
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W for a bare model source (default 3,224,224)."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classes for a bare model source."),
+    as_json: bool = typer.Option(False, "--json", help="Print the analysis as JSON on stdout."),
+) -> None:
+    """Show the channel groups of a model."""
+    with guarded(as_json):
+        from smcp_core import pipeline
+        from smcp_core.errors import SmcpError
+        from smcp_core.recipe import builtin_recipe_names, load_recipe
+
+        t = target or "quickstart"
+        looks_recipe = t.endswith((".yaml", ".yml")) or t in builtin_recipe_names()
+        if looks_recipe:
+            r = load_recipe(t, list(set_ or []))
+        else:
+            extra = [f"model.source={t}", "model.checkpoint=null", "model.kwargs={}", "data.source=synthetic"]
+            if input_size:
+                try:
+                    c, h, w = (int(v) for v in input_size.split(","))
+                except ValueError:
+                    raise SmcpError(f"--input-size {input_size!r}: expected C,H,W such as 3,224,224") from None
+                extra.append(f"model.input_size=[{c},{h},{w}]")
+            else:
+                extra.append("model.input_size=[3,224,224]" if not t.startswith("cifar/") else "model.input_size=[3,32,32]")
+            extra.append(f"model.num_classes={num_classes or (10 if t.startswith('cifar/') else 1000)}")
+            r = load_recipe("quickstart", extra + list(set_ or []))
+        model = pipeline.build_model(r, load_weights=False)
+        g = pipeline.build_graph(r, model)
+        s = g.summary()
+        s["model"] = r.model.source
+        if as_json:
+            emit(s, True)
+            return
+        from rich.table import Table
+
+        tab = Table(title=f"{r.model.source}: input {tuple(s['input_shape'])}, {s['params']:,} params, "
+                          f"{s['flops'] / 1e6:,.1f} MMAC, {len(s['groups'])} groups", title_justify="left")
+        for col in ("group", "channels", "prunable", "layers reading it", "note"):
+            tab.add_column(col)
+        for gr in s["groups"]:
+            cons = gr["consumers"]
+            names = ", ".join(cons[:3]) + (f" (+{len(cons) - 3})" if len(cons) > 3 else "")
+            if gr["depthwise"]:
+                names += f"; dw: {len(gr['depthwise'])}"
+            if not gr["prunable"]:
+                pr, note = "no", gr["reason"]
+            elif gr["frozen_channels"]:
+                pr, note = "partly", f"{gr['frozen_channels']} frozen: {gr['reason']}"
+            else:
+                pr, note = "yes", "removable (layer pruning)" if gr["removable"] else ""
+            tab.add_row(str(gr["group"]), str(gr["channels"]), pr, names, note)
+        console.print(tab)
+        for spot in s["frozen_spots"]:
+            console.print(f"[yellow]frozen:[/yellow] {spot}")

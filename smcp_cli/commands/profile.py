@@ -1,0 +1,53 @@
+"""smcp profile: latency lookup tables for the model's layers on the target device/backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from smcp_cli.common import (JsonOpt, OutOpt, QuietOpt, RecipeOpt, RichReporter, SetOpt, console, emit,
+                             guarded, load, out_dir)
+
+
+def profile(
+    recipe: Optional[str] = RecipeOpt,
+    set_: Optional[list[str]] = SetOpt,
+    out: Optional[Path] = OutOpt,
+    gpu: bool = typer.Option(False, "--gpu", help="Profile on CUDA (sets profile.device=cuda)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Overrides profile.device (cpu, cuda, cuda:N)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="Overrides profile.backend (onnxruntime, torch, tensorrt)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Overrides profile.batch_size."),
+    force: bool = typer.Option(False, "--force", help="Re-measure every point instead of reusing the cached table."),
+    as_json: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Measure per-layer latency over a channel grid (cached in OUT/latency.json)."""
+    with guarded(as_json):
+        extra = []
+        if gpu:
+            extra.append("profile.device=cuda")
+        if device:
+            extra.append(f"profile.device={device}")
+        if backend:
+            extra.append(f"profile.backend={backend}")
+        if batch_size:
+            extra.append(f"profile.batch_size={batch_size}")
+        r = load(recipe, set_, extra)
+        o = out_dir(r, out)
+        from smcp_core import pipeline
+
+        pipeline.write_resolved(r, o)
+        with RichReporter(quiet) as rep:
+            res = pipeline.profile(r, o, reporter=rep, force=force)
+        if not quiet:
+            console.print(
+                f"[green]latency table[/green] {res['path']}: {res['layers']} layer shapes, baseline "
+                f"{res['baseline_ms']:.3f} ms on {r.profile.backend}/{r.profile.device} batch {r.profile.batch_size}; "
+                f"calibration: measured = {res['scale']:.3f} x table + {res['offset_ms']:.3f} ms ({res['seconds']:.0f}s)"
+            )
+            for p in res["calibration"]:
+                err = 100 * (p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"]
+                console.print(f"  {p['name']:<10} measured {p['measured_ms']:.3f} ms  predicted {p['predicted_ms']:.3f} ms ({err:+.1f}%)")
+        emit({"ok": True, **res}, as_json)

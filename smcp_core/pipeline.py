@@ -1,0 +1,602 @@
+"""The four stages (profile, prune, slim, export) on a run directory, driven by a recipe.
+
+Run directory layout (each file written atomically)::
+
+    OUT/recipe.resolved.yaml      the fully resolved recipe of the last command
+    OUT/latency.json              latency table + whole-model measurements and calibration
+    OUT/prune/checkpoint.pt       last epoch (resume)
+    OUT/prune/pruned.pt           dense weights with masks baked in + class keep-mask
+    OUT/prune/summary.json        target, predicted cost, per-group widths, history
+    OUT/slim/weights.pt           slim model tensors (torch.load(weights_only=True))
+    OUT/slim/channel_spec.json    how to rebuild it from the original model definition
+    OUT/slim/model.pt2            torch.export program of the slim model
+    OUT/export/model.onnx, baseline.onnx, report.json
+
+Each stage records a *stamp* (a hash of the recipe sections and upstream stamps it depends on);
+``run`` skips a stage whose stamp is unchanged and whose outputs exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .errors import GateFailed, SmcpError
+from .fsutil import atomic_torch_save, atomic_write_json, atomic_write_text, read_json
+from .graph import ChannelGraph
+from .train import Reporter
+
+STAGES = ("profile", "prune", "slim", "export")
+
+_DEFAULT_SHAPES = {"digits": (1, 32, 32), "cifar10": (3, 32, 32), "imagefolder": (3, 224, 224),
+                   "imagenet_samples": (3, 224, 224), "synthetic": (3, 32, 32)}
+_DEFAULT_CLASSES = {"digits": 10, "cifar10": 10, "imagenet_samples": 1000, "synthetic": 10}
+
+
+# --------------------------------------------------------------------------------------------------
+# recipe -> model
+
+
+def input_shape(recipe) -> tuple[int, int, int]:
+    if recipe.model.input_size:
+        return tuple(int(v) for v in recipe.model.input_size)
+    c, h, w = _DEFAULT_SHAPES.get(recipe.data.source, (3, 224, 224))
+    if recipe.data.image_size:
+        h = w = int(recipe.data.image_size)
+    return (c, h, w)
+
+
+def num_classes(recipe) -> int | None:
+    if recipe.model.num_classes:
+        return int(recipe.model.num_classes)
+    return _DEFAULT_CLASSES.get(recipe.data.source)
+
+
+def build_model(recipe, *, load_weights: bool = True, trust: bool = False) -> torch.nn.Module:
+    from .models import build_model as _build, load_checkpoint
+
+    model = _build(recipe.model.source, num_classes=num_classes(recipe), kwargs=dict(recipe.model.kwargs or {}))
+    if load_weights and recipe.model.checkpoint:
+        load_checkpoint(model, recipe.model.checkpoint, trust=trust)
+    return model.eval()
+
+
+def example_input(recipe, batch: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randn(batch, *input_shape(recipe), generator=g)
+
+
+def build_graph(recipe, model: torch.nn.Module) -> ChannelGraph:
+    return ChannelGraph(model, example_input(recipe), unpruned=list(recipe.model.unpruned or []))
+
+
+def build_data(recipe):
+    from .data import build_data as _bd
+
+    d = recipe.data
+    return _bd(d.source, path=d.path, image_size=d.image_size, train_subset=d.train_subset,
+               val_subset=d.val_subset, seed=recipe.seed, augment=d.augment, val_source=d.val_source,
+               val_path=d.val_path, num_classes=recipe.model.num_classes,
+               input_shape=tuple(recipe.model.input_size) if recipe.model.input_size else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# stamps
+
+
+def _h(*parts: Any) -> str:
+    m = hashlib.sha256()
+    for p in parts:
+        m.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return m.hexdigest()[:16]
+
+
+def _file_sig(path: str | None) -> Any:
+    if not path:
+        return None
+    p = Path(path)
+    if not p.exists():
+        return str(path)
+    st = p.stat()
+    return [str(p.resolve()), st.st_size, int(st.st_mtime)]
+
+
+def stamp(recipe, stage: str) -> str:
+    r = recipe.model_dump(mode="json")
+    model = {**r["model"], "checkpoint_file": _file_sig(recipe.model.checkpoint)}
+    prof = _h(model, r["profile"], r["data"]["source"], r["data"]["image_size"])
+    if stage == "profile":
+        return prof
+    pr = _h(prof, model, r["data"], r["prune"], r["seed"])
+    if stage == "prune":
+        return pr
+    sl = _h(pr, "slim")
+    if stage == "slim":
+        return sl
+    return _h(sl, r["export"])
+
+
+def up_to_date(recipe, out: Path, stage: str) -> bool:
+    f = {"profile": out / "latency.json", "prune": out / "prune" / "summary.json",
+         "slim": out / "slim" / "slim.json", "export": out / "export" / "report.json"}[stage]
+    if not f.exists():
+        return False
+    try:
+        d = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return False
+    st = d.get("stamp") or (d.get("model") or {}).get("stamp")
+    return st == stamp(recipe, stage)
+
+
+def write_resolved(recipe, out: Path) -> None:
+    from .recipe import resolved_dump
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "recipe.resolved.yaml", resolved_dump(recipe))
+
+
+# --------------------------------------------------------------------------------------------------
+# whole-model latency on a backend
+
+
+def _onnx_bytes(model: torch.nn.Module, example: torch.Tensor, tmpdir: Path, name: str) -> Path:
+    from .export import export_onnx
+
+    path = tmpdir / f"{name}.onnx"
+    export_onnx(model, example, path, dynamic_batch=True)
+    return path
+
+
+def measure_models(models: dict[str, torch.nn.Module], recipe, *, batch: int, backend: str,
+                   workdir: Path, min_runs: int = 30, max_seconds: float = 60.0,
+                   onnx_paths: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Median latency of each model, measured interleaved in one loop on one backend."""
+    from .bench import ort_runner, ort_session, time_interleaved, torch_runner, torch_sync
+
+    prof = recipe.profile
+    x = example_input(recipe, batch)
+    fns = {}
+    onnx_paths = dict(onnx_paths or {})
+    if backend == "onnxruntime":
+        if prof.device != "cpu":
+            from .bench import ort_providers
+            providers = ort_providers(prof.device)
+        else:
+            providers = None
+        for name, m in models.items():
+            if name not in onnx_paths:
+                onnx_paths[name] = _onnx_bytes(m, x, workdir, name)
+            sess = ort_session(onnx_paths[name], threads=prof.threads, providers=providers)
+            fns[name] = ort_runner(sess, x.numpy())
+        sync = None
+    elif backend == "torch":
+        if prof.threads:
+            torch.set_num_threads(prof.threads)
+        for name, m in models.items():
+            fns[name] = torch_runner(m, x, device=prof.device, dtype=prof.dtype,
+                                     channels_last=prof.layout == "channels_last")
+        sync = torch_sync(prof.device)
+    elif backend == "tensorrt":
+        raise SmcpError("whole-model timing on tensorrt is done by `smcp export --trt`; "
+                        "profile with backend torch or onnxruntime on this machine")
+    else:
+        raise SmcpError(f"unknown backend {backend!r}")
+    stats = time_interleaved(fns, warmup=max(3, prof.warmup // 2), min_runs=min_runs, max_seconds=max_seconds,
+                             sync=sync)
+    return {"stats": {k: v.to_dict() for k, v in stats.items()}, "onnx": onnx_paths}
+
+
+# --------------------------------------------------------------------------------------------------
+# profile
+
+
+def _uniform_keep(graph: ChannelGraph, frac: float) -> torch.Tensor:
+    keep = graph.full_keep()
+    for g in graph.groups:
+        if not g.prunable:
+            continue
+        k = max(g.n_frozen, 1, int(round(frac * g.size)))
+        order = torch.argsort(g.frozen.to(torch.int8), descending=True, stable=True)
+        keep[g.classes] = False
+        keep[g.classes[order[:k]]] = True
+    return keep
+
+
+def profile(recipe, out: Path, *, reporter: Reporter | None = None, force: bool = False) -> dict:
+    """Measure the latency table of the recipe's model and the whole-model calibration."""
+    from .cost import LatencyTable, measure_table
+    from .masking import Masker
+    from .pruner import CostModel
+    from .slim import slim_model
+
+    rep = reporter or Reporter()
+    prof = recipe.profile
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "latency.json"
+    if prof.backend == "tensorrt":
+        from .export import ensure_tensorrt  # noqa: F401 - raises a clear error when missing
+    model = build_model(recipe)
+    graph = build_graph(recipe, model)
+    existing = None
+    if path.exists() and not force:
+        try:
+            existing = LatencyTable.load(path)
+        except SmcpError:
+            existing = None
+    t0 = time.perf_counter()
+    sigs = [l.sig for l in graph.layers]
+    table = measure_table(
+        sigs, backend=prof.backend, batch_size=prof.batch_size, dtype=prof.dtype, layout=prof.layout,
+        device=prof.device, channel_step=prof.channel_step, threads=prof.threads, warmup=prof.warmup,
+        min_runs=prof.min_runs, max_seconds=prof.max_seconds, existing=existing,
+        progress=lambda d, t, k: rep.progress("profile", d, t, k),
+    )
+    t_layers = time.perf_counter() - t0
+    # whole-model latency of the baseline and two uniformly thinned variants -> calibration
+    rep.log("measuring whole-model latency (baseline and 2 thinned variants) for calibration")
+    cost = CostModel(graph, "latency", table)
+    variants = {"baseline": model}
+    sums = {"baseline": cost.total(graph.full_keep())}
+    for frac in (0.75, 0.5):
+        keep = _uniform_keep(graph, frac)
+        m = build_model(recipe)
+        mk = Masker(m, graph)
+        mk.set_keep(keep)
+        mk.remove(bake=True)
+        variants[f"uniform{int(frac * 100)}"] = slim_model(m, graph, keep)
+        sums[f"uniform{int(frac * 100)}"] = cost.total(keep)
+    tmp = out / ".profile_tmp"
+    tmp.mkdir(exist_ok=True)
+    try:
+        meas = measure_models(variants, recipe, batch=prof.batch_size, backend=prof.backend, workdir=tmp,
+                              min_runs=max(20, prof.min_runs), max_seconds=min(120.0, prof.max_seconds))
+    finally:
+        for f in tmp.glob("*"):
+            f.unlink()
+        tmp.rmdir()
+    pts = [(sums[k], meas["stats"][k]["median_ms"]) for k in variants]
+    xs = torch.tensor([p[0] for p in pts], dtype=torch.float64)
+    ys = torch.tensor([p[1] for p in pts], dtype=torch.float64)
+    A = torch.stack([xs, torch.ones_like(xs)], 1)
+    sol = torch.linalg.lstsq(A, ys.unsqueeze(1)).solution.flatten()
+    scale, offset = float(sol[0]), float(sol[1])
+    if not (scale > 0.05) or offset < -0.5 * float(ys[0]):
+        scale, offset = 1.0, float(ys[0] - xs[0])  # fall back to a pure offset
+    pred = (scale * xs + offset).tolist()
+    table.model = {
+        "stamp": stamp(recipe, "profile"),
+        "model_source": recipe.model.source,
+        "input_shape": list(input_shape(recipe)),
+        "measured_ms": float(ys[0]),
+        "layer_sum_ms": float(xs[0]),
+        "calibration": {
+            "scale": scale, "offset_ms": offset,
+            "points": [{"name": k, "layer_sum_ms": float(s), "measured_ms": float(m), "predicted_ms": float(p)}
+                       for k, s, m, p in zip(variants, xs.tolist(), ys.tolist(), pred)],
+        },
+        "seconds": {"layers": t_layers, "total": time.perf_counter() - t0},
+        "stats": meas["stats"],
+    }
+    table.save(path)
+    return {"path": str(path), "layers": len(table), "baseline_ms": float(ys[0]), "scale": scale,
+            "offset_ms": offset, "seconds": time.perf_counter() - t0,
+            "calibration": table.model["calibration"]["points"]}
+
+
+# --------------------------------------------------------------------------------------------------
+# prune
+
+
+def load_table(recipe, out: Path, *, force_table: bool = False):
+    from .cost import LatencyTable
+
+    path = out / "latency.json"
+    if not path.exists():
+        raise SmcpError(f"latency table {path} not found; run `smcp profile` with the same --recipe/--out first")
+    table = LatencyTable.load(path)
+    prof = recipe.profile
+    from .bench import device_fingerprint, fingerprint_id
+
+    fid = fingerprint_id(device_fingerprint(prof.backend, prof.device, prof.threads))
+    table.check_compatible(prof.backend, prof.device, prof.batch_size, prof.dtype, prof.layout, fid, force=force_table)
+    if not table.model or "measured_ms" not in table.model:
+        raise SmcpError(f"latency table {path} has no whole-model measurement; re-run `smcp profile`")
+    return table
+
+
+def target_budget(recipe, cost, table) -> tuple[float, dict]:
+    """Layer-sum budget for the recipe's target, and a description of it."""
+    kind, value = recipe.target_kind(), recipe.target_value()
+    if kind == "flops_ratio":
+        full = cost.total(cost.graph.full_keep())
+        return value * full, {"kind": kind, "value": value, "full": full, "unit": cost.unit}
+    base = float(table.model["measured_ms"])
+    lat = base / value if kind == "speedup" else value
+    return cost.budget_for(lat), {"kind": kind, "value": value, "baseline_ms": base, "target_ms": lat,
+                                  "unit": "ms"}
+
+
+def prune(recipe, out: Path, *, reporter: Reporter | None = None, resume: bool = False,
+          force_table: bool = False) -> dict:
+    from .data import make_loader
+    from .pruner import Allocator, CostModel, PruneConfigLite
+    from .train import prune_train
+
+    rep = reporter or Reporter()
+    pdir = out / "prune"
+    pdir.mkdir(parents=True, exist_ok=True)
+    if not resume and (pdir / "checkpoint.pt").exists():
+        (pdir / "checkpoint.pt").unlink()
+    model = build_model(recipe)
+    graph = build_graph(recipe, model)
+    kind = "flops" if recipe.target_kind() == "flops_ratio" else "latency"
+    table = load_table(recipe, out, force_table=force_table) if kind == "latency" else None
+    cost = CostModel(graph, kind, table)
+    budget, tdesc = target_budget(recipe, cost, table)
+    pc = recipe.prune
+    alloc = Allocator(graph, cost, PruneConfigLite(pc.channel_round, pc.min_channels, pc.layer_pruning))
+    lo = alloc.min_cost()
+    if budget < lo:
+        from .errors import InfeasibleTarget
+
+        pred_lo = cost.scale * lo + cost.offset if kind == "latency" else lo
+        hint = (f"the fastest reachable model is predicted at {pred_lo:.4g} ms "
+                f"({tdesc['baseline_ms'] / pred_lo:.2f}x)" if kind == "latency" else f"minimum {lo:.4g} {cost.unit}")
+        raise InfeasibleTarget(
+            f"target {tdesc['kind']}={tdesc['value']} is out of reach: {hint}; lower the target or allow smaller "
+            "widths (prune.min_channels, prune.channel_round, prune.layer_pruning)"
+        )
+    bundle = build_data(recipe)
+    t0 = time.perf_counter()
+    res = prune_train(recipe=recipe, model=model, graph=graph, cost=cost, target_cost=budget,
+                      train_set=bundle.train, val_set=bundle.val, out_dir=pdir, resume=resume, reporter=rep,
+                      make_loader=lambda ds, **kw: make_loader(ds, workers=recipe.data.workers, **kw))
+    flops_full, params_full = graph.flops_params()
+    flops_kept, params_kept = graph.flops_params(res.keep)
+    groups = [{"group": g.index, "kept": int(res.keep[g.classes].sum()), "channels": g.size,
+               "consumers": [graph.layers[i].name for i in g.consumers]} for g in graph.groups]
+    layers = [{"name": l.name, "kind": l.kind, "cin": ci, "cout": co, "cin_full": l.sig.cin, "cout_full": l.sig.cout}
+              for l, (ci, co) in zip(graph.layers, graph.widths(res.keep))]
+    atomic_torch_save({"state_dict": res.state_dict,
+                       "keep": res.keep.cpu(), "n_classes": graph.n_classes,
+                       "smcp_version": __version__}, pdir / "pruned.pt")
+    summary = {
+        "stamp": stamp(recipe, "prune"),
+        "target": tdesc,
+        "budget": budget,
+        "cost_unit": cost.unit,
+        "full_cost": res.full_cost,
+        "final_cost": res.final_cost,
+        "meets_budget": res.final_cost <= budget * (1 + 1e-9),
+        "predicted_ms": cost.predict(res.keep) if kind == "latency" else None,
+        "predicted_speedup": (float(table.model["measured_ms"]) / cost.predict(res.keep)) if kind == "latency" else None,
+        "flops_ratio": flops_kept / flops_full,
+        "params_ratio": params_kept / params_full,
+        "top1": res.final_top1,
+        "seconds": time.perf_counter() - t0,
+        "groups": groups,
+        "layers": layers,
+        "history": res.history,
+    }
+    atomic_write_json(pdir / "summary.json", summary)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# slim
+
+
+def load_pruned(recipe, out: Path) -> tuple[torch.nn.Module, ChannelGraph, torch.Tensor]:
+    path = out / "prune" / "pruned.pt"
+    if not path.exists():
+        raise SmcpError(f"pruned checkpoint {path} not found; run `smcp prune` with the same --recipe/--out first")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise SmcpError(f"cannot read {path}: {str(exc).splitlines()[0]}; re-run `smcp prune`") from None
+    model = build_model(recipe, load_weights=False)
+    graph = build_graph(recipe, model)
+    if int(ck.get("n_classes", -1)) != graph.n_classes:
+        raise SmcpError(f"{path} was made for a different model than {recipe.model.source}; re-run `smcp prune`")
+    try:
+        model.load_state_dict(ck["state_dict"])
+    except RuntimeError as exc:
+        raise SmcpError(f"{path} does not match the recipe's model: {str(exc).splitlines()[0]}") from None
+    return model.eval(), graph, ck["keep"].to(torch.bool)
+
+
+def slim(recipe, out: Path, *, reporter: Reporter | None = None) -> dict:
+    from .slim import count_params, export_program, slim_model
+
+    rep = reporter or Reporter()
+    model, graph, keep = load_pruned(recipe, out)
+    t0 = time.perf_counter()
+    slim_gm = slim_model(model, graph, keep)
+    t_slim = time.perf_counter() - t0
+    x = example_input(recipe, 4)
+    with torch.no_grad():
+        diff = float((model(x) - slim_gm(x)).abs().max())
+    tol = recipe.export.tolerance
+    sdir = out / "slim"
+    sdir.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save({k: v.detach().cpu() for k, v in slim_gm.state_dict().items()}, sdir / "weights.pt")
+    spec = {
+        "format": "smcp-channel-spec/1",
+        "model": {"source": recipe.model.source, "kwargs": dict(recipe.model.kwargs or {}),
+                  "num_classes": num_classes(recipe), "unpruned": list(recipe.model.unpruned or [])},
+        "input_shape": list(input_shape(recipe)),
+        "n_classes": graph.n_classes,
+        "kept_classes": torch.nonzero(keep).flatten().tolist(),
+        "layers": [{"name": l.name, "cin": ci, "cout": co} for l, (ci, co) in zip(graph.layers, graph.widths(keep))],
+    }
+    atomic_write_json(sdir / "channel_spec.json", spec)
+    rep.log("saving torch.export program")
+    export_program(slim_gm, example_input(recipe, 2), sdir / "model.pt2")
+    flops_full, params_full = graph.flops_params()
+    flops_kept, _ = graph.flops_params(keep)
+    res = {
+        "stamp": stamp(recipe, "slim"),
+        "max_abs_diff": diff,
+        "tolerance": tol,
+        "params": count_params(slim_gm),
+        "params_full": count_params(model),
+        "flops": flops_kept,
+        "flops_full": flops_full,
+        "seconds": t_slim,
+    }
+    atomic_write_json(sdir / "slim.json", res)
+    if diff > tol:
+        raise GateFailed(f"slim model differs from the masked model by {diff:.3g} (> tolerance {tol:g}); "
+                         "please report this model")
+    return res
+
+
+def load_slim(recipe, out: Path) -> torch.nn.Module:
+    """The slim model from ``slim/model.pt2`` (a torch.export program)."""
+    p = out / "slim" / "model.pt2"
+    if not p.exists():
+        raise SmcpError(f"slim model {p} not found; run `smcp slim` with the same --recipe/--out first")
+    try:
+        return torch.export.load(str(p)).module()
+    except Exception as exc:  # noqa: BLE001
+        raise SmcpError(f"cannot load {p}: {str(exc).splitlines()[0]}; re-run `smcp slim`") from None
+
+
+def rebuild_slim(spec_path: Path, weights_path: Path) -> torch.nn.Module:
+    """Rebuild a slim model from the original model definition + channel spec + tensors."""
+    from .models import build_model as _build
+    from .slim import slim_model
+
+    spec = read_json(spec_path, "channel spec")
+    m = spec["model"]
+    model = _build(m["source"], num_classes=m.get("num_classes"), kwargs=m.get("kwargs") or {}).eval()
+    graph = ChannelGraph(model, torch.randn(1, *spec["input_shape"]), unpruned=m.get("unpruned") or [])
+    if graph.n_classes != spec["n_classes"]:
+        raise SmcpError(f"{spec_path}: the model definition changed since slimming; cannot rebuild")
+    keep = torch.zeros(graph.n_classes, dtype=torch.bool)
+    keep[spec["kept_classes"]] = True
+    gm = slim_model(model, graph, keep)
+    gm.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    return gm.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# export
+
+
+def export(recipe, out: Path, *, reporter: Reporter | None = None, trt: bool | None = None) -> dict:
+    from .bench import environment_report
+    from .export import export_onnx, onnx_parity
+
+    rep = reporter or Reporter()
+    ec = recipe.export
+    formats = list(ec.formats)
+    if trt:
+        formats = list(dict.fromkeys(formats + ["trt"]))
+    if "trt" in formats:
+        from .export import ensure_tensorrt
+
+        ensure_tensorrt()
+    edir = out / "export"
+    edir.mkdir(parents=True, exist_ok=True)
+    slim_m = load_slim(recipe, out)
+    base = build_model(recipe)
+    batch = recipe.export_batch_size()
+    backend = recipe.export_backend()
+    x = example_input(recipe, batch)
+    rep.log("exporting ONNX (slim and baseline)")
+    onnx_slim = export_onnx(slim_m, x, edir / "model.onnx", opset=ec.opset, dynamic_batch=True)
+    onnx_base = export_onnx(base, x, edir / "baseline.onnx", opset=ec.opset, dynamic_batch=True)
+    par = onnx_parity(slim_m, onnx_slim, example_input(recipe, max(2, min(batch, 8))))
+    rep.log(f"measuring latency on {backend} (baseline and pruned interleaved, batch {batch})")
+    if backend == "tensorrt":
+        raise SmcpError("export.backend tensorrt: use `smcp export --trt` on a machine with TensorRT")
+    meas = measure_models({"baseline": base, "pruned": slim_m}, recipe, batch=batch, backend=backend,
+                          workdir=edir, min_runs=ec.min_runs, max_seconds=ec.max_seconds,
+                          onnx_paths={"baseline": onnx_base, "pruned": onnx_slim})
+    sb, sp = meas["stats"]["baseline"], meas["stats"]["pruned"]
+    speedup = sb["median_ms"] / sp["median_ms"]
+    kind, value = recipe.target_kind(), recipe.target_value()
+    slim_info = read_json(out / "slim" / "slim.json", "slim summary") if (out / "slim" / "slim.json").exists() else {}
+    flops_ratio = slim_info["flops"] / slim_info["flops_full"] if slim_info else None
+    params_ratio = slim_info["params"] / slim_info["params_full"] if slim_info else None
+    if kind == "speedup":
+        passed = speedup >= value
+    elif kind == "latency_ms":
+        passed = sp["median_ms"] <= value
+    else:
+        passed = flops_ratio is not None and flops_ratio <= value + 1e-9
+    parity_ok = par["max_abs_diff"] <= ec.tolerance
+    acc = None
+    if recipe.data.val_path or recipe.data.source in ("digits", "cifar10", "imagenet_samples", "synthetic", "imagefolder"):
+        try:
+            acc = _accuracy(recipe, base, slim_m)
+        except SmcpError as exc:
+            rep.log(f"accuracy skipped: {exc}")
+    pred = None
+    summ = out / "prune" / "summary.json"
+    if summ.exists():
+        pred = read_json(summ, "prune summary").get("predicted_ms")
+    report = {
+        "stamp": stamp(recipe, "export"),
+        "backend": backend,
+        "device": recipe.profile.device,
+        "batch_size": batch,
+        "dtype": "float32",
+        "input_shape": [batch, *input_shape(recipe)],
+        "baseline": {"latency_ms": sb["median_ms"], "stats": sb},
+        "pruned": {"latency_ms": sp["median_ms"], "stats": sp, "predicted_ms": pred},
+        "speedup": speedup,
+        "target": {"kind": kind, "value": value},
+        "target_speedup": value if kind == "speedup" else None,
+        "passed": bool(passed and parity_ok),
+        "parity": {**par, "tolerance": ec.tolerance, "passed": parity_ok},
+        "flops_ratio": flops_ratio,
+        "params_ratio": params_ratio,
+        "accuracy": acc,
+        "environment": environment_report(backend=backend, device=recipe.profile.device,
+                                          threads=recipe.profile.threads, batch_size=batch),
+        "files": {"onnx": str(onnx_slim), "baseline_onnx": str(onnx_base)},
+    }
+    if "trt" in formats:
+        from .export import build_trt_engine
+
+        eng = build_trt_engine(onnx_slim, edir / "model.engine", precision=ec.trt_precision, batch_size=batch)
+        report["files"]["engine"] = str(eng)
+    atomic_write_json(edir / "report.json", report)
+    return report
+
+
+def _accuracy(recipe, base, slim_m) -> dict | None:
+    from .data import make_loader
+    from .train import evaluate
+
+    bundle = build_data(recipe)
+    if bundle.val is None:
+        return None
+    loader = make_loader(bundle.val, batch_size=128, shuffle=False, seed=recipe.seed)
+    dev = torch.device("cpu")
+    return {"baseline_top1": evaluate(base, loader, dev), "pruned_top1": evaluate(slim_m, loader, dev),
+            "images": len(bundle.val), "data": bundle.description}
+
+
+def gate(report: dict) -> None:
+    """Raise GateFailed (exit 2) when an export report did not pass."""
+    if report["passed"]:
+        return
+    if not report["parity"]["passed"]:
+        raise GateFailed(f"ONNX parity failed: max abs diff {report['parity']['max_abs_diff']:.3g} > "
+                         f"{report['parity']['tolerance']:g}")
+    t = report["target"]
+    raise GateFailed(
+        f"target missed: measured speed-up {report['speedup']:.2f}x on {report['backend']} at batch "
+        f"{report['batch_size']} ({report['baseline']['latency_ms']:.3f} -> {report['pruned']['latency_ms']:.3f} ms), "
+        f"target {t['kind']}={t['value']}"
+    )

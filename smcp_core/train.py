@@ -1,0 +1,307 @@
+"""SMCP fine-tuning: dense warm-up, budget ramp with mask updates every N samples, frozen cooldown.
+
+Checkpoints are written atomically at the end of every epoch; :func:`prune_train` with
+``resume=True`` continues from the last one and, on CPU with the same recipe, reproduces the
+uninterrupted run exactly (data order is seeded per epoch, RNG states are saved).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import SmcpError
+from .fsutil import atomic_torch_save
+from .graph import ChannelGraph
+from .importance import ImportanceTracker
+from .masking import Masker, masked_state_dict
+from .pruner import Allocator, CostModel, PruneConfigLite
+from .schedule import budget_at
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class Reporter:
+    """Callbacks the CLI implements (no-ops here so the library works on its own)."""
+
+    def log(self, msg: str) -> None:  # noqa: D401
+        pass
+
+    def progress(self, task: str, done: int, total: int, info: str = "") -> None:
+        pass
+
+    def metrics(self, row: dict) -> None:
+        pass
+
+
+@dataclass
+class PhasePlan:
+    epochs: int
+    warmup: int
+    ramp: int
+    cooldown: int
+    steps_per_epoch: int
+    batch_size: int
+    interval_steps: int
+
+    @property
+    def prune_end_epoch(self) -> int:
+        """First epoch with frozen masks."""
+        return self.epochs - self.cooldown
+
+    def progress(self, epoch: int, step: int) -> float:
+        """Ramp progress (0..1] after ``step`` steps of ``epoch`` (step counted from 1)."""
+        if self.ramp <= 0:
+            return 1.0
+        done = (epoch - self.warmup) * self.steps_per_epoch + step
+        return min(1.0, done / (self.ramp * self.steps_per_epoch))
+
+
+@dataclass
+class TrainResult:
+    keep: torch.Tensor
+    history: list[dict] = field(default_factory=list)
+    final_top1: float | None = None
+    baseline_top1: float | None = None
+    target_cost: float = 0.0
+    final_cost: float = 0.0
+    full_cost: float = 0.0
+    unit: str = ""
+    state_dict: dict = field(default_factory=dict)  # dense weights with the final masks baked in
+
+
+def _param_groups(model: nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_at(cfg, base_lr: float, epoch_f: float, epochs: int) -> float:
+    ls = cfg.lr_schedule
+    if ls.warmup_epochs and epoch_f < ls.warmup_epochs:
+        return base_lr * (epoch_f + 1e-9) / ls.warmup_epochs
+    if ls.name == "constant" or epochs <= 0:
+        return base_lr
+    if ls.name == "step":
+        factor = 0.1 ** sum(epoch_f >= m * epochs for m in (0.5, 0.75))
+        return base_lr * factor
+    t = (epoch_f - ls.warmup_epochs) / max(1e-9, epochs - ls.warmup_epochs)
+    return ls.min_lr + (base_lr - ls.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, *, channels_last: bool = False,
+             max_batches: int | None = None) -> float:
+    """Top-1 accuracy (%) of ``model`` on ``loader``."""
+    was = model.training
+    model.eval()
+    correct = total = 0
+    for i, (x, y) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x = x.to(device)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        pred = model(x).argmax(1).cpu()
+        correct += int((pred == y).sum())
+        total += int(y.numel())
+    model.train(was)
+    return 100.0 * correct / max(total, 1)
+
+
+def prune_train(
+    *,
+    recipe,
+    model: nn.Module,
+    graph: ChannelGraph,
+    cost: CostModel,
+    target_cost: float,
+    train_set,
+    val_set,
+    out_dir: Path,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+    make_loader: Callable[..., Any],
+) -> TrainResult:
+    """Run SMCP on ``model`` (modified in place: masks are registered on it) and return the final
+    keep-mask.  ``target_cost`` is the layer-sum budget the final masks must meet."""
+    rep = reporter or Reporter()
+    pc = recipe.prune
+    dc = recipe.data
+    device = torch.device(pc.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SmcpError(f"prune.device is {pc.device} but CUDA is not available; set --set prune.device=cpu")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(recipe.seed)
+
+    model.to(device)
+    if pc.channels_last:
+        model.to(memory_format=torch.channels_last)
+    masker = Masker(model, graph, mode=pc.masking)
+    masker.to(device)
+    tracker = ImportanceTracker(masker, kind=pc.importance.type, accumulate=pc.importance.accumulate,
+                                momentum=pc.importance.momentum)
+    alloc = Allocator(graph, cost, PruneConfigLite(pc.channel_round, pc.min_channels, pc.layer_pruning))
+    opt = torch.optim.SGD(_param_groups(model, pc.optimizer.weight_decay), lr=pc.optimizer.lr,
+                          momentum=pc.optimizer.momentum, nesterov=pc.optimizer.nesterov)
+    use_amp = bool(pc.amp) and device.type == "cuda"
+    amp_dtype = torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    bs = dc.batch_size
+    n_train = len(train_set)
+    steps_per_epoch = max(1, n_train // bs) if n_train >= bs else 1
+    if pc.max_steps:
+        steps_per_epoch = min(steps_per_epoch, pc.max_steps)
+    interval_steps = max(1, math.ceil(pc.update_interval_samples / bs))
+    plan = PhasePlan(pc.epochs, pc.warmup_epochs, pc.ramp_epochs, pc.cooldown_epochs, steps_per_epoch, bs, interval_steps)
+    val_loader = make_loader(val_set, batch_size=max(bs, 64), shuffle=False, seed=recipe.seed) if val_set is not None else None
+
+    full = alloc.full_cost
+    if target_cost > full:
+        rep.log(f"target cost {target_cost:.4g} {cost.unit} is above the full model's {full:.4g}: nothing to prune")
+    history: list[dict] = []
+    start_epoch = 0
+    since_update = 0
+    last_progress = 0.0
+    ck_path = out_dir / CHECKPOINT
+    if resume and ck_path.exists():
+        try:
+            ck = torch.load(ck_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise SmcpError(f"cannot read checkpoint {ck_path}: {str(exc).splitlines()[0]}; delete it to start over") from None
+        if ck.get("n_classes") != graph.n_classes:
+            raise SmcpError(f"checkpoint {ck_path} was made for a different model; delete it or use another --out")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        masker.set_keep(ck["mask"])
+        tracker.load_state_dict(ck["importance"])
+        start_epoch = int(ck["epoch"])
+        since_update = int(ck["since_update"])
+        last_progress = float(ck.get("last_progress", 0.0))
+        history = list(ck["history"])
+        torch.set_rng_state(ck["rng"])
+        if ck.get("scaler") and use_amp:
+            scaler.load_state_dict(ck["scaler"])
+        rep.log(f"resumed from {ck_path} at epoch {start_epoch}")
+
+    def do_update(progress: float, epoch: int) -> dict:
+        budget = budget_at(progress, full, target_cost, pc.schedule)
+        t0 = time.perf_counter()
+        res = alloc.solve(tracker.scores(), budget, masker.keep())
+        dt = time.perf_counter() - t0
+        masker.set_keep(res.keep)
+        tracker.reset()
+        row = {"event": "mask_update", "epoch": epoch, "progress": round(progress, 4), "budget": budget,
+               "cost": res.cost, "predicted": cost.scale * res.cost + cost.offset,
+               "kept_classes": int(res.keep.sum()), "solve_ms": 1000 * dt}
+        rep.metrics(row)
+        return row
+
+    # one-shot pruning (no training epochs in the pruning window): importance from a few batches
+    if plan.prune_end_epoch <= plan.warmup and start_epoch == 0 and target_cost < full:
+        loader = make_loader(train_set, batch_size=bs, shuffle=True, seed=recipe.seed)
+        model.train()
+        for i, (x, y) in enumerate(loader):
+            if i >= max(1, min(steps_per_epoch, 8)):
+                break
+            x, y = x.to(device), y.to(device)
+            loss = F.cross_entropy(model(x), y, label_smoothing=pc.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            tracker.update()
+        opt.zero_grad(set_to_none=True)
+        history.append(do_update(1.0, 0))
+        last_progress = 1.0
+
+    for epoch in range(start_epoch, plan.epochs):
+        model.train()
+        loader = make_loader(train_set, batch_size=bs, shuffle=True, seed=recipe.seed + epoch, drop_last=n_train >= bs)
+        pruning = plan.warmup <= epoch < plan.prune_end_epoch and target_cost < full
+        t_epoch = time.perf_counter()
+        loss_sum, seen = 0.0, 0
+        step = 0
+        lr = 0.0
+        for step, (x, y) in enumerate(loader, start=1):
+            if step > steps_per_epoch:
+                step -= 1
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if pc.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            lr = _lr_at(pc, pc.optimizer.lr, epoch + (step - 1) / steps_per_epoch, plan.epochs)
+            for gparam in opt.param_groups:
+                gparam["lr"] = lr
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                loss = F.cross_entropy(model(x), y, label_smoothing=pc.label_smoothing)
+            if not torch.isfinite(loss.detach()).all():
+                raise SmcpError(
+                    f"loss became {float(loss)} at epoch {epoch} step {step}; the last good checkpoint is "
+                    f"{ck_path} — lower prune.optimizer.lr and resume with --resume"
+                )
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if use_amp:
+                scaler.unscale_(opt)
+            if pruning:
+                tracker.update()
+            masker.apply_pruned_decay(pc.pruned_decay)
+            scaler.step(opt)
+            scaler.update()
+            loss_sum += float(loss.detach()) * x.shape[0]
+            seen += x.shape[0]
+            if pruning:
+                since_update += 1
+                prog = plan.progress(epoch, step)
+                if since_update >= plan.interval_steps:
+                    history.append(do_update(prog, epoch))
+                    last_progress = prog
+                    since_update = 0
+            rep.progress("epoch", step, steps_per_epoch, f"epoch {epoch + 1}/{plan.epochs} loss {loss_sum / max(seen, 1):.3f}")
+        if pruning and epoch == plan.prune_end_epoch - 1:
+            # the last update of the pruning window is always at the full target
+            history.append(do_update(1.0, epoch))
+            last_progress = 1.0
+            since_update = 0
+        row = {"event": "epoch", "epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "lr": lr,
+               "seconds": time.perf_counter() - t_epoch, "cost": cost.total(masker.keep().cpu()),
+               "predicted": cost.predict(masker.keep().cpu())}
+        if val_loader is not None and (pc.eval_every and ((epoch + 1) % pc.eval_every == 0 or epoch + 1 == plan.epochs)):
+            row["top1"] = evaluate(model, val_loader, device, channels_last=pc.channels_last)
+        history.append(row)
+        rep.metrics(row)
+        atomic_torch_save({
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "mask": masker.class_mask.detach().cpu(), "importance": tracker.state_dict(),
+            "epoch": epoch + 1, "since_update": since_update, "last_progress": last_progress,
+            "history": history, "rng": torch.get_rng_state(), "n_classes": graph.n_classes,
+            "scaler": scaler.state_dict() if use_amp else None,
+        }, ck_path)
+
+    keep = masker.keep().cpu()
+    final_cost = cost.total(keep)
+    if target_cost < full and final_cost > target_cost * (1 + 1e-9):
+        # e.g. resumed after the pruning window with a changed target: enforce it now
+        history.append(do_update(1.0, plan.epochs))
+        keep = masker.keep().cpu()
+        final_cost = cost.total(keep)
+    final_top1 = None
+    for r in reversed(history):
+        if r.get("event") == "epoch" and "top1" in r:
+            final_top1 = r["top1"]
+            break
+    if final_top1 is None and val_loader is not None:
+        final_top1 = evaluate(model, val_loader, device, channels_last=pc.channels_last)
+    state = {k: v.detach().cpu().clone() for k, v in masked_state_dict(model, masker).items()}
+    return TrainResult(keep=keep, history=history, final_top1=final_top1, target_cost=target_cost,
+                       final_cost=final_cost, full_cost=full, unit=cost.unit, state_dict=state)
