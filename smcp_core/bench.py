@@ -34,11 +34,14 @@ __all__ = [
     "torch_runner",
     "torch_sync",
     "resolve_dtype",
+    "canonical_dtype",
     "ensure_onnxruntime",
+    "ort_providers",
     "ort_session",
     "ort_runner",
     "device_fingerprint",
     "fingerprint_id",
+    "describe_fingerprint",
     "environment_report",
 ]
 
@@ -574,6 +577,15 @@ def describe_fingerprint(fp: Mapping[str, Any]) -> str:
     return f"{fp.get('cpu_model', 'unknown cpu')} ({extra})"
 
 
+def _precision_name(precision: Any) -> str | None:
+    if precision is None:
+        return None
+    try:
+        return canonical_dtype(precision)
+    except SmcpError:  # e.g. "int8" for TensorRT
+        return str(precision).replace("torch.", "").lower()
+
+
 def environment_report(
     *,
     backend: str,
@@ -610,7 +622,7 @@ def environment_report(
         "device": str(device),
         "threads": threads,
         "batch_size": batch_size,
-        "precision": canonical_dtype(precision) if precision is not None else None,
+        "precision": _precision_name(precision),
         "layout": layout,
         "input_shape": list(input_shape) if input_shape is not None else None,
         "libraries": {k: v for k, v in libs.items() if v is not None},

@@ -808,9 +808,10 @@ def _measure_point(
     if backend == "torch":
         import torch
 
-        torch.manual_seed(cin * 100003 + cout)
-        module = single_layer_module(sig, cin, cout)
-        x = torch.randn(_input_shape(sig, cin, batch_size))
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
+            torch.manual_seed(cin * 100003 + cout)
+            module = single_layer_module(sig, cin, cout)
+            x = torch.randn(_input_shape(sig, cin, batch_size))
         fn = bench.torch_runner(module, x, device=device, dtype=dtype, channels_last=(layout == "nhwc"))
         stats = bench.time_one(fn, sync=bench.torch_sync(device), **timing)
     else:  # onnxruntime

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
-import tempfile
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -32,23 +33,40 @@ OUTPUT_NAME = "output"
 _TRT_MISSING = "TensorRT is not installed: pip install 'smcp[trt]' on a machine with an NVIDIA GPU and driver"
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _first_line(e: BaseException, limit: int = 300) -> str:
-    for line in str(e).strip().splitlines():
+    for line in _ANSI.sub("", str(e)).strip().splitlines():
         line = line.strip()
         if line:
             return line if len(line) <= limit else line[: limit - 3] + "..."
     return type(e).__name__
 
 
+def _reason(e: BaseException) -> str:
+    """One line: the innermost cause of an exporter error (torch.onnx wraps the real one)."""
+    root = e
+    seen = {id(root)}
+    while root.__cause__ is not None and id(root.__cause__) not in seen:
+        root = root.__cause__
+        seen.add(id(root))
+    return _first_line(root)
+
+
 @contextlib.contextmanager
 def _quiet():
-    """Silence exporter chatter: FutureWarning/DeprecationWarning/UserWarning and stdout prints."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
+    """Silence exporter chatter: warnings, stdout/stderr prints and torch's logging below ERROR."""
+    torch_logger = logging.getLogger("torch")
+    old_level = torch_logger.level
+    torch_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                yield
+    finally:
+        torch_logger.setLevel(old_level)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,6 +96,8 @@ def export_onnx(
     """
     import torch
 
+    from .fsutil import make_temp_beside
+
     path = Path(path)
     if not isinstance(example, torch.Tensor):
         raise SmcpError("export_onnx needs an example input tensor")
@@ -92,10 +112,7 @@ def export_onnx(
         reps = [2] + [1] * (example.dim() - 1)
         example = example[:1].repeat(*reps)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".onnx.tmp", dir=str(path.parent))
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = make_temp_beside(path)
     was_training = model.training
     model.eval()
     try:
@@ -108,10 +125,15 @@ def export_onnx(
             try:
                 _export_legacy(model, example, tmp, opset=opset, dynamic_batch=dynamic_batch)
             except Exception as legacy_err:
-                raise SmcpError(
-                    f"ONNX export of {type(model).__name__} failed: {_first_line(dynamo_err)} "
-                    f"(legacy exporter: {_first_line(legacy_err)})"
-                ) from dynamo_err
+                r1, r2 = _reason(dynamo_err), _reason(legacy_err)
+                also = "" if r1 == r2 else f" (legacy exporter: {r2})"
+                raise SmcpError(f"ONNX export of {type(model).__name__} failed: {r1}{also}") from dynamo_err
+            warnings.warn(
+                f"torch.export-based ONNX export failed ({_reason(dynamo_err)}); used the legacy "
+                "TorchScript exporter, which bakes data-dependent branches in: check parity",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         _check_onnx_file(tmp)
         os.replace(tmp, path)
     finally:
@@ -121,7 +143,8 @@ def export_onnx(
                 tmp.unlink()
             except OSError:
                 pass
-        for extra in tmp.parent.glob(tmp.name + ".data"):  # external data never expected; be tidy
+        extra = tmp.parent / (tmp.name + ".data")  # external data is never asked for; be tidy anyway
+        if extra.exists():
             try:
                 extra.unlink()
             except OSError:

@@ -11,9 +11,10 @@ solves the problem exactly instead.
 How :func:`solve_mckp` works
 ----------------------------
 1. **Clean each group.**  An option that costs at least as much as another option of the same group
-   while being worth no more can never be part of a unique improvement, so every group is reduced to
-   its own *Pareto set*: options sorted by strictly increasing cost *and* strictly increasing value.
-   (The original option indices are remembered for the answer.)
+   while being worth no more can always be swapped for that other option without losing value or
+   breaking the budget, so every group is reduced to its own *Pareto set*: options sorted by strictly
+   increasing cost *and* strictly increasing value.  (The original option indices are remembered for
+   the answer.)
 
 2. **Relax.**  If a group may be a convex mixture of its options (the LP relaxation), only the
    *upper concave hull* of its Pareto points matters.  The hull, walked from its cheapest point, is a
@@ -29,23 +30,37 @@ How :func:`solve_mckp` works
    change, over all groups and options, that gains the most value and still fits the leftover budget.
    The value of this solution is a *lower bound* ``LB`` on the optimum.
 
-4. **Exact search over Pareto frontiers.**  Groups are added one at a time.  After ``t`` groups the
-   state is a *frontier*: a list of partial solutions ``(cost, value)`` sorted by cost with strictly
-   increasing value -- a partial solution that costs at least as much as another and is worth no more
-   is dominated: any completion of it is also a completion of the other one, with no more value.
-   Adding a group forms every (frontier entry, option) pair at once as a 2-D array sum.  A pair is
-   dropped when
+4. **Throw out hopeless options.**  Fixing option ``j`` of group ``g`` and relaxing all other groups
+   gives an upper bound on every solution that uses it.  When that bound is below ``LB`` (or the
+   other groups cannot fit at all) the option is removed.  With the usual tight LP bounds this leaves
+   only a few options per group, around the LP optimum.  Hulls, bounds and ``LB`` are recomputed on the
+   smaller sets and the reduction is repeated while it removes anything (a few rounds at most).
+
+5. **Exact search over Pareto frontiers.**  Groups are added one at a time, those with the fewest
+   remaining options first.  After ``t`` groups the state is a *frontier*: a list of partial solutions
+   ``(cost, value)`` sorted by cost with strictly increasing value -- a partial solution that costs at
+   least as much as another and is worth no more is dominated: any completion of it is also a
+   completion of the other one, with no more value.  Adding a group forms every (option, frontier
+   entry) pair at once as a 2-D array sum.  A pair is dropped when
 
    * it cannot be completed within the budget, even with every remaining group at its cheapest
      option, or
    * its value plus the LP bound of the remaining groups at the leftover budget is below ``LB``
-     (minus a tiny tolerance): no completion of it can beat the solution already in hand.
+     (minus a tiny tolerance): no completion of it can beat a solution already in hand.
+
+   Each pair also yields a feasible *completion* for free: give the remaining groups the whole hull
+   segments that fit into the leftover budget, in slope order.  The best completion raises ``LB``
+   when it is better, which makes the pruning sharper as the search goes on.
 
    The survivors are sorted by cost (a stable sort over already-sorted runs, which is cheap) and
    reduced to the Pareto frontier again.  For each surviving entry the index of its parent entry and
-   the option taken are stored so the choice can be reconstructed at the end.  Since the optimal
-   solution is never dominated and never pruned by the bound, the best entry of the last frontier is
-   the optimum.
+   the option taken are stored so the choice can be reconstructed at the end.  Since an optimal
+   solution is never dominated (a solution with the same cost and value may replace it) and never
+   pruned by the bound, the best entry of the last frontier is an optimum.
+
+The problem is NP-hard, so some inputs (e.g. values convex in the cost, where the LP bound is loose)
+can take much longer; pruning-shaped inputs (concave values, near-linear costs) keep frontiers of a
+few hundred entries.
 
 All work inside a group is vectorised with numpy; Python only loops over groups (and over the few
 passes needed to peel non-concave points off each group's hull).  Inputs may be torch tensors on any
@@ -232,7 +247,7 @@ def solve_mckp(
     eps = 1e-9 * max(float(sum(np.abs(pv).max() for pv in p_v)), 1e-300)
     ctol = 1e-12 * float(sum(np.abs(pc).max() for pc in p_c))
 
-    # 2.-3. LP bounds and a feasible lower bound; then drop options that provably cannot be optimal.
+    # 2.-4. LP bounds and a feasible lower bound; then drop options that provably cannot be optimal.
     lb = -math.inf
     lb_choice = None
     for _ in range(_MAX_REDUCTION_ROUNDS):
@@ -253,7 +268,7 @@ def solve_mckp(
     else:
         segs = _Segments(p_c, p_v)
 
-    # 4. Frontier search.  Groups with the fewest options first keeps early frontiers small.
+    # 5. Frontier search.  Groups with the fewest options first keeps early frontiers small.
     n_opt = np.array([pc.size for pc in p_c])
     min_c = np.array([pc[0] for pc in p_c])
     base_v = np.array([pv[0] for pv in p_v])
@@ -374,20 +389,25 @@ class _Segments:
         self.hull = [_upper_hull(p_c[g], p_v[g]) for g in range(n_groups)]
         self.min_c = np.array([pc[0] for pc in p_c])
         self.base_v = np.array([pv[0] for pv in p_v])
-        dcs, dvs, gs, hs = [], [], [], []
+        dcs, dvs, keys, gs, hs = [], [], [], [], []
         for g, h in enumerate(self.hull):
             if h.size > 1:
-                dcs.append(np.diff(p_c[g][h]))
-                dvs.append(np.diff(p_v[g][h]))
+                dc, dv = np.diff(p_c[g][h]), np.diff(p_v[g][h])
+                dcs.append(dc)
+                dvs.append(dv)
+                # Hull slopes decrease; the running minimum guards against a rounded division
+                # putting two nearly equal slopes of one group out of order.
+                keys.append(np.minimum.accumulate(dv / dc))
                 gs.append(np.full(h.size - 1, g))
                 hs.append(np.arange(h.size - 1))
         if not dcs:
             self.dc = self.dv = np.zeros(0)
             self.g = np.zeros(0, dtype=np.int64)
             return
-        dc, dv, gg, hh = (np.concatenate(a) for a in (dcs, dvs, gs, hs))
-        # decreasing slope; within a group the hull order is kept (its slopes strictly decrease)
-        order = np.lexsort((hh, gg, -(dv / dc)))
+        dc, dv, key, gg, hh = (np.concatenate(a) for a in (dcs, dvs, keys, gs, hs))
+        # Decreasing slope; ties keep each group's hull order, so every prefix of the sorted list
+        # takes a prefix of each group's segments (a hull vertex per group).
+        order = np.lexsort((hh, gg, -key))
         self.dc, self.dv, self.g = dc[order], dv[order], gg[order]
 
 

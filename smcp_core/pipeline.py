@@ -314,13 +314,16 @@ def load_table(recipe, out: Path, *, force_table: bool = False):
 def target_budget(recipe, cost, table) -> tuple[float, dict]:
     """Layer-sum budget for the recipe's target, and a description of it."""
     kind, value = recipe.target_kind(), recipe.target_value()
+    margin = recipe.prune.target_margin
     if kind == "flops_ratio":
         full = cost.total(cost.graph.full_keep())
-        return value * full, {"kind": kind, "value": value, "full": full, "unit": cost.unit}
+        return value * (1 - margin) * full, {"kind": kind, "value": value, "full": full, "unit": cost.unit,
+                                             "margin": margin}
     base = float(table.model["measured_ms"])
     lat = base / value if kind == "speedup" else value
-    return cost.budget_for(lat), {"kind": kind, "value": value, "baseline_ms": base, "target_ms": lat,
-                                  "unit": "ms"}
+    return cost.budget_for(lat * (1 - margin)), {"kind": kind, "value": value, "baseline_ms": base,
+                                                 "target_ms": lat, "aim_ms": lat * (1 - margin),
+                                                 "margin": margin, "unit": "ms"}
 
 
 def prune(recipe, out: Path, *, reporter: Reporter | None = None, resume: bool = False,
@@ -459,14 +462,13 @@ def slim(recipe, out: Path, *, reporter: Reporter | None = None) -> dict:
 
 
 def load_slim(recipe, out: Path) -> torch.nn.Module:
-    """The slim model from ``slim/model.pt2`` (a torch.export program)."""
-    p = out / "slim" / "model.pt2"
-    if not p.exists():
-        raise SmcpError(f"slim model {p} not found; run `smcp slim` with the same --recipe/--out first")
-    try:
-        return torch.export.load(str(p)).module()
-    except Exception as exc:  # noqa: BLE001
-        raise SmcpError(f"cannot load {p}: {str(exc).splitlines()[0]}; re-run `smcp slim`") from None
+    """The slim model, rebuilt from the original model definition + ``slim/channel_spec.json`` +
+    ``slim/weights.pt`` (no pickled modules involved)."""
+    sdir = out / "slim"
+    spec, weights = sdir / "channel_spec.json", sdir / "weights.pt"
+    if not spec.exists() or not weights.exists():
+        raise SmcpError(f"slim model not found in {sdir}; run `smcp slim` with the same --recipe/--out first")
+    return rebuild_slim(spec, weights)
 
 
 def rebuild_slim(spec_path: Path, weights_path: Path) -> torch.nn.Module:
@@ -483,7 +485,10 @@ def rebuild_slim(spec_path: Path, weights_path: Path) -> torch.nn.Module:
     keep = torch.zeros(graph.n_classes, dtype=torch.bool)
     keep[spec["kept_classes"]] = True
     gm = slim_model(model, graph, keep)
-    gm.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    try:
+        gm.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    except Exception as exc:  # noqa: BLE001
+        raise SmcpError(f"cannot load {weights_path}: {str(exc).splitlines()[0]}; re-run `smcp slim`") from None
     return gm.eval()
 
 
@@ -537,7 +542,7 @@ def export(recipe, out: Path, *, reporter: Reporter | None = None, trt: bool | N
     acc = None
     if recipe.data.val_path or recipe.data.source in ("digits", "cifar10", "imagenet_samples", "synthetic", "imagefolder"):
         try:
-            acc = _accuracy(recipe, base, slim_m)
+            acc = _accuracy(recipe, base, slim_m, out)
         except SmcpError as exc:
             rep.log(f"accuracy skipped: {exc}")
     pred = None
@@ -574,7 +579,10 @@ def export(recipe, out: Path, *, reporter: Reporter | None = None, trt: bool | N
     return report
 
 
-def _accuracy(recipe, base, slim_m) -> dict | None:
+def _accuracy(recipe, base, slim_m, out: Path) -> dict | None:
+    """Top-1 of the pruned model and of the dense baseline on the validation set.  A model trained
+    from scratch has no meaningful baseline weights: its dense reference is the top-1 at the end
+    of the dense warm-up, taken from the prune history."""
     from .data import make_loader
     from .train import evaluate
 
@@ -583,8 +591,22 @@ def _accuracy(recipe, base, slim_m) -> dict | None:
         return None
     loader = make_loader(bundle.val, batch_size=128, shuffle=False, seed=recipe.seed)
     dev = torch.device("cpu")
-    return {"baseline_top1": evaluate(base, loader, dev), "pruned_top1": evaluate(slim_m, loader, dev),
-            "images": len(bundle.val), "data": bundle.description}
+    res = {"pruned_top1": evaluate(slim_m, loader, dev), "images": len(bundle.val), "data": bundle.description}
+    if recipe.model.checkpoint:
+        res["baseline_top1"] = evaluate(base, loader, dev)
+        res["baseline_from"] = "checkpoint"
+    else:
+        res["baseline_top1"] = None
+        res["baseline_from"] = "trained from scratch: no dense baseline weights"
+        summ = out / "prune" / "summary.json"
+        if summ.exists():
+            hist = read_json(summ, "prune summary").get("history", [])
+            warm = [r for r in hist if r.get("event") == "epoch" and r["epoch"] <= recipe.prune.warmup_epochs
+                    and r.get("top1") is not None]
+            if warm:
+                res["baseline_top1"] = warm[-1]["top1"]
+                res["baseline_from"] = f"dense model at the end of warm-up (epoch {warm[-1]['epoch']})"
+    return res
 
 
 def gate(report: dict) -> None:

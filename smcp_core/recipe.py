@@ -286,6 +286,8 @@ class PruneConfig(_Section):
 
     method: Literal["smcp"] = "smcp"
     target: TargetConfig = Field(default_factory=_default_target)
+    # aim this fraction below the target latency (or FLOPs) to absorb the table's prediction error
+    target_margin: Annotated[Float, Field(ge=0, lt=0.5)] = 0.03
     epochs: NonNegInt = 10
     warmup_epochs: NonNegInt = 2
     ramp_epochs: NonNegInt = 5

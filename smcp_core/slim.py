@@ -295,7 +295,7 @@ def export_program(gm: nn.Module, example: torch.Tensor, path: Any) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
     ep = torch.export.export(gm.eval(), (ex,), dynamic_shapes=({0: batch},), strict=False)
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".pt2.tmp")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp.pt2")
     os.close(fd)
     try:
         torch.export.save(ep, tmp)

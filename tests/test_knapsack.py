@@ -291,3 +291,50 @@ def test_medium_staircase_matches_integer_dp():
         res = solve_mckp(values, costs, float(cap))
         check_result(res, values, costs, cap)
         assert_optimal(res, integer_dp(values, costs, cap))
+
+
+def test_medium_unstructured_instance_matches_integer_dp():
+    """Weakly correlated, non-monotone values (incl. negative) on integer costs."""
+    rng = np.random.default_rng(17)
+    for _ in range(3):
+        n_groups = int(rng.integers(10, 20))
+        costs = [rng.integers(0, 15, int(rng.integers(1, 30))).astype(float) for _ in range(n_groups)]
+        values = [c + rng.normal(0.0, 2.0, c.size) for c in costs]
+        lo = int(sum(np.min(c) for c in costs))
+        hi = int(sum(np.max(c) for c in costs))
+        for frac in (0.1, 0.4, 0.7):
+            cap = lo + int(frac * (hi - lo))
+            res = solve_mckp(values, costs, float(cap))
+            check_result(res, values, costs, cap)
+            assert_optimal(res, integer_dp(values, costs, cap))
+
+
+def test_chunked_frontier_search_is_exact(monkeypatch):
+    """Tiny candidate chunks (the path taken for huge frontiers) give the same optimum."""
+    import smcp_core.knapsack as knapsack
+
+    rng = np.random.default_rng(8)
+    cases = []
+    for _ in range(40):
+        values, costs = random_instance(rng)
+        cases.append((values, costs, capacities(rng, costs, n=2)))
+    monkeypatch.setattr(knapsack, "_CHUNK", 3)
+    for values, costs, caps in cases:
+        for cap in caps:
+            res = solve_mckp(values, costs, cap)
+            check_result(res, values, costs, cap)
+            assert_optimal(res, brute_force(values, costs, cap))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_tensor_inputs():
+    rng = np.random.default_rng(2)
+    values, costs = staircase_instance(rng, 5, max_channels=32)
+    cap = 0.5 * (sum(np.min(c) for c in costs) + sum(np.max(c) for c in costs))
+    tv = [torch.as_tensor(v, device="cuda") for v in values]
+    tc = [torch.as_tensor(c, device="cuda", dtype=torch.float32) for c in costs]
+    res = solve_mckp(tv, tc, cap)
+    cc = [c.double().cpu().numpy() for c in tc]
+    check_result(res, values, cc, cap)
+    assert_optimal(res, brute_force(values, cc, cap))

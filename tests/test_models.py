@@ -112,7 +112,6 @@ def test_mobilenet_v1_widths():
     "source, kwargs, shape",
     [
         ("cifar/resnet20", None, (2, 3, 32, 32)),
-        ("cifar/resnet56", None, (2, 3, 32, 32)),
         ("mobilenet_v1", {"width": 0.25}, (2, 3, 96, 96)),
     ],
 )

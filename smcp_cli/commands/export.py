@@ -23,10 +23,15 @@ def print_report(rep: dict) -> None:
         t.add_row("predicted by table (ms)", "", f"{rep['pruned']['predicted_ms']:.3f}")
     acc = rep.get("accuracy")
     if acc:
-        t.add_row(f"top-1 ({acc['images']} images)", f"{acc['baseline_top1']:.2f}%", f"{acc['pruned_top1']:.2f}%")
+        b = f"{acc['baseline_top1']:.2f}%" if acc.get("baseline_top1") is not None else "n/a"
+        if acc.get("baseline_from", "checkpoint") != "checkpoint" and acc.get("baseline_top1") is not None:
+            b += " *"
+        t.add_row(f"top-1 ({acc['images']} images)", b, f"{acc['pruned_top1']:.2f}%")
     if rep.get("flops_ratio") is not None:
         t.add_row("FLOPs / params ratio", "1 / 1", f"{rep['flops_ratio']:.3f} / {rep['params_ratio']:.3f}")
     console.print(t)
+    if acc and acc.get("baseline_from", "checkpoint") != "checkpoint":
+        console.print(f"[dim]* baseline top-1: {acc['baseline_from']}[/dim]")
     verdict = "[bold green]PASS[/bold green]" if rep["passed"] else "[bold red]FAIL[/bold red]"
     tgt = rep["target"]
     console.print(

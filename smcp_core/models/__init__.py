@@ -110,11 +110,9 @@ def build_model(
     if not isinstance(source, str) or not source.strip():
         raise SmcpError(f"model source must be a non-empty string such as {_FORMS} (got {source!r})")
     source = source.strip()
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise SmcpError(f"model {source}: kwargs must be a mapping of argument names to values (got {kwargs!r})")
     kwargs = dict(kwargs or {})
-    if not isinstance(num_classes, (int, type(None))) or isinstance(num_classes, bool) or (
-        num_classes is not None and num_classes < 1
-    ):
-        raise SmcpError(f"model {source}: num_classes must be a positive integer (got {num_classes!r})")
     if "num_classes" in kwargs:
         if num_classes is not None and kwargs["num_classes"] != num_classes:
             raise SmcpError(
@@ -122,6 +120,10 @@ def build_model(
                 f"{kwargs['num_classes']}); give it once"
             )
         num_classes = kwargs.pop("num_classes")
+    if not isinstance(num_classes, (int, type(None))) or isinstance(num_classes, bool) or (
+        num_classes is not None and num_classes < 1
+    ):
+        raise SmcpError(f"model {source}: num_classes must be a positive integer (got {num_classes!r})")
 
     if ".py:" in source or source.endswith(".py"):
         return _build_user(source, num_classes, kwargs, base_dir)
@@ -133,7 +135,7 @@ def build_model(
             hint = _close(name, names)
             raise SmcpError(
                 f"model {source}: unknown torchvision classification model '{name}'"
-                + (f"; {hint}" if hint else "; run `list_models()` / `smcp models` to see the names")
+                + (f"; {hint}" if hint else "; list_models() shows the valid names")
             )
         from smcp_core.tv import import_torchvision
 
