@@ -333,6 +333,9 @@ def prune(recipe, out: Path, *, reporter: Reporter | None = None, resume: bool =
     from .train import prune_train
 
     rep = reporter or Reporter()
+    if recipe.prune.cost_weight != 1.0:
+        raise SmcpError(f"prune.cost_weight = {recipe.prune.cost_weight}: only 1.0 (input-side cost attribution) "
+                        "is implemented so far; remove the key or set it to 1.0")
     pdir = out / "prune"
     pdir.mkdir(parents=True, exist_ok=True)
     if not resume and (pdir / "checkpoint.pt").exists():

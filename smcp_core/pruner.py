@@ -109,7 +109,26 @@ class SolveResult:
 
 
 class Allocator:
-    """Builds the option lists and solves for masks."""
+    """Builds the option lists and solves for masks.
+
+    Cost attribution.  A layer's latency depends on its input width (set by the group it reads)
+    and its output width (set by the group its outputs belong to).  A multiple-choice knapsack
+    needs each option's cost to depend on its own group only, so every layer is charged to one
+    group and the other width is held fixed:
+
+    * groups read or written by many layers (the residual streams of ResNets, MobileNetV2's
+      linear bottlenecks) are *hubs*: their width is enumerated in an outer loop (coordinate
+      descent over hubs), so within one knapsack solve it is a known constant;
+    * a layer between a hub and an ordinary group is charged to the ordinary group, with the hub
+      width fixed at the candidate value: exact, so e.g. a CIFAR ResNet block (stream -> inner ->
+      stream) is costed exactly;
+    * any other layer is charged to the group it reads, with its output width held at the current
+      masks (SMCP's input-side attribution), and the capacity is corrected afterwards against the
+      true cost of the solution.
+    """
+
+    HUB_MIN_LAYERS = 4  # a group touched by at least this many conv/linear layers is a hub
+    HUB_CANDIDATES = 16  # widths tried per hub per round
 
     def __init__(self, graph: ChannelGraph, cost: CostModel, cfg: PruneConfigLite) -> None:
         self.graph = graph
@@ -117,16 +136,39 @@ class Allocator:
         self.cfg = cfg
         self.full_keep = graph.full_keep()
         self.full_cost = cost.total(self.full_keep)
-        # per group: the consumer/dw layers' input positions as class indices into the group
-        self._pos: dict[int, list[tuple[LayerInfo, torch.Tensor]]] = {}
+        G = len(graph.groups)
+        local = torch.full((graph.n_classes,), -1, dtype=torch.long)
         for g in graph.groups:
-            local = torch.full((graph.n_classes,), -1, dtype=torch.long)
             local[g.classes] = torch.arange(g.size)
-            items = []
-            for i in g.consumers + g.dw:
-                l = graph.layers[i]
-                items.append((l, local[l.in_labels]))
-            self._pos[g.index] = items
+        self._local = local
+        touch = [0] * G
+        out_group: dict[int, int] = {}
+        for l in graph.layers:
+            if l.kind == "dwconv":
+                continue
+            og = torch.unique(graph.class_group[l.out_labels]).tolist()
+            og = [x for x in og if x >= 0]
+            out_group[l.index] = og[0] if len(og) == 1 else -1
+            touch[l.group] += 1
+            for x in og:
+                touch[x] += 1
+        self.hubs = [g.index for g in graph.groups
+                     if g.prunable and touch[g.index] >= self.HUB_MIN_LAYERS and g.n_frozen == 0]
+        hubset = set(self.hubs)
+        # charge plan per group: (layer, mode, positions in the charged group)
+        #   mode "in": cin from the charged group's option, cout from the current masks
+        #   mode "out": cout from the charged group's option, cin from the current masks (hub)
+        #   mode "dw": depthwise, width from the charged group's option
+        self._plan: dict[int, list[tuple[LayerInfo, str, torch.Tensor]]] = {g.index: [] for g in graph.groups}
+        for l in graph.layers:
+            if l.kind == "dwconv":
+                self._plan[l.group].append((l, "dw", local[l.in_labels]))
+                continue
+            a, b = l.group, out_group.get(l.index, -1)
+            if a in hubset and b >= 0 and b not in hubset and graph.groups[b].prunable:
+                self._plan[b].append((l, "out", local[l.out_labels]))
+            else:
+                self._plan[a].append((l, "in", local[l.in_labels]))
 
     # ------------------------------------------------------------------
     def grid(self, g) -> torch.Tensor:
@@ -144,8 +186,7 @@ class Allocator:
         return torch.tensor(sorted(ks))
 
     def min_cost(self) -> float:
-        """Smallest reachable layer-sum cost (every group at its smallest option, full widths
-        elsewhere held at their minimum too)."""
+        """Layer-sum cost with every prunable group at its smallest option."""
         keep = self.full_keep.clone()
         for g in self.graph.groups:
             if not g.prunable:
@@ -156,29 +197,43 @@ class Allocator:
             keep[g.classes[order[:k]]] = True
         return self.cost.total(keep)
 
-    def options(self, scores: torch.Tensor, keep_now: torch.Tensor):
-        """(values, costs, ks, orders) per group for the knapsack."""
+    def _order(self, g, scores: torch.Tensor):
+        s = scores[g.classes].clone()
+        s[g.frozen] = float("inf")
+        order = torch.argsort(s, descending=True, stable=True)
+        sv = scores[g.classes][order]
+        sv = torch.where(torch.isinf(s[order]), torch.zeros_like(sv), sv)
+        csum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(sv, 0)])
+        rank = torch.empty(g.size, dtype=torch.long)
+        rank[order] = torch.arange(g.size)
+        return order, csum, rank
+
+    def options(self, scores: torch.Tensor, keep_now: torch.Tensor, fixed: dict[int, int] | None = None,
+                cache: dict | None = None):
+        """(values, costs, ks, orders) per group for the knapsack.  Groups in ``fixed`` (hubs)
+        get the single option of that width; other widths come from ``keep_now``."""
         graph, cost = self.graph, self.cost
         k_now = keep_now.to(torch.long).cpu()
         scores = scores.detach().to(torch.float64).cpu()
+        fixed = fixed or {}
+        cache = {} if cache is None else cache
         values, costs, ks, orders = [], [], [], []
         for g in graph.groups:
-            s = scores[g.classes].clone()
-            s[g.frozen] = float("inf")
-            order = torch.argsort(s, descending=True, stable=True)
-            grid = self.grid(g)
-            sv = scores[g.classes][order]
-            sv = torch.where(torch.isinf(s[order]), torch.zeros_like(sv), sv)
-            csum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(sv, 0)])
+            if g.index not in cache:
+                cache[g.index] = self._order(g, scores)
+            order, csum, rank = cache[g.index]
+            grid = self.grid(g) if g.index not in fixed else torch.tensor([fixed[g.index]])
             values.append(csum[grid])
-            rank = torch.empty(g.size, dtype=torch.long)
-            rank[order] = torch.arange(g.size)
             c = torch.zeros(len(grid), dtype=torch.float64)
-            for l, pos in self._pos[g.index]:
-                r = torch.sort(rank[pos]).values
-                cnt = torch.searchsorted(r, grid, right=False)  # positions with rank < k
-                cout = int(k_now[l.out_labels].sum())
-                c += cost.layer_cost(l, cnt, cout)
+            for l, mode, pos in self._plan[g.index]:
+                cnt = torch.searchsorted(torch.sort(rank[pos]).values, grid, right=False)
+                if mode == "in":
+                    c += cost.layer_cost(l, cnt, int(k_now[l.out_labels].sum()))
+                elif mode == "out":
+                    cin = torch.full_like(cnt, int(k_now[l.in_labels].sum()))
+                    c += cost.layer_cost(l, cin, cnt)
+                else:
+                    c += cost.layer_cost(l, cnt, cnt)
             costs.append(c)
             ks.append(grid)
             orders.append(order)
@@ -192,44 +247,90 @@ class Allocator:
             keep[g.classes[order[:k]]] = True
         return keep
 
-    def solve(self, scores: torch.Tensor, budget: float, keep_now: torch.Tensor, *, max_iter: int = 6) -> SolveResult:
-        """Masks maximising kept importance with actual layer-sum cost <= budget."""
-        cur = keep_now.clone().cpu()
-        capacity = budget
-        best: SolveResult | None = None
-        it = 0
-        for it in range(1, max_iter + 1):
-            values, costs, ks, orders = self.options(scores, cur)
+    def _set_width(self, keep: torch.Tensor, g, k: int, order: torch.Tensor) -> torch.Tensor:
+        keep = keep.clone()
+        keep[g.classes] = False
+        keep[g.classes[order[:k]]] = True
+        return keep
+
+    def _hub_candidates(self, g, current: int) -> list[int]:
+        grid = self.grid(g).tolist()
+        n = self.HUB_CANDIDATES if len(self.hubs) == 1 else max(4, self.HUB_CANDIDATES // 2)
+        if len(grid) <= n:
+            return grid
+        idx = torch.linspace(0, len(grid) - 1, n).round().long().tolist()
+        cands = {grid[i] for i in idx}
+        # refine around the current width
+        j = min(range(len(grid)), key=lambda i: abs(grid[i] - current))
+        cands.update(grid[max(0, j - 2): j + 3])
+        return sorted(cands)
+
+    def _solve_at(self, scores, budget, lin, fixed, cache, inner: int, state: dict) -> "SolveResult | None":
+        """Knapsack at one linearisation point, with capacity correction; best feasible result."""
+        values, costs, ks, orders = self.options(scores, lin, fixed, cache)
+        cap = budget
+        best = None
+        for _ in range(inner):
+            state["n"] += 1
             try:
-                res = solve_mckp(values, costs, capacity, unit=self.cost.unit)
+                res = solve_mckp(values, costs, cap, unit=self.cost.unit)
             except InfeasibleTarget:
-                if best is not None:
-                    break
-                raise InfeasibleTarget(
-                    f"cost budget {budget:.4g} {self.cost.unit} is below the minimum reachable "
-                    f"{self.min_cost():.4g} {self.cost.unit} (every prunable group at its smallest width); "
-                    "lower the target (e.g. a smaller prune.target.speedup) or allow smaller widths "
-                    "(prune.min_channels, prune.layer_pruning)"
-                ) from None
+                break
             keep = self._keep_from(res.choice, ks, orders)
             actual = self.cost.total(keep)
             value = float(res.value)
-            if actual <= budget * (1 + 1e-9):
-                if best is None or value > best.value:
-                    best = SolveResult(keep, budget, actual, value, it, self._widths(keep))
-                if torch.equal(keep, cur):
+            if actual <= budget * (1 + 1e-9) and (best is None or value > best.value):
+                best = SolveResult(keep, budget, actual, value, 0, {})
+            if actual <= 0 or abs(actual - budget) <= 2e-3 * budget:
+                break
+            cap *= budget / actual
+        return best
+
+    def solve(self, scores: torch.Tensor, budget: float, keep_now: torch.Tensor, *,
+              rounds: int = 2, inner: int = 3) -> SolveResult:
+        """Masks maximising kept importance with true layer-sum cost <= budget."""
+        state = {"n": 0}
+        cache: dict = {}
+        scores_c = scores.detach().to(torch.float64).cpu()
+        cur = keep_now.clone().cpu()
+        best: SolveResult | None = None
+        if not self.hubs:
+            for _ in range(rounds):
+                r = self._solve_at(scores_c, budget, cur, {}, cache, inner, state)
+                if r is not None and (best is None or r.value > best.value):
+                    best = r
+                if best is None or torch.equal(best.keep, cur):
                     break
-                cur = keep  # re-linearise at the new output widths; may afford more
-            else:
-                # output widths grew relative to the linearisation point: tighten and retry
-                capacity *= budget / actual
-                cur = keep
+                cur = best.keep
+        else:
+            groups = self.graph.groups
+            for rnd in range(rounds if len(self.hubs) > 1 else 1):
+                for h in self.hubs:
+                    g = groups[h]
+                    if g.index not in cache:
+                        cache[g.index] = self._order(g, scores_c)
+                    order = cache[g.index][0]
+                    cur_w = int(cur[g.classes].sum())
+                    round_best = None
+                    for k in self._hub_candidates(g, cur_w):
+                        lin = self._set_width(cur, g, k, order)
+                        fixed = {x: int(lin[groups[x].classes].sum()) for x in self.hubs}
+                        r = self._solve_at(scores_c, budget, lin, fixed, cache, inner, state)
+                        if r is not None and (round_best is None or r.value > round_best.value):
+                            round_best = r
+                    if round_best is not None:
+                        cur = round_best.keep
+                        if best is None or round_best.value >= best.value:
+                            best = round_best
         if best is None:
             raise InfeasibleTarget(
-                f"could not meet the cost budget {budget:.4g} {self.cost.unit} "
-                f"(minimum reachable about {self.min_cost():.4g} {self.cost.unit}); lower the target"
+                f"cost budget {budget:.4g} {self.cost.unit} is below the minimum reachable "
+                f"{self.min_cost():.4g} {self.cost.unit} (every prunable group at its smallest width); "
+                "lower the target (e.g. a smaller prune.target.speedup) or allow smaller widths "
+                "(prune.min_channels, prune.layer_pruning)"
             )
-        best.iterations = it
+        best.iterations = state["n"]
+        best.widths = self._widths(best.keep)
         return best
 
     def _widths(self, keep: torch.Tensor) -> dict[int, int]:
