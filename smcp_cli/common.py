@@ -87,8 +87,14 @@ class RichReporter:
             )
 
 
+_emitted = False
+
+
 def emit(result: Any, as_json: bool) -> None:
-    if as_json:
+    """Print the one JSON document of this command (at most once)."""
+    global _emitted
+    if as_json and not _emitted:
+        _emitted = True
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
         sys.stdout.flush()
 
@@ -98,6 +104,8 @@ def guarded(as_json: bool = False) -> Iterator[None]:
     """Turn library errors into one line + documented exit code (1 input, 2 gate, 3 internal)."""
     from smcp_core.errors import GateFailed, SmcpError
 
+    global _emitted
+    _emitted = False
     try:
         yield
     except typer.Exit:
@@ -117,8 +125,10 @@ def guarded(as_json: bool = False) -> Iterator[None]:
 
 
 def _fail(msg: str, code: int, as_json: bool, kind: str) -> None:
+    from rich.text import Text
+
     msg = " ".join(msg.split())
-    console.print(f"[bold red]error:[/bold red] {msg}", soft_wrap=True)
+    console.print(Text.assemble(("error:", "bold red"), " ", msg), soft_wrap=True)  # verbatim, no markup
     if as_json:
         emit({"ok": False, "error": msg, "kind": kind, "exit_code": code}, True)
     raise typer.Exit(code)

@@ -40,6 +40,7 @@ class ImportanceTracker:
         n = masker.graph.n_classes
         device = masker.class_mask.device
         self.acc = torch.zeros(n, device=device, dtype=torch.float32)
+        self.last: torch.Tensor | None = None
         self.count = 0
 
     def to(self, device) -> "ImportanceTracker":
@@ -78,15 +79,22 @@ class ImportanceTracker:
         self.count += 1
 
     def scores(self) -> torch.Tensor:
+        """Accumulated scores; right after a reset (no step since), the previous window's."""
+        if self.count == 0 and self.last is not None:
+            return self.last
         return self.acc
 
     def reset(self) -> None:
+        self.last = self.acc.clone()
         self.acc.zero_()
         self.count = 0
 
     def state_dict(self) -> dict:
-        return {"acc": self.acc.detach().cpu(), "count": self.count}
+        return {"acc": self.acc.detach().cpu().clone(), "count": self.count,
+                "last": None if self.last is None else self.last.detach().cpu().clone()}
 
     def load_state_dict(self, d: dict) -> None:
         self.acc.copy_(d["acc"].to(self.acc.device))
         self.count = int(d["count"])
+        last = d.get("last")
+        self.last = None if last is None else last.to(self.acc.device)

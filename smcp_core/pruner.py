@@ -152,6 +152,21 @@ class Allocator:
             touch[l.group] += 1
             for x in og:
                 touch[x] += 1
+        # every layer touching a group reads or writes a *segment* of it (its own positions);
+        # each segment keeps at least min_channels (so no layer is left without inputs/outputs
+        # unless the whole group is removed by layer pruning, which is allowed only when safe)
+        self._segments: dict[int, list[torch.Tensor]] = {g.index: [] for g in graph.groups}
+        for l in graph.layers:
+            self._segments[l.group].append(torch.unique(local[l.in_labels]))
+            if l.kind != "dwconv":
+                for x in torch.unique(graph.class_group[l.out_labels]).tolist():
+                    if x >= 0:
+                        mine = l.out_labels[graph.class_group[l.out_labels] == x]
+                        self._segments[x].append(torch.unique(local[mine]))
+        for gi, segs in self._segments.items():
+            size = graph.groups[gi].size
+            uniq = {tuple(t.tolist()) for t in segs if t.numel() < size}
+            self._segments[gi] = [torch.tensor(u) for u in sorted(uniq)]
         self.hubs = [g.index for g in graph.groups
                      if g.prunable and touch[g.index] >= self.HUB_MIN_LAYERS and g.n_frozen == 0]
         hubset = set(self.hubs)
@@ -171,12 +186,12 @@ class Allocator:
                 self._plan[a].append((l, "in", local[l.in_labels]))
 
     # ------------------------------------------------------------------
-    def grid(self, g) -> torch.Tensor:
-        """Allowed numbers of kept classes for group ``g``."""
+    def grid(self, g, n_mandatory: int = 0) -> torch.Tensor:
+        """Allowed numbers of kept classes for group ``g`` (at least ``n_mandatory``, or 0)."""
         if not g.prunable:
             return torch.tensor([g.size])
         r = max(1, self.cfg.channel_round)
-        lo = max(g.n_frozen, min(self.cfg.min_channels, g.size), 1)
+        lo = max(g.n_frozen, min(self.cfg.min_channels, g.size), 1, n_mandatory)
         ks = set(range(r, g.size + 1, r)) | {g.size}
         ks = {k for k in ks if k >= lo}
         if not ks:
@@ -186,27 +201,40 @@ class Allocator:
         return torch.tensor(sorted(ks))
 
     def min_cost(self) -> float:
-        """Layer-sum cost with every prunable group at its smallest option."""
+        """Approximate smallest reachable layer-sum cost: every prunable group at its smallest
+        option (for messages; feasibility itself is decided by :meth:`solve`)."""
         keep = self.full_keep.clone()
+        zeros = torch.zeros(self.graph.n_classes, dtype=torch.float64)
         for g in self.graph.groups:
             if not g.prunable:
                 continue
-            k = int(self.grid(g)[0])
-            order = torch.argsort(g.frozen.to(torch.int8), descending=True, stable=True)
+            order, _, _, n_mand = self._order(g, zeros)
+            k = int(self.grid(g, n_mand)[0])
             keep[g.classes] = False
             keep[g.classes[order[:k]]] = True
         return self.cost.total(keep)
 
     def _order(self, g, scores: torch.Tensor):
+        """Keep order of a group's classes: frozen ones, then each segment's most important
+        ``min_channels`` classes, then the rest by importance.  Returns (order, cumulative value,
+        rank, number of mandatory classes)."""
         s = scores[g.classes].clone()
         s[g.frozen] = float("inf")
-        order = torch.argsort(s, descending=True, stable=True)
+        m = max(1, self.cfg.min_channels)
+        prio = torch.zeros(g.size, dtype=torch.int8)
+        prio[g.frozen] = 2
+        for seg in self._segments[g.index]:
+            top = seg[torch.argsort(s[seg], descending=True, stable=True)[: min(m, seg.numel())]]
+            prio[top] = torch.maximum(prio[top], torch.ones_like(prio[top]))
+        n_mand = int((prio > 0).sum())
+        key = torch.argsort(s, descending=True, stable=True)
+        order = key[torch.argsort(prio[key], descending=True, stable=True)]
         sv = scores[g.classes][order]
         sv = torch.where(torch.isinf(s[order]), torch.zeros_like(sv), sv)
         csum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(sv, 0)])
         rank = torch.empty(g.size, dtype=torch.long)
         rank[order] = torch.arange(g.size)
-        return order, csum, rank
+        return order, csum, rank, n_mand
 
     def options(self, scores: torch.Tensor, keep_now: torch.Tensor, fixed: dict[int, int] | None = None,
                 cache: dict | None = None):
@@ -221,8 +249,8 @@ class Allocator:
         for g in graph.groups:
             if g.index not in cache:
                 cache[g.index] = self._order(g, scores)
-            order, csum, rank = cache[g.index]
-            grid = self.grid(g) if g.index not in fixed else torch.tensor([fixed[g.index]])
+            order, csum, rank, n_mand = cache[g.index]
+            grid = self.grid(g, n_mand) if g.index not in fixed else torch.tensor([fixed[g.index]])
             values.append(csum[grid])
             c = torch.zeros(len(grid), dtype=torch.float64)
             for l, mode, pos in self._plan[g.index]:
@@ -253,8 +281,8 @@ class Allocator:
         keep[g.classes[order[:k]]] = True
         return keep
 
-    def _hub_candidates(self, g, current: int) -> list[int]:
-        grid = self.grid(g).tolist()
+    def _hub_candidates(self, g, current: int, n_mand: int = 0) -> list[int]:
+        grid = self.grid(g, n_mand).tolist()
         n = self.HUB_CANDIDATES if len(self.hubs) == 1 else max(4, self.HUB_CANDIDATES // 2)
         if len(grid) <= n:
             return grid
@@ -309,10 +337,10 @@ class Allocator:
                     g = groups[h]
                     if g.index not in cache:
                         cache[g.index] = self._order(g, scores_c)
-                    order = cache[g.index][0]
+                    order, n_mand = cache[g.index][0], cache[g.index][3]
                     cur_w = int(cur[g.classes].sum())
                     round_best = None
-                    for k in self._hub_candidates(g, cur_w):
+                    for k in self._hub_candidates(g, cur_w, n_mand):
                         lin = self._set_width(cur, g, k, order)
                         fixed = {x: int(lin[groups[x].classes].sum()) for x in self.hubs}
                         r = self._solve_at(scores_c, budget, lin, fixed, cache, inner, state)

@@ -102,7 +102,7 @@ def slim_model(model: nn.Module, graph: ChannelGraph, keep: torch.Tensor) -> fx.
                 new.bias.data.copy_(_sl(old.bias, iin))
             _set_module(gm, l.name, new)
             continue
-        if len(iin) == 0:
+        if len(iin) == 0 or len(iout) == 0:
             dead.append((l.node, old))
             continue
         w = _sl(_sl(old.weight, iout, 0), iin, 1)
@@ -119,6 +119,8 @@ def slim_model(model: nn.Module, graph: ChannelGraph, keep: torch.Tensor) -> fx.
     for bn_name, node_name in graph.bns.items():
         bn = gm.get_submodule(bn_name)
         idx = kept_idx(labels[node_name])
+        if len(idx) == 0:
+            continue  # its node becomes a 0-channel constant below
         new = type(bn)(len(idx), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
                        track_running_stats=bn.track_running_stats)
         with torch.no_grad():
@@ -143,16 +145,26 @@ def slim_model(model: nn.Module, graph: ChannelGraph, keep: torch.Tensor) -> fx.
         ):
             _rewrite_split(gm, node, labels, keep)
 
-    # ---- 3. removed layers become constants
+    # ---- 3. removed layers become constants; so does any other node left with no channels
+    dead_names = {n for n, _ in dead}
+    for node in list(gm.graph.nodes):
+        lab = labels.get(node.name)
+        if (node.op in ("call_module", "call_function", "call_method") and node.name not in dead_names
+                and isinstance(lab, torch.Tensor) and lab.numel() > 0 and not bool(keep[lab].any())):
+            dead.append((node.name, None))
+            dead_names.add(node.name)
     for k, (node_name, old) in enumerate(dead):
         node = nodes[node_name]
+        if getattr(node, "_erased", False):
+            continue  # already folded into an earlier constant
         shape = ref_nodes[node_name].meta["tensor_meta"].shape
         out_lab = labels[node_name]
         iout = kept_idx(out_lab)
-        if isinstance(old, nn.Linear):
-            value = torch.zeros(1, len(iout)) if old.bias is None else _sl(old.bias, iout).view(1, -1)
+        view = [1, len(iout)] + [1] * (len(shape) - 2)
+        if old is None or getattr(old, "bias", None) is None or len(iout) == 0:
+            value = torch.zeros(view)
         else:
-            value = torch.zeros(1, len(iout), 1, 1) if old.bias is None else _sl(old.bias, iout).view(1, -1, 1, 1)
+            value = _sl(old.bias, iout).view(view)
         spatial = tuple(shape[2:])
         const_name = f"_smcp_const_{k}"
         gm.add_submodule(const_name, ConstantChannels(value.detach().clone(), spatial))
@@ -160,7 +172,7 @@ def slim_model(model: nn.Module, graph: ChannelGraph, keep: torch.Tensor) -> fx.
             cnode = gm.graph.call_module(const_name, (placeholder,))
         node.replace_all_uses_with(cnode)
         gm.graph.erase_node(node)
-        _fold_constant(gm, cnode)
+        _fold_constant(gm, cnode, ref_nodes)
 
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
@@ -228,7 +240,7 @@ def _rewrite_split(gm: fx.GraphModule, node: fx.Node, labels: dict, keep: torch.
     gm.graph.erase_node(node)
 
 
-def _fold_constant(gm: fx.GraphModule, cnode: fx.Node) -> None:
+def _fold_constant(gm: fx.GraphModule, cnode: fx.Node, ref_nodes: dict) -> None:
     """Push a ConstantChannels value through following BN/activation nodes, then feed it to
     elementwise binary users as a broadcast buffer (no expand)."""
     const: ConstantChannels = gm.get_submodule(str(cnode.target))
@@ -260,10 +272,23 @@ def _fold_constant(gm: fx.GraphModule, cnode: fx.Node) -> None:
             const.value = fn(const.value).detach().clone()
         user.replace_all_uses_with(cnode)
         gm.graph.erase_node(user)
-    # binary users can take the (1, C, 1, 1) value directly
+    # a binary op whose output has the constant's full shape can take the (1, C, 1, 1) value
+    # directly (broadcast), saving the expand
     binary = {operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.sub}
     users = list(cnode.users)
-    if users and all(u.op == "call_function" and u.target in binary for u in users):
+
+    def full_shape(u: fx.Node) -> bool:
+        ref = ref_nodes.get(u.name)
+        if ref is None or "tensor_meta" not in ref.meta:
+            return False
+        out = tuple(ref.meta["tensor_meta"].shape[2:])
+        return out == const.spatial and any(
+            isinstance(a, fx.Node) and a is not cnode and a.name in ref_nodes
+            and "tensor_meta" in ref_nodes[a.name].meta
+            and tuple(ref_nodes[a.name].meta["tensor_meta"].shape[2:]) == const.spatial
+            for a in u.args)
+
+    if users and all(u.op == "call_function" and u.target in binary and full_shape(u) for u in users):
         attr = f"{cnode.target}_value"
         gm.register_buffer(attr, const.value.detach().clone())
         with gm.graph.inserting_after(cnode):
@@ -299,6 +324,7 @@ def export_program(gm: nn.Module, example: torch.Tensor, path: Any) -> None:
     os.close(fd)
     try:
         torch.export.save(ep, tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

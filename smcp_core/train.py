@@ -245,10 +245,10 @@ def prune_train(
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 loss = F.cross_entropy(model(x), y, label_smoothing=pc.label_smoothing)
             if not torch.isfinite(loss.detach()).all():
-                raise SmcpError(
-                    f"loss became {float(loss)} at epoch {epoch} step {step}; the last good checkpoint is "
-                    f"{ck_path} — lower prune.optimizer.lr and resume with --resume"
-                )
+                where = (f"the last good checkpoint is {ck_path} (epoch {epoch}); lower prune.optimizer.lr and "
+                         "resume with --resume" if ck_path.exists() else
+                         "no checkpoint was written yet; lower prune.optimizer.lr and start again")
+                raise SmcpError(f"loss became {float(loss.detach())} at epoch {epoch + 1} step {step}; {where}")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if use_amp:
@@ -268,7 +268,7 @@ def prune_train(
                     last_progress = prog
                     since_update = 0
             rep.progress("epoch", step, steps_per_epoch, f"epoch {epoch + 1}/{plan.epochs} loss {loss_sum / max(seen, 1):.3f}")
-        if pruning and epoch == plan.prune_end_epoch - 1:
+        if pruning and epoch == plan.prune_end_epoch - 1 and (last_progress < 1.0 or since_update > 0):
             # the last update of the pruning window is always at the full target
             history.append(do_update(1.0, epoch))
             last_progress = 1.0

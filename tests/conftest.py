@@ -41,3 +41,21 @@ def require_shared(*relative: str) -> Path:
 def shared_data() -> Path:
     """Path of the shared data folder; skips the test when it is absent."""
     return require_shared()
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """Run a test module with one intra-op torch thread (restored afterwards); request it from an
+    autouse module-scoped fixture so that it is active for the module's other fixtures too.
+
+    The small models in the graph/slim/pruner/train tests are dominated by per-op threading overhead;
+    on a shared 2-core machine two OpenMP threads can make each tiny conv ~100x slower.
+    """
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
