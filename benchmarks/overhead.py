@@ -30,8 +30,8 @@ full cost, starting from the unpruned mask.  ``solve_mckp`` is timed per call by
 the allocator calls.  The update cost is amortised over the default update interval
 (``update_interval_samples / batch`` steps).
 
-    python benchmarks/overhead.py                 # full run (about 7 minutes on a 2-core VM)
-    python benchmarks/overhead.py --quick         # about 3 minutes
+    python benchmarks/overhead.py                 # full run (about 7.5 minutes on a busy 2-core VM)
+    python benchmarks/overhead.py --quick         # about 4 minutes there
     python benchmarks/overhead.py --device cuda   # on a GPU
 
 The markdown summary is printed; the same numbers (and the raw per-step times) go to ``--out``
@@ -151,7 +151,8 @@ class StepClock:
             ph = [(self.marks[i + 1] - self.marks[i]) * 1e3 for i in range(len(self.names))]
         out = dict(zip(self.names, ph))
         out["total"] = total
-        out["cpu_total"] = (time.process_time() - self.c0) * 1e3  # all threads of this process
+        if not self.cuda:
+            out["cpu_total"] = (time.process_time() - self.c0) * 1e3  # all threads of this process
         return out
 
 
@@ -672,7 +673,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    ap.add_argument("--quick", action="store_true", help="fewer steps and solves (about 2-3 minutes on a 2-core VM)")
+    ap.add_argument("--quick", action="store_true", help="fewer steps and solves (about 4 minutes on a busy 2-core VM)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     ap.add_argument("--models", default="r56,rn50", help="comma list of r56, rn50 (training part); empty: skip")
     ap.add_argument("--r56-batch", type=int, default=128)
@@ -695,7 +696,7 @@ def parse_args(argv=None):
     ap.add_argument("--solve-starts", default=None,
                     help="comma list: full (solve from the unpruned mask) and/or ramp (from the solution at "
                          f"budget + {RAMP_STEP:g})")
-    ap.add_argument("--solve-repeats", type=int, default=None, help="timed solves per (graph, cost, budget), after one warm-up solve (default 3; quick 2)")
+    ap.add_argument("--solve-repeats", type=int, default=None, help="timed solves per (graph, cost, budget), after one warm-up solve per cost model (default 3; quick 1)")
     ap.add_argument("--channel-round", type=int, default=8, help="option grid (recipe default 8; rn50_fps2x uses 32)")
     ap.add_argument("--min-channels", type=int, default=8)
     ap.add_argument("--latency-table", choices=("synthetic", "measure", "none"), default="synthetic",
@@ -711,7 +712,7 @@ def parse_args(argv=None):
     a.min_pairs = a.min_pairs if a.min_pairs is not None else (3 if q else 8)
     a.seconds_per_model = a.seconds_per_model if a.seconds_per_model is not None else (30.0 if q else 100.0)
     a.micro_repeats = a.micro_repeats if a.micro_repeats is not None else (5 if q else 20)
-    a.solve_repeats = a.solve_repeats if a.solve_repeats is not None else (2 if q else 3)
+    a.solve_repeats = a.solve_repeats if a.solve_repeats is not None else (1 if q else 3)
     a.solve_starts = [x.strip() for x in (a.solve_starts or "full").split(",") if x.strip()]
     if any(x not in ("full", "ramp") for x in a.solve_starts):
         ap.error("--solve-starts: use full and/or ramp")
@@ -737,6 +738,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
+        if device.index is not None:
+            torch.cuda.set_device(device)  # events and streams below belong to the current device
         torch.backends.cudnn.benchmark = True
     clock = StepClock(device)
     dev_name = device.type

@@ -175,8 +175,8 @@ def _lp_table(dc: np.ndarray, dv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _infeasible_message(min_cost: float, capacity: float, unit: str) -> str:
     u = f" {unit}" if unit else ""
     return (
-        f"latency budget {capacity:.6g}{u} is below the minimum reachable {min_cost:.6g}{u} "
-        "(every prunable group at its smallest option); raise the latency target or allow smaller widths"
+        f"cost budget {capacity:.6g}{u} is below the minimum reachable {min_cost:.6g}{u} "
+        "(every prunable group at its smallest option); relax the target or allow smaller widths"
     )
 
 

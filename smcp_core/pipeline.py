@@ -223,7 +223,7 @@ def profile(recipe, out: Path, *, reporter: Reporter | None = None, force: bool 
     path = out / "latency.json"
     if prof.backend == "tensorrt":
         from .export import ensure_tensorrt  # noqa: F401 - raises a clear error when missing
-    model = build_model(recipe)
+    model = build_model(recipe, load_weights=False)  # latency does not depend on the weights
     graph = build_graph(recipe, model)
     existing = None
     if path.exists() and not force:
@@ -247,7 +247,7 @@ def profile(recipe, out: Path, *, reporter: Reporter | None = None, force: bool 
     sums = {"baseline": cost.total(graph.full_keep())}
     for frac in (0.75, 0.5):
         keep = _uniform_keep(graph, frac)
-        m = build_model(recipe)
+        m = build_model(recipe, load_weights=False)
         mk = Masker(m, graph)
         mk.set_keep(keep)
         mk.remove(bake=True)

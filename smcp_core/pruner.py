@@ -298,21 +298,52 @@ class Allocator:
         values, costs, ks, orders = self.options(scores, lin, fixed, cache)
         cap = budget
         best = None
-        for _ in range(inner):
+        narrowed = False
+        lo_cap = hi_cap = None  # knapsack infeasible at lo_cap; true cost over budget at hi_cap
+        it = 0
+        while it < inner + (4 if best is None else 0):
+            it += 1
             state["n"] += 1
             try:
                 res = solve_mckp(values, costs, cap, unit=self.cost.unit)
             except InfeasibleTarget:
-                break
+                if not narrowed and best is None:
+                    # output widths held at this point make every option too expensive: hold them
+                    # at their narrowest instead (an underestimate, corrected against the true cost)
+                    narrowed = True
+                    lin = self._narrowest(lin, fixed, cache)
+                    values, costs, ks, orders = self.options(scores, lin, fixed, cache)
+                    continue
+                lo_cap = cap if lo_cap is None else max(lo_cap, cap)
+                if hi_cap is None:
+                    break
+                cap = 0.5 * (lo_cap + hi_cap)
+                continue
             keep = self._keep_from(res.choice, ks, orders)
             actual = self.cost.total(keep)
             value = float(res.value)
-            if actual <= budget * (1 + 1e-9) and (best is None or value > best.value):
-                best = SolveResult(keep, budget, actual, value, 0, {})
-            if actual <= 0 or abs(actual - budget) <= 2e-3 * budget:
-                break
-            cap *= budget / actual
+            if actual <= budget * (1 + 1e-9):
+                if best is None or value > best.value:
+                    best = SolveResult(keep, budget, actual, value, 0, {})
+                if actual <= 0 or actual >= budget * (1 - 2e-3):
+                    break
+                lo_cap = None if lo_cap is None else max(lo_cap, cap)
+                nxt = cap * budget / actual
+                cap = nxt if hi_cap is None else min(nxt, 0.5 * (cap + hi_cap))
+            else:
+                hi_cap = cap if hi_cap is None else min(hi_cap, cap)
+                nxt = cap * budget / actual
+                cap = nxt if lo_cap is None else max(nxt, 0.5 * (lo_cap + hi_cap))
         return best
+
+    def _narrowest(self, keep: torch.Tensor, fixed: dict[int, int], cache: dict) -> torch.Tensor:
+        keep = keep.clone()
+        for g in self.graph.groups:
+            if not g.prunable or g.index in fixed or g.index not in cache:
+                continue
+            order, _, _, n_mand = cache[g.index]
+            keep = self._set_width(keep, g, int(self.grid(g, n_mand)[0]), order)
+        return keep
 
     def solve(self, scores: torch.Tensor, budget: float, keep_now: torch.Tensor, *,
               rounds: int = 2, inner: int = 3) -> SolveResult:
@@ -332,7 +363,10 @@ class Allocator:
                 cur = best.keep
         else:
             groups = self.graph.groups
-            for rnd in range(rounds if len(self.hubs) > 1 else 1):
+            n_rounds = rounds if len(self.hubs) > 1 else 1
+            rnd = 0
+            while rnd < n_rounds or (best is None and rnd < n_rounds + 2):  # extra rounds only if nothing fit yet
+                rnd += 1
                 for h in self.hubs:
                     g = groups[h]
                     if g.index not in cache:
@@ -350,6 +384,11 @@ class Allocator:
                         cur = round_best.keep
                         if best is None or round_best.value >= best.value:
                             best = round_best
+                    elif best is None:
+                        # nothing fits while the other hubs are this wide: park this hub at its
+                        # narrowest width so the next hubs see the budget that is left
+                        k_min = self._hub_candidates(g, cur_w, n_mand)[0]
+                        cur = self._set_width(cur, g, k_min, order)
         if best is None:
             raise InfeasibleTarget(
                 f"cost budget {budget:.4g} {self.cost.unit} is below the minimum reachable "
