@@ -311,21 +311,11 @@ def count_params(m: nn.Module) -> int:
 
 def export_program(gm: nn.Module, example: torch.Tensor, path: Any) -> None:
     """Save ``gm`` as a ``torch.export`` program with a dynamic batch dimension."""
-    import os
-    import tempfile
-
     ex = example
     if ex.shape[0] < 2:
         ex = ex.repeat(2, *([1] * (ex.dim() - 1)))
     batch = torch.export.Dim("batch", min=1, max=4096)
     ep = torch.export.export(gm.eval(), (ex,), dynamic_shapes=({0: batch},), strict=False)
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp.pt2")
-    os.close(fd)
-    try:
-        torch.export.save(ep, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from .fsutil import atomic_write_with
+
+    atomic_write_with(path, lambda f: torch.export.save(ep, f))
