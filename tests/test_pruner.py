@@ -258,8 +258,11 @@ def test_latency_allocation_with_a_measured_table(r20):
     cost = CostModel(graph, "latency", table)
     cfg = PruneConfigLite(8, 8, False)
     alloc = Allocator(graph, cost, cfg)
-    for frac in (0.5, 0.8):
-        budget = frac * alloc.full_cost
+    # a measured table is noisy: place the budgets between the reachable minimum and the full cost
+    lo = alloc.min_cost()
+    assert 0 < lo < alloc.full_cost
+    for frac in (0.3, 0.7):
+        budget = lo + frac * (alloc.full_cost - lo)
         scores = random_scores(graph, 9)
         res = alloc.solve(scores, budget, graph.full_keep())
         check_solution(graph, cost, cfg, res, budget, scores)
