@@ -84,15 +84,15 @@ def test_cifar_recipe_uses_shared_data_default_and_env():
     r = load("cifar10_resnet56_2x", env={})
     assert r.model.source == "cifar/resnet56"
     assert r.model.checkpoint == "../shared/data/models/resnet56-4bfd9763.th"
-    assert r.data.path == "../shared/data/cifar10/cifar10_exact_subset.npz"
+    assert r.data.path == "../shared/data/cifar10/cifar10_jpeg.npz"
     assert r.data.val_source == "cifar10"
-    assert r.data.val_path == "../shared/data/cifar10/cifar10_exact_subset.npz"
+    assert r.data.val_path == "../shared/data/cifar10/cifar10_jpeg.npz"
     assert r.prune.layer_pruning and r.prune.channel_round == 4 and r.prune.min_channels == 4
     assert r.prune.optimizer.lr == 0.01 and r.prune.optimizer.weight_decay == 1e-4
     assert r.export_batch_size() == 1
     r = load("cifar10_resnet56_2x", env={"SMCP_SHARED_DATA": "/data"})
     assert r.model.checkpoint == "/data/models/resnet56-4bfd9763.th"
-    assert r.data.path == "/data/cifar10/cifar10_exact_subset.npz"
+    assert r.data.path == "/data/cifar10/cifar10_jpeg.npz"
 
 
 def test_rn50_recipe():
