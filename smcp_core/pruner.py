@@ -363,7 +363,11 @@ class Allocator:
                 cur = best.keep
         else:
             groups = self.graph.groups
-            n_rounds = rounds if len(self.hubs) > 1 else 1
+            # at least two rounds even with one hub: the second is linearised at the first
+            # round's answer, and the better of the two (by kept importance, which does not depend
+            # on the linearisation) wins; with one round, successive mask updates can alternate
+            # between two very different solutions, each looking best from the other
+            n_rounds = max(2, rounds)
             rnd = 0
             while rnd < n_rounds or (best is None and rnd < n_rounds + 2):  # extra rounds only if nothing fit yet
                 rnd += 1
