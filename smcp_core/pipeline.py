@@ -361,7 +361,7 @@ def prune(recipe, out: Path, *, reporter: Reporter | None = None, resume: bool =
     cost = CostModel(graph, kind, table)
     budget, tdesc = target_budget(recipe, cost, table)
     pc = recipe.prune
-    alloc = Allocator(graph, cost, PruneConfigLite(pc.channel_round, pc.min_channels, pc.layer_pruning))
+    alloc = Allocator(graph, cost, PruneConfigLite(pc.channel_round, pc.min_channels, pc.layer_pruning, pc.stickiness))
     from .errors import InfeasibleTarget
 
     try:  # feasibility up front, with the real solver (importance not known yet: all zero)

@@ -96,6 +96,7 @@ class PruneConfigLite:
     channel_round: int = 8
     min_channels: int = 8
     layer_pruning: bool = False
+    stickiness: float = 0.0
 
 
 @dataclass
@@ -352,6 +353,8 @@ class Allocator:
         cache: dict = {}
         scores_c = scores.detach().to(torch.float64).cpu()
         cur = keep_now.clone().cpu()
+        if self.cfg.stickiness > 0:
+            scores_c = scores_c * (1.0 + self.cfg.stickiness * cur.to(torch.float64))
         best: SolveResult | None = None
         if not self.hubs:
             for _ in range(rounds):

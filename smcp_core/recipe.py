@@ -303,6 +303,9 @@ class PruneConfig(_Section):
     channel_round: PosInt = 8
     min_channels: PosInt = 8
     layer_pruning: bool = False
+    # hysteresis: currently kept channels count (1 + stickiness) x their importance when masks are
+    # re-solved, so a mask update switches structure only for a clear gain (0 = plain SMCP)
+    stickiness: NonNegFloat = 0.0
     cost_weight: Annotated[Float, Field(ge=0, le=1)] = 1.0
     max_steps: PosInt | None = None
     eval_every: PosInt = 1

@@ -152,7 +152,7 @@ def prune_train(
     masker.to(device)
     tracker = ImportanceTracker(masker, kind=pc.importance.type, accumulate=pc.importance.accumulate,
                                 momentum=pc.importance.momentum)
-    alloc = Allocator(graph, cost, PruneConfigLite(pc.channel_round, pc.min_channels, pc.layer_pruning))
+    alloc = Allocator(graph, cost, PruneConfigLite(pc.channel_round, pc.min_channels, pc.layer_pruning, pc.stickiness))
     opt = torch.optim.SGD(_param_groups(model, pc.optimizer.weight_decay), lr=pc.optimizer.lr,
                           momentum=pc.optimizer.momentum, nesterov=pc.optimizer.nesterov)
     use_amp = bool(pc.amp) and device.type == "cuda"

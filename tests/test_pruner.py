@@ -500,3 +500,21 @@ def test_importance_state_dict_is_a_snapshot(tiny):
     saved = st["acc"].clone()
     tr.reset()
     assert torch.equal(st["acc"], saved)
+
+
+def test_stickiness_keeps_masks_unless_the_gain_is_clear(r20):
+    """prune.stickiness: currently kept classes count (1 + s) x their importance when re-solving."""
+    graph = r20
+    cost = CostModel(graph, "flops")
+    budget = 0.5 * cost.total(graph.full_keep())
+    scores = random_scores(graph, 3)
+    first = Allocator(graph, cost, PruneConfigLite(4, 4, False)).solve(scores, budget, graph.full_keep()).keep
+    # importance drifts against the current masks: kept classes lose 20 %, pruned ones gain 25 %
+    noisy = scores * torch.where(first, torch.tensor(0.8), torch.tensor(1.25))
+    plain = Allocator(graph, cost, PruneConfigLite(4, 4, False)).solve(noisy, budget, first)
+    sticky = Allocator(graph, cost, PruneConfigLite(4, 4, False, stickiness=1.0)).solve(noisy, budget, first)
+    dropped_plain = int((first & ~plain.keep).sum())  # kept before, pruned now
+    dropped_sticky = int((first & ~sticky.keep).sum())
+    assert dropped_plain > 0  # without hysteresis the drift swaps channels out
+    assert dropped_sticky < dropped_plain
+    assert sticky.cost <= budget * (1 + 1e-9)
