@@ -371,7 +371,7 @@ def prune(recipe, out: Path, *, reporter: Reporter | None = None, resume: bool =
         feasible = False
     if not feasible:
         lo = alloc.min_cost()
-        pred_lo = cost.scale * lo + cost.offset if kind == "latency" else lo
+        pred_lo = cost.calibrated(lo) if kind == "latency" else lo
         hint = (f"the fastest reachable model is predicted at about {pred_lo:.4g} ms "
                 f"({tdesc['baseline_ms'] / pred_lo:.2f}x)" if kind == "latency" else f"minimum {lo:.4g} {cost.unit}")
         raise InfeasibleTarget(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .cost import params
 from .errors import InfeasibleTarget, SmcpError
 from .graph import ChannelGraph, LayerInfo
 from .knapsack import solve_mckp
@@ -58,16 +59,10 @@ class CostModel:
             out = self.table.latency_many(s, cin, cout_t)
             out = torch.as_tensor(out, dtype=torch.float64)
             return torch.where((cin == 0) | (cout_t == 0), torch.zeros_like(out), out)
-        kk = s.kernel[0] * s.kernel[1]
         cin_f, cout_f = cin.to(torch.float64), cout_t.to(torch.float64)
         if self.kind == "params":
-            if l.kind == "dwconv":
-                return cin_f * kk / 1e6
-            return cin_f * cout_f * (kk if l.kind == "conv" else 1) / 1e6
-        per = s.flops(1, 1) if l.kind != "dwconv" else s.flops(1, 1)
-        if l.kind == "dwconv":
-            return cin_f * float(per) / 1e6
-        return cin_f * cout_f * float(per) / 1e6
+            return params(s, cin_f, cout_f) / 1e6
+        return s.flops(cin_f, cout_f) / 1e6
 
     def layer_costs(self, keep: torch.Tensor) -> torch.Tensor:
         k = keep.to(torch.long).cpu()
@@ -84,7 +79,11 @@ class CostModel:
 
     def predict(self, keep: torch.Tensor) -> float:
         """Predicted whole-model cost (calibrated for latency)."""
-        return self.scale * self.total(keep) + self.offset
+        return self.calibrated(self.total(keep))
+
+    def calibrated(self, layer_sum: float) -> float:
+        """Whole-model prediction from a layer-sum cost."""
+        return self.scale * layer_sum + self.offset
 
     def budget_for(self, predicted_target: float) -> float:
         """Layer-sum budget whose calibrated prediction equals ``predicted_target``."""

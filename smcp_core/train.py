@@ -203,7 +203,7 @@ def prune_train(
         masker.set_keep(res.keep)
         tracker.reset()
         row = {"event": "mask_update", "epoch": epoch, "progress": round(progress, 4), "budget": budget,
-               "cost": res.cost, "predicted": cost.scale * res.cost + cost.offset,
+               "cost": res.cost, "predicted": cost.calibrated(res.cost),
                "kept_classes": int(res.keep.sum()), "solve_ms": 1000 * dt}
         rep.metrics(row)
         return row
@@ -274,8 +274,8 @@ def prune_train(
             last_progress = 1.0
             since_update = 0
         row = {"event": "epoch", "epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "lr": lr,
-               "seconds": time.perf_counter() - t_epoch, "cost": cost.total(masker.keep().cpu()),
-               "predicted": cost.predict(masker.keep().cpu())}
+               "seconds": time.perf_counter() - t_epoch, "cost": cost.total(masker.keep().cpu())}
+        row["predicted"] = cost.calibrated(row["cost"])
         if val_loader is not None and (pc.eval_every and ((epoch + 1) % pc.eval_every == 0 or epoch + 1 == plan.epochs)):
             row["top1"] = evaluate(model, val_loader, device, channels_last=pc.channels_last)
         history.append(row)
