@@ -9,7 +9,15 @@ estimates what switching it back on would gain, so kept and pruned channels are 
 Weight: ``|W|`` summed the same way (no gradient needed).
 
 Accumulators: ``latest`` (the last step only), ``momentum`` (EMA, reset after each mask update),
-``average`` (mean since the last mask update).  All of it stays on the training device; nothing here
+``average`` (mean since the last mask update).
+
+Removed groups.  When a mask update removes every channel of a group (layer pruning), the score of
+its classes is held at the value that decided the removal until the group comes back.  Their live
+Taylor estimate is meaningless: the layer reading the group then outputs zeros, the batch norm after
+it normalises a signal of zero variance, and the gradient through it is amplified by
+``1/sqrt(eps)`` (~300x).  Measured on a CIFAR ResNet-56 this made every removed residual block look
+hundreds of times more important than any kept channel, so consecutive mask updates alternated
+between removing blocks and restoring all of them.  All of it stays on the training device; nothing here
 synchronises with the host.
 """
 
@@ -42,10 +50,27 @@ class ImportanceTracker:
         self.acc = torch.zeros(n, device=device, dtype=torch.float32)
         self.last: torch.Tensor | None = None
         self.count = 0
+        cg = masker.graph.class_group
+        self._valid = (cg >= 0).to(device)
+        self._cg = cg.clamp(min=0).to(device)
+        self._n_groups = max(1, len(masker.graph.groups))
+        self.held = torch.zeros(n, device=device, dtype=torch.float32)
+        self.removed = self._removed_now()
 
     def to(self, device) -> "ImportanceTracker":
         self.acc = self.acc.to(device)
+        self.held = self.held.to(device)
+        self.removed = self.removed.to(device)
+        self._valid = self._valid.to(device)
+        self._cg = self._cg.to(device)
         return self
+
+    @torch.no_grad()
+    def _removed_now(self) -> torch.Tensor:
+        """Classes whose whole group is masked (the group's layers are pruned away)."""
+        cm = self.masker.class_mask.to(self._cg.device).float() * self._valid.float()
+        alive = torch.zeros(self._n_groups, device=cm.device).index_add_(0, self._cg, cm)
+        return self._valid & (alive[self._cg] == 0)
 
     @torch.no_grad()
     def step_scores(self) -> torch.Tensor:
@@ -69,7 +94,7 @@ class ImportanceTracker:
 
     @torch.no_grad()
     def update(self) -> None:
-        s = self.step_scores()
+        s = torch.where(self.removed, self.held, self.step_scores())
         if self.accumulate == "latest" or self.count == 0:
             self.acc.copy_(s)
         elif self.accumulate == "momentum":
@@ -85,16 +110,26 @@ class ImportanceTracker:
         return self.acc
 
     def reset(self) -> None:
-        self.last = self.acc.clone()
+        """Start a new window; call right after the masks changed.  Groups removed by the change
+        keep the score that decided their removal (see the module docstring)."""
+        removed = self._removed_now()
+        newly = removed & ~self.removed
+        self.held = torch.where(newly, self.scores(), self.held)
+        self.removed = removed
+        self.last = self.acc.clone() if self.count > 0 or self.last is None else self.last
         self.acc.zero_()
         self.count = 0
 
     def state_dict(self) -> dict:
         return {"acc": self.acc.detach().cpu().clone(), "count": self.count,
-                "last": None if self.last is None else self.last.detach().cpu().clone()}
+                "last": None if self.last is None else self.last.detach().cpu().clone(),
+                "held": self.held.detach().cpu().clone(), "removed": self.removed.detach().cpu().clone()}
 
     def load_state_dict(self, d: dict) -> None:
         self.acc.copy_(d["acc"].to(self.acc.device))
         self.count = int(d["count"])
         last = d.get("last")
         self.last = None if last is None else last.to(self.acc.device)
+        if "held" in d:
+            self.held.copy_(d["held"].to(self.held.device))
+            self.removed.copy_(d["removed"].to(self.removed.device))

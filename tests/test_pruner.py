@@ -518,3 +518,47 @@ def test_stickiness_keeps_masks_unless_the_gain_is_clear(r20):
     assert dropped_plain > 0  # without hysteresis the drift swaps channels out
     assert dropped_sticky < dropped_plain
     assert sticky.cost <= budget * (1 + 1e-9)
+
+
+def test_removed_group_keeps_the_score_that_removed_it():
+    """A group emptied by layer pruning keeps its pre-removal score: its live Taylor estimate runs
+    through a batch norm normalising an all-zero signal and is inflated by ~1/sqrt(eps)."""
+    gen = torch.Generator().manual_seed(0)
+    model = build_model("cifar/resnet20").train()
+    graph = ChannelGraph(model, torch.randn(1, 3, 32, 32))
+    mk = Masker(model, graph, mode="soft")
+    tr = ImportanceTracker(mk, kind="taylor", accumulate="average")
+    x, y = torch.randn(16, 3, 32, 32, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        tr.update()
+
+    step()
+    before = tr.scores().clone()
+    g = next(g for g in graph.groups if g.removable)
+    keep = graph.full_keep()
+    keep[g.classes] = False
+    mk.set_keep(keep)
+    tr.reset()
+    step()
+    raw = tr.step_scores()
+    # the live estimate of the removed block's channels explodes ...
+    assert float(raw[g.classes].mean()) > 20 * float(before[g.classes].mean())
+    # ... and is not used: the scores that removed the group are held
+    assert torch.equal(tr.scores()[g.classes], before[g.classes])
+    others = torch.ones(graph.n_classes, dtype=torch.bool)
+    others[g.classes] = False
+    assert not torch.allclose(tr.scores()[others], before[others])  # everything else is live
+    # the hold survives a checkpoint round trip
+    st = copy.deepcopy(tr.state_dict())
+    tr2 = ImportanceTracker(mk, kind="taylor", accumulate="average")
+    tr2.load_state_dict(st)
+    assert torch.equal(tr2.held, tr.held) and torch.equal(tr2.removed, tr.removed)
+    # once the group is back its score is live again
+    mk.set_keep(graph.full_keep())
+    tr.reset()
+    step()
+    assert not bool(tr.removed.any())
+    assert torch.equal(tr.scores(), tr.step_scores())
