@@ -8,6 +8,8 @@ the trainable parameter.
 * ``soft`` (SMCP): the gradient reaches ``W`` unchanged (straight-through), so masked channels keep
   learning and can come back at the next mask update.
 * ``hard``: the gradient is masked too; masked weights are frozen but keep their values.
+* ``permanent`` (HALP-like): as ``hard``, and every mask change also zeroes the masked weights in
+  place, so a channel that comes back at a later update starts again from zero.
 
 Pruned decay adds ``lambda * (1 - m) * W`` to the gradient of every masked weight, pulling pruned
 weights towards zero without touching kept ones.
@@ -56,7 +58,7 @@ class Masker:
     """Applies/removes masks on a model according to a channel graph."""
 
     def __init__(self, model: nn.Module, graph: ChannelGraph, *, mode: str = "soft") -> None:
-        if mode not in ("soft", "hard"):
+        if mode not in ("soft", "hard", "permanent"):
             raise ValueError(f"mask mode {mode!r}")
         self.model = model
         self.graph = graph
@@ -81,6 +83,11 @@ class Masker:
 
     def set_keep(self, keep: torch.Tensor) -> None:
         self.bank.class_mask.copy_(keep.to(self.bank.class_mask.device, self.bank.class_mask.dtype))
+        if self.mode == "permanent":
+            with torch.no_grad():
+                for mod, lin, _ in self.layers:
+                    w = self.dense_weight(mod)
+                    w.mul_(self.bank.class_mask[lin].view([1, -1] + [1] * (w.dim() - 2)).to(w.dtype))
 
     def keep(self) -> torch.Tensor:
         return self.bank.class_mask > 0.5

@@ -96,6 +96,7 @@ class PruneConfigLite:
     min_channels: int = 8
     layer_pruning: bool = False
     stickiness: float = 0.0
+    cost_weight: float = 1.0  # share of a layer's cost charged to its input group (1 = SMCP, 0 = HALP)
 
 
 @dataclass
@@ -174,16 +175,28 @@ class Allocator:
         #   mode "in": cin from the charged group's option, cout from the current masks
         #   mode "out": cout from the charged group's option, cin from the current masks (hub)
         #   mode "dw": depthwise, width from the charged group's option
-        self._plan: dict[int, list[tuple[LayerInfo, str, torch.Tensor]]] = {g.index: [] for g in graph.groups}
+        # the last field is the share of the layer's cost charged there: with cost_weight w < 1 a
+        # layer whose input and output groups are both ordinary prunable groups is charged w to its
+        # input group (output width held) and 1 - w to its output group (input width held); w = 0
+        # is HALP's output-side view.  Hub layers stay exact whatever w is.
+        w = float(cfg.cost_weight)
+        if not 0.0 <= w <= 1.0:
+            raise SmcpError(f"prune.cost_weight = {w}: must be between 0 and 1")
+        self._plan: dict[int, list[tuple[LayerInfo, str, torch.Tensor, float]]] = {g.index: [] for g in graph.groups}
         for l in graph.layers:
             if l.kind == "dwconv":
-                self._plan[l.group].append((l, "dw", local[l.in_labels]))
+                self._plan[l.group].append((l, "dw", local[l.in_labels], 1.0))
                 continue
             a, b = l.group, out_group.get(l.index, -1)
-            if a in hubset and b >= 0 and b not in hubset and graph.groups[b].prunable:
-                self._plan[b].append((l, "out", local[l.out_labels]))
+            b_ordinary = b >= 0 and b != a and b not in hubset and graph.groups[b].prunable
+            if a in hubset and b_ordinary:
+                self._plan[b].append((l, "out", local[l.out_labels], 1.0))
+            elif w < 1.0 and b_ordinary and a not in hubset and graph.groups[a].prunable:
+                if w > 0.0:
+                    self._plan[a].append((l, "in", local[l.in_labels], w))
+                self._plan[b].append((l, "out", local[l.out_labels], 1.0 - w))
             else:
-                self._plan[a].append((l, "in", local[l.in_labels]))
+                self._plan[a].append((l, "in", local[l.in_labels], 1.0))
 
     # ------------------------------------------------------------------
     def grid(self, g, n_mandatory: int = 0) -> torch.Tensor:
@@ -253,15 +266,16 @@ class Allocator:
             grid = self.grid(g, n_mand) if g.index not in fixed else torch.tensor([fixed[g.index]])
             values.append(csum[grid])
             c = torch.zeros(len(grid), dtype=torch.float64)
-            for l, mode, pos in self._plan[g.index]:
+            for l, mode, pos, share in self._plan[g.index]:
                 cnt = torch.searchsorted(torch.sort(rank[pos]).values, grid, right=False)
                 if mode == "in":
-                    c += cost.layer_cost(l, cnt, int(k_now[l.out_labels].sum()))
+                    lc = cost.layer_cost(l, cnt, int(k_now[l.out_labels].sum()))
                 elif mode == "out":
                     cin = torch.full_like(cnt, int(k_now[l.in_labels].sum()))
-                    c += cost.layer_cost(l, cin, cnt)
+                    lc = cost.layer_cost(l, cin, cnt)
                 else:
-                    c += cost.layer_cost(l, cnt, cnt)
+                    lc = cost.layer_cost(l, cnt, cnt)
+                c += lc if share == 1.0 else share * lc
             costs.append(c)
             ks.append(grid)
             orders.append(order)

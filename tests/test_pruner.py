@@ -562,3 +562,75 @@ def test_removed_group_keeps_the_score_that_removed_it():
     step()
     assert not bool(tr.removed.any())
     assert torch.equal(tr.scores(), tr.step_scores())
+
+
+class _Chain(nn.Module):
+    """conv1 -> bn -> relu -> conv2 -> bn -> relu -> conv3 -> pool -> fc: ordinary groups only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 24, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(24)
+        self.conv3 = nn.Conv2d(24, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(F.adaptive_avg_pool2d(self.conv3(x), 1).flatten(1))
+
+
+@pytest.mark.parametrize("w", [1.0, 0.5, 0.0])
+def test_cost_weight_splits_layer_cost_between_input_and_output_groups(w):
+    graph = ChannelGraph(_Chain(), torch.randn(1, 3, 8, 8))
+    cost = CostModel(graph, "flops")
+    alloc = Allocator(graph, cost, PruneConfigLite(4, 4, False, cost_weight=w))
+    keep = graph.full_keep()
+    g24 = graph.groups[graph.layer("conv3").group]  # conv2's outputs = conv3's inputs
+    assert g24.size == 24 and g24.prunable
+    keep[g24.classes[20:]] = False  # current width 20
+    g32 = graph.groups[graph.layer("fc").group]
+    keep[g32.classes[28:]] = False  # current width 28
+    values, costs, ks, _ = alloc.options(torch.rand(graph.n_classes), keep)
+    conv2, conv3 = graph.layer("conv2"), graph.layer("conv3")
+    k = ks[g24.index]
+    # conv3 reads the group (output held at 28); conv2 writes it (input held at 16: conv1's group)
+    reads = cost.layer_cost(conv3, k, 28)
+    writes = cost.layer_cost(conv2, torch.full_like(k, 16), k)
+    expect = w * reads + (1 - w) * writes
+    # the fc layer (reads g32) is no part of g24's options; conv3's write side lands in g32's
+    assert torch.allclose(costs[g24.index], expect, rtol=1e-9)
+    k32 = ks[g32.index]
+    fc_reads = cost.layer_cost(graph.layer("fc"), k32, 10)
+    conv3_writes = cost.layer_cost(conv3, torch.full_like(k32, 20), k32)
+    assert torch.allclose(costs[g32.index], fc_reads + (1 - w) * conv3_writes, rtol=1e-9)
+    # and the solver still meets a budget exactly by the true cost
+    budget = 0.6 * cost.total(graph.full_keep())
+    res = alloc.solve(torch.rand(graph.n_classes, generator=torch.Generator().manual_seed(1)), budget, graph.full_keep())
+    assert cost.total(res.keep) <= budget * (1 + 1e-9)
+
+
+def test_cost_weight_out_of_range_is_an_error(r20):
+    with pytest.raises(SmcpError, match="cost_weight"):
+        Allocator(r20, CostModel(r20, "flops"), PruneConfigLite(4, 4, False, cost_weight=1.5))
+
+
+@pytest.mark.parametrize("mode", ["hard", "permanent"])
+def test_permanent_masks_zero_the_pruned_weights(tiny, mode):
+    model, graph, keep, x = tiny
+    model = copy.deepcopy(model)
+    before = model.conv2.weight.detach().clone()
+    mk = Masker(model, graph, mode=mode)
+    mk.set_keep(keep)
+    _backward(model, x)
+    w = Masker.dense_weight(model.conv2)
+    assert bool((w.grad[:, [1, 4, 6]] == 0).all())  # both mask the gradient
+    mk.set_keep(graph.full_keep())  # the channels come back ...
+    dense = w.detach()
+    assert torch.equal(dense[:, [0, 2, 3, 5, 7]], before[:, [0, 2, 3, 5, 7]])
+    if mode == "permanent":  # ... from zero
+        assert bool((dense[:, [1, 4, 6]] == 0).all())
+    else:  # ... with their old values
+        assert torch.equal(dense[:, [1, 4, 6]], before[:, [1, 4, 6]])
