@@ -8,6 +8,12 @@ estimates what switching it back on would gain, so kept and pruned channels are 
 
 Weight: ``|W|`` summed the same way (no gradient needed).
 
+BN-Taylor (HALP's criterion, ``bn_taylor``): for every batch norm directly after a conv,
+``(gamma * dL/dgamma + beta * dL/dbeta)^2`` per output channel, i.e. the squared first-order
+estimate of zeroing that channel's normalised output; the numbers of all convs writing a class are
+added.  It scores a class by its producers' outputs, so a class whose producers have no batch norm
+after them scores 0 (HALP leaves such layers alone).
+
 Accumulators: ``latest`` (the last step only), ``momentum`` (EMA, reset after each mask update),
 ``average`` (mean since the last mask update).
 
@@ -37,7 +43,7 @@ class ImportanceTracker:
         accumulate: str = "momentum",
         momentum: float = 0.9,
     ) -> None:
-        if kind not in ("taylor", "weight"):
+        if kind not in ("taylor", "weight", "bn_taylor"):
             raise ValueError(kind)
         if accumulate not in ("latest", "momentum", "average"):
             raise ValueError(accumulate)
@@ -56,8 +62,17 @@ class ImportanceTracker:
         self._n_groups = max(1, len(masker.graph.groups))
         self.held = torch.zeros(n, device=device, dtype=torch.float32)
         self.removed = self._removed_now()
+        self._bns: list[tuple[torch.nn.Module, torch.Tensor]] = []
+        if kind == "bn_taylor":
+            from .bnscale import following_batchnorms
+
+            mods = dict(masker.model.named_modules())
+            graph = masker.graph
+            self._bns = [(mods[name], graph.layers[li].out_labels.to(device))
+                         for name, li in following_batchnorms(graph).items()]
 
     def to(self, device) -> "ImportanceTracker":
+        self._bns = [(bn, lab.to(device)) for bn, lab in self._bns]
         self.acc = self.acc.to(device)
         self.held = self.held.to(device)
         self.removed = self.removed.to(device)
@@ -77,6 +92,22 @@ class ImportanceTracker:
         """This step's per-class score (call after backward, before pruned decay is added)."""
         cm = self.masker.class_mask
         total = torch.zeros_like(self.acc)
+        if self.kind == "bn_taylor":
+            for bn, lout in self._bns:
+                beta = bn.bias
+                if hasattr(bn, "parametrizations") and "weight" in bn.parametrizations:
+                    # gamma rescaled by prune.bn_rescaling: gamma = orig * s, and the gradient
+                    # stored on orig is dL/dgamma / s
+                    orig = bn.parametrizations.weight.original
+                    sc = bn.parametrizations.weight[0].s
+                    gamma, ggrad = orig * sc, None if orig.grad is None else orig.grad * sc
+                else:
+                    gamma, ggrad = bn.weight, bn.weight.grad
+                if ggrad is None or beta.grad is None:
+                    continue
+                t = (gamma * ggrad + beta * beta.grad).float().square()
+                total.index_add_(0, lout.to(t.device), t)
+            return total
         for w, g, lin, lout in self.masker.weights_and_grads():
             if self.kind == "taylor":
                 if g is None:

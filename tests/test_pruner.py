@@ -634,3 +634,19 @@ def test_permanent_masks_zero_the_pruned_weights(tiny, mode):
         assert bool((dense[:, [1, 4, 6]] == 0).all())
     else:  # ... with their old values
         assert torch.equal(dense[:, [1, 4, 6]], before[:, [1, 4, 6]])
+
+
+def test_bn_taylor_importance_matches_formula(tiny):
+    """HALP's criterion: (gamma dL/dgamma + beta dL/dbeta)^2 of the BN after each producer conv."""
+    model, graph, keep, x = tiny
+    model = copy.deepcopy(model).train()
+    mk = Masker(model, graph, mode="soft")
+    tr = ImportanceTracker(mk, kind="bn_taylor", accumulate="latest")
+    _backward(model, x)
+    tr.update()
+    s = tr.scores()
+    for conv, bn in (("conv1", model.bn1), ("conv2", model.bn2)):
+        expect = (bn.weight * bn.weight.grad + bn.bias * bn.bias.grad).detach().square()
+        lab = graph.layer(conv).out_labels
+        assert torch.allclose(s[lab], expect, rtol=1e-5, atol=1e-12), conv
+    assert float(s.abs().sum()) > 0

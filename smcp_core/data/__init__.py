@@ -412,8 +412,12 @@ def make_loader(
     seed: int = 0,
     workers: int = 0,
     drop_last: bool = False,
+    shard: bool = False,
 ) -> DataLoader:
     """A DataLoader whose order (and worker seeds) depend only on ``seed``.
+
+    With ``shard`` and an initialised process group of several ranks, each rank reads its own
+    disjoint share of the (seeded, identical on every rank) permutation.
 
     Note: with ``workers=0`` augmentation draws from torch's global RNG; seed it (``torch.manual_seed``)
     for bit-exact reproducibility.
@@ -424,6 +428,16 @@ def make_loader(
         raise SmcpError(f"workers must be a non-negative integer (got {workers!r})")
     g = torch.Generator()
     g.manual_seed(int(seed))
+    from .. import dist as _dist
+
+    if shard and _dist.active():
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, num_replicas=_dist.world(), rank=_dist.rank(), shuffle=shuffle,
+                                     seed=int(seed), drop_last=drop_last)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                          drop_last=drop_last, worker_init_fn=_seed_worker if workers > 0 else None,
+                          persistent_workers=False)
     return DataLoader(
         dataset,
         batch_size=batch_size,
