@@ -109,8 +109,8 @@ def params(sig: LayerSig, cin: Any = None, cout: Any = None) -> Any:
     if sig.kind == "linear":
         return cin * cout + b * cout
     kk = sig.kernel[0] * sig.kernel[1]
-    if sig.depthwise:
-        return cin * kk + b * cin
+    if sig.depthwise:  # depthwise (group_size 1) or grouped: group_size weights per output channel
+        return cin * kk * sig.group_size + b * cin
     return cout * cin * kk + b * cout
 
 
@@ -706,7 +706,7 @@ def single_layer_module(sig: LayerSig, cin: int, cout: int):
 
     if sig.kind == "linear":
         return nn.Linear(cin, cout, bias=sig.bias)
-    c_out, groups = (cin, cin) if sig.depthwise else (cout, 1)
+    c_out, groups = (cin, cin // sig.group_size) if sig.depthwise else (cout, 1)
     return nn.Conv2d(
         cin,
         c_out,
@@ -751,7 +751,7 @@ def single_layer_onnx(sig: LayerSig, cin: int, cout: int, *, batch_size: int = 1
         node = helper.make_node("Gemm", inputs, ["output"], transB=1)
         out_shape = [batch_size, cout]
     else:
-        c_out, groups = (cin, cin) if sig.depthwise else (cout, 1)
+        c_out, groups = (cin, cin // sig.group_size) if sig.depthwise else (cout, 1)
         kh, kw = sig.kernel
         fan_in = (cin // groups) * kh * kw
         w = (rng.standard_normal((c_out, cin // groups, kh, kw)) / math.sqrt(fan_in)).astype(np_dt)
@@ -890,6 +890,8 @@ def measure_table(
             raise SmcpError(f"cannot measure layer kind {s.kind!r} ({s.key()}): only conv and linear")
         if s.depthwise and s.cin != s.cout:
             raise SmcpError(f"depthwise layer {s.key()} has cin={s.cin} != cout={s.cout}")
+        if s.depthwise and s.cin % s.group_size:
+            raise SmcpError(f"grouped layer {s.key()}: cin={s.cin} is not a multiple of its group size")
         groups.setdefault(s.key(), []).append(s)
     plan: list[_Entry] = []
     for key, ss in groups.items():
@@ -897,7 +899,9 @@ def measure_table(
         cout_max = max(s.cout for s in ss)
         rep = ss[0]
         rep = LayerSig.from_dict({**rep.to_dict(), "cin": cin_max, "cout": cout_max})
-        cin_grid = sorted({c for s in ss for c in channel_grid(s.cin, channel_step)})
+        # grouped convs (group_size > 1) are pruned a whole group at a time: widths are multiples of it
+        gs = rep.group_size if rep.depthwise else 1
+        cin_grid = sorted({c * gs for s in ss for c in channel_grid(s.cin // gs, -(-int(channel_step) // gs))})
         cout_grid = None if rep.depthwise else sorted({c for s in ss for c in channel_grid(s.cout, channel_step)})
         plan.append(_Entry(key, rep, cin_grid, cout_grid))
     total = sum(e.n_points() for e in plan)

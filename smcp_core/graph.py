@@ -14,6 +14,17 @@ channel padding can make a consumer read several producers' classes, and they th
 group whose options are "keep the k most important classes".  Groups carry one soft mask during
 training and one option list in the knapsack.
 
+Channel-wise convs are *acting* layers, not consumers: a depthwise conv maps input channel ``i``
+to output channel ``i``; a grouped conv with as many inputs as outputs per group (ResNeXt, RegNet)
+makes each of its groups one class (the group's input channels, its output channels and everything
+tied to them are pruned together), so pruning removes whole groups and the slim conv keeps its
+group size with fewer groups.
+
+Channels need not be on dimension 1: a ``permute``/``transpose`` moves them (ConvNeXt's blocks run
+``Linear`` layers on ``(N, H, W, C)`` tensors), and elementwise ops, binary ops, ``Linear`` on the
+last dimension and ``LayerNorm`` follow them there; any other op on such a tensor is a barrier.  A
+``LayerNorm`` over the channels freezes them (its statistics need all of them).
+
 Anything the tracer does not understand is never guessed at: the classes flowing into it are
 *frozen* (never pruned), with a reason that ``smcp inspect`` shows.
 """
@@ -48,6 +59,13 @@ _PASS_MODULES: tuple[type, ...] = (
     nn.ReplicationPad2d, nn.ConstantPad2d,
 )
 _BN_MODULES: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# elementwise (per-value) modules/functions/methods: they pass channels through whichever dimension
+# holds them, so they are also understood on channels-last tensors (after a permute)
+_ELEMENTWISE_MODULES: tuple[type, ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+    nn.Hardsigmoid, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity,
+    nn.Dropout, nn.AlphaDropout,
+)
 
 _PASS_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.elu, F.selu,
@@ -56,6 +74,11 @@ _PASS_FUNCTIONS = {
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d,
     F.interpolate, torch.neg, torch.abs, torch.exp,
+}
+_ELEMENTWISE_FUNCTIONS = {
+    F.relu, F.relu6, F.leaky_relu, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.elu, F.selu,
+    F.mish, F.softplus, F.hardtanh, F.dropout, torch.relu, torch.sigmoid, torch.tanh, torch.clamp,
+    torch.clip, torch.neg, torch.abs, torch.exp,
 }
 _PASS_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "clip", "contiguous",
@@ -70,6 +93,10 @@ _CAT = {torch.cat, torch.concat}
 _FLATTEN = {torch.flatten}
 _MEAN = {torch.mean, torch.sum, torch.amax}
 _SPLIT = {torch.split, torch.chunk}
+_PERMUTE = {torch.permute, torch.transpose, torch.swapaxes, torch.swapdims}
+_PERMUTE_METHODS = {"permute", "transpose", "swapaxes", "swapdims"}
+_SHUFFLE = ("reshape/view that splits the channel dimension (a channel shuffle: the channel order "
+            "it interleaves cannot be pruned)")
 
 
 def _known_pass_function(target: Any) -> bool:
@@ -81,13 +108,34 @@ def _known_pass_function(target: Any) -> bool:
     return name == "stochastic_depth" and mod.startswith("torchvision")
 
 
+def _channels_last_ok(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` is understood when an input carries its channels on a dimension other than
+    1 (elementwise ops, binary ops, permutes, Linear on the last dimension, LayerNorm)."""
+    if node.op == "call_module":
+        mod = modules.get(str(node.target))
+        return isinstance(mod, (*_ELEMENTWISE_MODULES, nn.Linear, nn.LayerNorm)) or (
+            type(mod).__name__ == "StochasticDepth")
+    if node.op == "call_function":
+        t = node.target
+        return (t in _ELEMENTWISE_FUNCTIONS or t in _BINARY or t in _PERMUTE or t is F.layer_norm
+                or t is getattr or (_known_pass_function(t) and t not in _PASS_FUNCTIONS))
+    if node.op == "call_method":
+        m = str(node.target)
+        return (m in _PASS_METHODS or m in _BINARY_METHODS or m in _PERMUTE_METHODS
+                or m in ("size", "dim", "numel"))
+    return node.op == "output"
+
+
 # --------------------------------------------------------------------------------------------------
 # data classes
 
 
 @dataclass
 class LayerInfo:
-    """A conv/linear layer whose weight the pruner masks (a *consumer*) or a depthwise conv."""
+    """A conv/linear layer whose weight the pruner masks (a *consumer*), or a channel-wise conv
+    (``kind == "dwconv"``): a depthwise conv, or a grouped conv with ``sig.group_size`` input and
+    output channels per group, whose output channel classes are its input channel classes (every
+    group of a grouped conv is one class: groups are kept or removed whole)."""
 
     index: int
     name: str
@@ -183,8 +231,17 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
 
 def trace(model: nn.Module) -> fx.GraphModule:
     """``symbolic_trace`` with a one-line error naming the cause when the model is not traceable."""
+    before = set(vars(model))
     try:
-        return fx.symbolic_trace(model)
+        gm = fx.symbolic_trace(model)
+        # the tracer stores tensor constants of forward() (torch.tensor(...) etc.) as attributes
+        # `_tensor_constantN` of the traced module; the GraphModule has its own references, so
+        # remove them: otherwise the next trace of this model (e.g. by slim, of a copy) numbers its
+        # constants differently and no longer matches this one
+        for k in set(vars(model)) - before:
+            if k.startswith("_tensor_constant"):
+                delattr(model, k)
+        return gm
     except Exception as exc:  # noqa: BLE001 - any tracer failure becomes one clear line
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = ""
@@ -233,6 +290,11 @@ class ChannelGraph:
         self.modules = dict(self.gm.named_modules())
         self._uf = _UF()
         self.node_labels: dict[str, Any] = {}
+        # the dimension holding the channels of a node's output, where it is not 1 (channels-last
+        # tensors between a permute and its inverse, e.g. ConvNeXt's LayerNorm/Linear MLP)
+        self.node_cdim: dict[str, int] = {}
+        self._cdim_out = 1
+        self._split_views: set[str] = set()  # outputs of a view splitting the channels (+ permutes of them)
         self.layers: list[LayerInfo] = []
         self.bns: dict[str, str] = {}  # bn module name -> node name (labels via node_labels)
         self.unsupported: list[str] = []  # human-readable notes on frozen spots
@@ -249,6 +311,7 @@ class ChannelGraph:
                 self._freeze(l, reason)
 
     def _fresh_like(self, node: fx.Node, reason: str | None) -> torch.Tensor | None:
+        self._cdim_out = 1
         shape = _shape(node)
         if shape is None or len(shape) < 2:
             return None
@@ -273,16 +336,40 @@ class ChannelGraph:
         out = self._fresh_like(node, reason)
         return out
 
+    def _cdim(self, arg: Any) -> int:
+        return self.node_cdim.get(arg.name, 1) if isinstance(arg, fx.Node) else 1
+
     def _propagate(self) -> None:
         for node in self.gm.graph.nodes:
+            # pass-through ops keep the channel dimension of their (first) input; ops that create
+            # channels or change where they are set it (a barrier's fresh classes are on dim 1)
+            self._cdim_out = self._cdim(node.args[0]) if node.args else 1
             try:
-                out = self._visit(node)
+                if any(self._cdim(a) != 1 for a in node.all_input_nodes) and not _channels_last_ok(node, self.modules):
+                    what = (type(self.modules[str(node.target)]).__name__ if node.op == "call_module"
+                            else getattr(node.target, "__name__", str(node.target)))
+                    if what in ("view", "reshape") and node.args[0].name in self._split_views:
+                        why = _SHUFFLE.replace("splits the channel dimension", "merges the split channel dimension back")
+                    elif what in ("view", "reshape"):
+                        why = "reshape/view of a permuted tensor"
+                    else:
+                        why = f"{what} on a permuted tensor (channels not on dimension 1) is not understood"
+                    out = self._barrier(node, why)
+                else:
+                    out = self._visit(node)
             except SmcpError:
                 raise
             except Exception as exc:  # noqa: BLE001 - never mis-group silently: freeze instead
+                self._cdim_out = 1
                 out = self._barrier(node, f"could not analyse ({type(exc).__name__}: {exc})")
             if out is not None:
+                if (node.op in ("call_method", "call_function") and node.args
+                        and isinstance(node.args[0], fx.Node) and node.args[0].name in self._split_views
+                        and (node.target in _PERMUTE or node.target in _PERMUTE_METHODS or node.target == "contiguous")):
+                    self._split_views.add(node.name)
                 self.node_labels[node.name] = out
+                if self._cdim_out != 1:
+                    self.node_cdim[node.name] = self._cdim_out
 
     def _visit(self, node: fx.Node) -> Any:
         uf = self._uf
@@ -336,22 +423,54 @@ class ChannelGraph:
                 sig = LayerSig(kind="conv", cin=cin, cout=cout, depthwise=True, **sig_common)
                 self.layers.append(LayerInfo(len(self.layers), name, "dwconv", sig, x, x, node.name))
                 return x
-            reason = f"{name}: grouped convolution (groups={g}) is not pruned yet"
+            if cin == cout:
+                # grouped conv (ResNeXt, RegNet): every group of gs channels becomes one class that
+                # runs from the producer of its input, through this conv, to the layers reading its
+                # output; pruning keeps or removes whole groups, so the group size never changes
+                gs = cin // g
+                for j in range(g):
+                    blk = x[j * gs:(j + 1) * gs].tolist()
+                    for c in blk[1:]:
+                        uf.union(blk[0], c)
+                sig = LayerSig(kind="conv", cin=cin, cout=cout, depthwise=True, group_size=gs, **sig_common)
+                self.layers.append(LayerInfo(len(self.layers), name, "dwconv", sig, x, x, node.name))
+                return x
+            reason = (f"{name}: grouped convolution with different input and output widths "
+                      f"(groups={g}, {cin} -> {cout} channels) is not pruned")
             self._freeze(x, reason)
             self.unsupported.append(reason)
             return self._fresh_like(node, reason)
         if isinstance(mod, nn.Linear):
-            if x is None or ishape is None or len(ishape) != 2:
-                return self._barrier(node, f"{name}: linear layer on a tensor of rank != 2")
+            if x is None or ishape is None or len(ishape) < 2:
+                return self._barrier(node, f"{name}: linear layer on a tensor without a feature dimension")
+            cd = self._cdim(node.args[0])
+            if cd != len(ishape) - 1:
+                return self._barrier(node, f"{name}: linear layer on a tensor of rank {len(ishape)} whose "
+                                           "channels are not on the last dimension")
             out = uf.new(mod.out_features)
-            sig = LayerSig(kind="linear", cin=mod.in_features, cout=mod.out_features, bias=mod.bias is not None)
+            if len(ishape) == 2:
+                sig = LayerSig(kind="linear", cin=mod.in_features, cout=mod.out_features, bias=mod.bias is not None)
+            else:
+                # a Linear on (N, ..., C) computes a 1x1 conv over the positions: cost it as one
+                pos = [int(v) for v in ishape[1:-1]]
+                rest = 1
+                for v in pos[1:]:
+                    rest *= v
+                hw = (pos[0], rest)
+                sig = LayerSig(kind="conv", cin=mod.in_features, cout=mod.out_features, in_hw=hw,
+                               bias=mod.bias is not None)
+                self._cdim_out = cd
             self.layers.append(LayerInfo(len(self.layers), name, "linear", sig, x, out, node.name))
             return out
+        if isinstance(mod, nn.LayerNorm):
+            return self._layer_norm(node, x, tuple(mod.normalized_shape), name)
         if isinstance(mod, _BN_MODULES):
             if x is None:
                 return self._barrier(node, f"{name}: batch norm without channel input")
             self.bns[name] = node.name
             return x
+        if isinstance(mod, nn.PReLU) and mod.num_parameters > 1:
+            return self._barrier(node, f"{name}: PReLU with one slope per channel is not sliced")
         if isinstance(mod, _PASS_MODULES):
             return x if x is not None else self._fresh_like(node, None)
         if isinstance(mod, nn.Flatten):
@@ -359,6 +478,44 @@ class ChannelGraph:
         if type(mod).__name__ == "StochasticDepth":
             return x
         return self._barrier(node, f"{name}: module type {type(mod).__name__} is not understood")
+
+    def _layer_norm(self, node: fx.Node, x: Any, normalized: tuple[int, ...], name: str) -> Any:
+        """LayerNorm over the last ``len(normalized)`` dims: when they include the channels its
+        statistics mix all channels, so none of them can be removed; otherwise per channel."""
+        ishape = _shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        what = f"{name}: " if name else ""
+        if x is None or ishape is None or not isinstance(x, torch.Tensor):
+            return self._barrier(node, f"{what}layer norm of an unknown tensor")
+        cd = self._cdim(node.args[0])
+        if cd >= len(ishape) - len(normalized):
+            reason = f"{what}LayerNorm normalises over the channels (its statistics need all of them)"
+            self._freeze(x, reason)
+            self.unsupported.append(f"{node.name}: {reason}")
+        self._cdim_out = cd
+        return x
+
+    def _permute(self, node: fx.Node, x: Any, dims: Any, swap: bool) -> Any:
+        ishape = _shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        if x is None or ishape is None or not isinstance(x, torch.Tensor):
+            return self._barrier(node, "permute of an unknown tensor")
+        rank = len(ishape)
+        if any(isinstance(d, fx.Node) for d in dims):
+            return self._barrier(node, "permute with computed dimensions")
+        dims = [int(d) % rank for d in dims]
+        cd = self._cdim(node.args[0])
+        if swap:
+            a, b = dims
+            if a != b and 0 in (a, b):
+                return self._barrier(node, "transpose of the batch dimension")
+            new = b if cd == a else a if cd == b else cd
+        else:
+            if sorted(dims) != list(range(rank)):
+                return self._barrier(node, "permute with an invalid dimension order")
+            if dims[0] != 0:
+                return self._barrier(node, "permute that moves the batch dimension")
+            new = dims.index(cd)
+        self._cdim_out = new
+        return x
 
     def _flatten(self, node: fx.Node, x: Any, start: int, end: int) -> Any:
         ishape = _shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
@@ -380,20 +537,30 @@ class ChannelGraph:
         oshape = _shape(node)
         if oshape is None or len(oshape) < 2:
             return self._barrier(node, "elementwise op without channel output")
-        c = oshape[1]
+        cds = {self._cdim(a) for a in args if isinstance(a, fx.Node) and self.node_labels.get(a.name) is not None
+               and isinstance(self.node_labels.get(a.name), torch.Tensor)}
+        if len(cds) > 1:
+            return self._barrier(node, "elementwise op between tensors with channels on different dimensions")
+        cd = cds.pop() if cds else 1
+        rank = len(oshape)
+        c = oshape[cd]
         labs = []
         for a in args:
             if isinstance(a, fx.Node):
                 sh = _shape(a)
                 lab = self.node_labels.get(a.name)
-                if lab is not None and sh is not None and len(sh) == len(oshape) and sh[1] == c:
+                if lab is not None and not isinstance(lab, torch.Tensor):
+                    return self._barrier(node, "elementwise op on a tuple of tensors")
+                if lab is not None and sh is not None and len(sh) == rank and sh[cd] == c:
                     labs.append(lab)
                 elif sh is not None and len(sh) >= 1 and a.op == "get_attr":
                     # a constant/parameter tensor broadcast over channels: it would need slicing
-                    if len(sh) >= len(oshape) - 1 and sh[-(len(oshape) - 1)] == c and c > 1:
+                    j = cd - (rank - len(sh))
+                    if 0 <= j < len(sh) and sh[j] == c and c > 1:
                         rest = [self.node_labels.get(b.name) for b in node.all_input_nodes if b is not a]
-                        self._freeze([r for r in rest if r is not None], "elementwise op with a constant tensor")
-                elif lab is not None and sh is not None and len(sh) == len(oshape) and sh[1] == 1:
+                        self._freeze([r for r in rest if r is not None],
+                                     f"elementwise op with a per-channel constant ({a.target})")
+                elif lab is not None and sh is not None and len(sh) == rank and sh[cd] == 1:
                     continue  # broadcast over channels (e.g. a 1-channel attention map)
                 elif lab is not None:
                     return self._barrier(node, "elementwise op with mismatched channel shapes")
@@ -403,6 +570,7 @@ class ChannelGraph:
         for other in labs[1:]:
             for a, b in zip(first.tolist(), other.tolist()):
                 self._uf.union(a, b)
+        self._cdim_out = cd
         return first
 
     def _getitem(self, node: fx.Node) -> Any:
@@ -464,6 +632,16 @@ class ChannelGraph:
             return self._reduce(node)
         if fn in _SPLIT:
             return self._split(node, fn is torch.chunk)
+        if fn in _PERMUTE:
+            swap = fn is not torch.permute
+            dims = list(node.args[1:3]) if swap else node.args[1] if len(node.args) == 2 else node.args[1:]
+            if not swap and not dims:
+                dims = node.kwargs.get("dims", ())
+            return self._permute(node, self._inp(node), list(dims), swap)
+        if fn is F.layer_norm:
+            shp = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+            shp = (shp,) if isinstance(shp, int) else tuple(shp or ())
+            return self._layer_norm(node, self._inp(node), shp, "")
         if fn is F.batch_norm:
             return self._barrier(node, "functional batch_norm (use nn.BatchNorm2d)")
         return self._barrier(node, f"function {getattr(fn, '__name__', fn)} is not understood")
@@ -485,6 +663,14 @@ class ChannelGraph:
             return self._reduce(node)
         if m in ("chunk", "split"):
             return self._split(node, m == "chunk")
+        if m in _PERMUTE_METHODS:
+            swap = m != "permute"
+            rest = list(node.args[1:])
+            if not swap and len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+                rest = list(rest[0])
+            if not swap and not rest:
+                rest = list(node.kwargs.get("dims", ()))
+            return self._permute(node, self._inp(node), rest, swap)
         return self._barrier(node, f"tensor method .{m}() is not understood")
 
     def _view(self, node: fx.Node) -> Any:
@@ -499,6 +685,9 @@ class ChannelGraph:
         # x.view(x.size(0), -1): a flatten whose argument does not depend on the channel count
         if len(oshape) == 2 and len(sizes) == 2 and sizes[1] == -1 and oshape[0] == ishape[0]:
             return self._flatten(node, x, 1, -1)
+        if len(oshape) > len(ishape) and oshape[0] == ishape[0] and oshape[1] * oshape[2] == ishape[1]:
+            self._split_views.add(node.name)
+            return self._barrier(node, _SHUFFLE)
         return self._barrier(node, "reshape/view with explicit sizes (channel counts may be hard-coded)")
 
     def _reduce(self, node: fx.Node) -> Any:
@@ -731,7 +920,7 @@ class ChannelGraph:
             flops += s.flops(cin, cout)
             kk = s.kernel[0] * s.kernel[1]
             if l.kind == "dwconv":
-                params += cout * kk + (cout if s.bias else 0)
+                params += cout * kk * s.group_size + (cout if s.bias else 0)
             elif l.kind == "conv":
                 params += cin * cout * kk + (cout if s.bias else 0)
             else:
@@ -744,13 +933,19 @@ class ChannelGraph:
     def summary(self) -> dict:
         """A JSON-friendly description (for `smcp inspect`)."""
         flops, params = self.flops_params()
+        # a class is one channel, except a group of a grouped conv (group_size channels)
+        width = torch.ones(self.n_classes, dtype=torch.long)
+        for l in self.layers:
+            if l.kind == "dwconv" and l.sig.group_size > 1:
+                width[l.in_labels] = l.sig.group_size
         groups = []
         for g in self.groups:
             groups.append({
                 "group": g.index,
-                "channels": g.size,
+                "channels": int(width[g.classes].sum()),
+                "classes": g.size,  # the pruning units (whole conv groups for grouped convs)
                 "prunable": g.prunable,
-                "frozen_channels": g.n_frozen,
+                "frozen_channels": int(width[g.classes[g.frozen]].sum()),
                 "removable": g.removable,
                 "reason": g.reason,
                 "consumers": [self.layers[i].name for i in g.consumers],

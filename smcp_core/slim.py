@@ -26,19 +26,36 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import SmcpError
-from .graph import _BN_MODULES, _PASS_MODULES, ChannelGraph, _known_pass_function
+from .graph import (
+    _BN_MODULES,
+    _ELEMENTWISE_FUNCTIONS,
+    _ELEMENTWISE_MODULES,
+    _PASS_FUNCTIONS,
+    ChannelGraph,
+    _known_pass_function,
+)
 
 
 class ConstantChannels(nn.Module):
-    """Outputs a per-channel constant map; the batch size is taken from ``ref``."""
+    """Outputs a per-channel constant map; the batch size is taken from ``ref``.
 
-    def __init__(self, value: torch.Tensor, spatial: tuple[int, ...]) -> None:
+    ``value`` has shape ``(1, C, 1, ...)`` (or, with ``cdim`` > 1, ``C`` on that dimension, for
+    channels-last tensors); ``spatial`` are the sizes of the other non-batch dimensions, in order."""
+
+    def __init__(self, value: torch.Tensor, spatial: tuple[int, ...], cdim: int = 1) -> None:
         super().__init__()
         self.register_buffer("value", value)
         self.spatial = tuple(int(s) for s in spatial)
+        self.cdim = int(cdim)
+
+    @property
+    def channels(self) -> int:
+        return int(self.value.shape[self.cdim])
 
     def forward(self, ref: torch.Tensor) -> torch.Tensor:
-        return self.value.expand(ref.shape[0], self.value.shape[1], *self.spatial)
+        shape = list(self.spatial)
+        shape.insert(self.cdim - 1, self.value.shape[self.cdim])
+        return self.value.expand(ref.shape[0], *shape)
 
 
 def _sl(t: torch.Tensor | None, idx: torch.Tensor, dim: int = 0) -> torch.Tensor | None:
@@ -93,7 +110,11 @@ def slim_model(model: nn.Module, graph: ChannelGraph, keep: torch.Tensor) -> fx.
         old = gm.get_submodule(l.name)
         iin, iout = kept_idx(l.in_labels), kept_idx(l.out_labels)
         if l.kind == "dwconv":
-            new = _new_conv(old, len(iin), len(iin), max(len(iin), 1)) if len(iin) else None
+            # depthwise (group_size 1) or grouped: kept channels are whole groups (one class each)
+            gs = int(old.weight.shape[1])
+            if len(iin) % gs:
+                raise SmcpError(f"slim: {l.name} keeps {len(iin)} channels, not whole groups of {gs}")
+            new = _new_conv(old, len(iin), len(iin), len(iin) // gs) if len(iin) else None
             if new is None:
                 dead.append((l.node, old))
                 continue
@@ -121,8 +142,10 @@ def slim_model(model: nn.Module, graph: ChannelGraph, keep: torch.Tensor) -> fx.
         idx = kept_idx(labels[node_name])
         if len(idx) == 0:
             continue  # its node becomes a 0-channel constant below
+        ref_t = bn.weight if bn.affine else bn.running_mean
+        fkw = {} if ref_t is None else {"device": ref_t.device, "dtype": ref_t.dtype}
         new = type(bn)(len(idx), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                       track_running_stats=bn.track_running_stats)
+                       track_running_stats=bn.track_running_stats, **fkw)
         with torch.no_grad():
             if bn.affine:
                 new.weight.copy_(_sl(bn.weight, idx))
@@ -158,16 +181,18 @@ def slim_model(model: nn.Module, graph: ChannelGraph, keep: torch.Tensor) -> fx.
         if getattr(node, "_erased", False):
             continue  # already folded into an earlier constant
         shape = ref_nodes[node_name].meta["tensor_meta"].shape
+        cd = graph.node_cdim.get(node_name, 1)
         out_lab = labels[node_name]
         iout = kept_idx(out_lab)
-        view = [1, len(iout)] + [1] * (len(shape) - 2)
+        view = [1] * len(shape)
+        view[cd] = len(iout)
         if old is None or getattr(old, "bias", None) is None or len(iout) == 0:
-            value = torch.zeros(view)
+            value = torch.zeros(view, dtype=ref_nodes[node_name].meta["tensor_meta"].dtype)
         else:
             value = _sl(old.bias, iout).view(view)
-        spatial = tuple(shape[2:])
+        spatial = tuple(int(v) for i, v in enumerate(shape) if i not in (0, cd))
         const_name = f"_smcp_const_{k}"
-        gm.add_submodule(const_name, ConstantChannels(value.detach().clone(), spatial))
+        gm.add_submodule(const_name, ConstantChannels(value.detach().clone(), spatial, cd))
         with gm.graph.inserting_after(node):
             cnode = gm.graph.call_module(const_name, (placeholder,))
         node.replace_all_uses_with(cnode)
@@ -244,7 +269,7 @@ def _fold_constant(gm: fx.GraphModule, cnode: fx.Node, ref_nodes: dict) -> None:
     """Push a ConstantChannels value through following BN/activation nodes, then feed it to
     elementwise binary users as a broadcast buffer (no expand)."""
     const: ConstantChannels = gm.get_submodule(str(cnode.target))
-    if const.value.shape[1] == 0:
+    if const.channels == 0:
         return  # nothing left to compute; its users are removed layers too (dead code)
     while len(cnode.users) == 1:
         user = next(iter(cnode.users))
@@ -255,14 +280,12 @@ def _fold_constant(gm: fx.GraphModule, cnode: fx.Node, ref_nodes: dict) -> None:
         fn = None
         if user.op == "call_module":
             mod = gm.get_submodule(str(user.target))
-            if isinstance(mod, _BN_MODULES) or (
-                isinstance(mod, _PASS_MODULES) and not isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d,
-                                                                        nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-                                                                        nn.Upsample))
-            ):
+            # per-value ops only: pooling/padding/resizing would change the constant's shape
+            if isinstance(mod, (*_BN_MODULES, *_ELEMENTWISE_MODULES)) or type(mod).__name__ == "StochasticDepth":
                 fn = mod
-        elif user.op == "call_function" and _known_pass_function(user.target) and user.target not in (
-            F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.interpolate,
+        elif user.op == "call_function" and (
+            user.target in _ELEMENTWISE_FUNCTIONS
+            or (_known_pass_function(user.target) and user.target not in _PASS_FUNCTIONS)  # stochastic_depth
         ):
             def fn(v, _u=user):  # noqa: E306
                 return _u.target(v, *_u.args[1:], **_u.kwargs)
@@ -288,7 +311,7 @@ def _fold_constant(gm: fx.GraphModule, cnode: fx.Node, ref_nodes: dict) -> None:
             and tuple(ref_nodes[a.name].meta["tensor_meta"].shape[2:]) == const.spatial
             for a in u.args)
 
-    if users and all(u.op == "call_function" and u.target in binary and full_shape(u) for u in users):
+    if const.cdim == 1 and users and all(u.op == "call_function" and u.target in binary and full_shape(u) for u in users):
         attr = f"{cnode.target}_value"
         gm.register_buffer(attr, const.value.detach().clone())
         with gm.graph.inserting_after(cnode):

@@ -436,3 +436,18 @@ def test_fsutil_atomic_writes(tmp_path):
     q = fsutil.atomic_torch_save({"w": torch.ones(2)}, tmp_path / "m.pt")
     assert torch.equal(torch.load(q)["w"], torch.ones(2))
     assert sorted(f.name for f in tmp_path.rglob("*") if f.is_file()) == ["b.json", "m.pt"]
+
+
+@pytest.mark.parametrize("group_size", [1, 4])
+def test_grouped_conv_cost_layer_has_the_real_shape(group_size):
+    """Depthwise (group_size 1) and grouped convs (ResNeXt/RegNet) are timed and counted with their
+    real number of groups, never as depthwise when they are grouped."""
+    from smcp_core.cost import params, single_layer_module
+    from smcp_core.layers import LayerSig
+
+    sig = LayerSig("conv", 32, 32, kernel=(3, 3), padding=(1, 1), depthwise=True, in_hw=(8, 8),
+                   group_size=group_size)
+    for c in (32, 16, 8):
+        m = single_layer_module(sig, c, c)
+        assert m.groups == c // group_size and m.in_channels == c and m.out_channels == c
+        assert params(sig, c, c) == sum(p.numel() for p in m.parameters())
