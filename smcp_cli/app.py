@@ -1,4 +1,4 @@
-"""The `smcp` command: profile, prune, slim, export, run, inspect.
+"""The `smcp` command: profile, prune, slim, export, run, inspect, report.
 
 Exit codes: 0 success; 1 bad input (recipe, file, model, arguments) with one line on stderr;
 2 a validation gate failed (target missed, parity out of tolerance); 3 internal error;
@@ -15,6 +15,7 @@ from smcp_cli.commands.export import export
 from smcp_cli.commands.inspect_cmd import inspect
 from smcp_cli.commands.profile import profile
 from smcp_cli.commands.prune import prune
+from smcp_cli.commands.report import report
 from smcp_cli.commands.run import run
 from smcp_cli.commands.slim import slim
 
@@ -31,6 +32,7 @@ app.command("slim")(slim)
 app.command("export")(export)
 app.command("run")(run)
 app.command("inspect")(inspect)
+app.command("report")(report)
 
 
 def _version(value: bool) -> None:
@@ -47,22 +49,32 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """smcp: Soft Masking for Cost-Constrained Channel Pruning, from recipe to measured deployment."""
 
 
+def _usage_error(msg: str, argv: list[str], code: int = 1, kind: str = "usage") -> None:
+    """One line on stderr; with --json also the error document on stdout (CI parses stdout)."""
+    msg = " ".join(msg.split())
+    sys.stderr.write(f"error: {msg}\n")
+    if "--json" in argv:
+        import json
+
+        sys.stdout.write(json.dumps({"ok": False, "error": msg, "kind": kind, "exit_code": code}, indent=2) + "\n")
+        sys.stdout.flush()
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     from typer._click import exceptions as cx
 
+    args = list(sys.argv[1:] if argv is None else argv)
     cmd = typer.main.get_command(app)
     try:
-        rv = cmd.main(args=argv, prog_name="smcp", standalone_mode=False)
+        rv = cmd.main(args=args, prog_name="smcp", standalone_mode=False)
     except cx.UsageError as exc:  # bad arguments are bad input: exit 1, one line
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
-        sys.stderr.write(f"error: {exc.format_message()}{hint}\n")
-        sys.exit(1)
+        _usage_error(f"{exc.format_message()}{hint}", args)
     except cx.Abort:
-        sys.stderr.write("error: aborted\n")
-        sys.exit(130)
+        _usage_error("aborted", args, 130, "interrupted")
     except cx.ClickException as exc:
-        sys.stderr.write(f"error: {exc.format_message()}\n")
-        sys.exit(1)
+        _usage_error(exc.format_message(), args)
     except cx.Exit as exc:
         sys.exit(exc.exit_code)
     code = rv if isinstance(rv, int) else 0

@@ -36,6 +36,14 @@ def out_dir(recipe, out: Optional[Path]) -> Path:
     return Path(out) if out else Path("runs") / recipe.name
 
 
+def locked(o: Path, command: str, *, create: bool = True):
+    """Exclusive lock on the run directory: a second smcp process writing into it fails at once
+    (exit 1, one line); the OS releases the lock when the holder exits or is killed."""
+    from smcp_core.fsutil import run_lock
+
+    return run_lock(o, "smcp " + command, create=create)
+
+
 class RichReporter:
     """smcp_core.train.Reporter implemented with rich."""
 
@@ -88,6 +96,7 @@ class RichReporter:
 
 
 _emitted = False
+_json_stdout: Any = None  # the real stdout while a --json command runs (sys.stdout goes to stderr)
 
 
 def emit(result: Any, as_json: bool) -> None:
@@ -95,8 +104,9 @@ def emit(result: Any, as_json: bool) -> None:
     global _emitted
     if as_json and not _emitted:
         _emitted = True
-        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
-        sys.stdout.flush()
+        out = _json_stdout or sys.stdout
+        out.write(json.dumps(result, indent=2, default=str) + "\n")
+        out.flush()
 
 
 @contextmanager
@@ -104,8 +114,12 @@ def guarded(as_json: bool = False) -> Iterator[None]:
     """Turn library errors into one line + documented exit code (1 input, 2 gate, 3 internal)."""
     from smcp_core.errors import GateFailed, SmcpError
 
-    global _emitted
+    global _emitted, _json_stdout
     _emitted = False
+    saved = sys.stdout
+    if as_json:  # stray prints of libraries must not break the one JSON document on stdout
+        _json_stdout = saved
+        sys.stdout = sys.stderr
     try:
         yield
     except typer.Exit:
@@ -122,6 +136,10 @@ def guarded(as_json: bool = False) -> Iterator[None]:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         _fail(f"internal error: {type(exc).__name__}: {msg} (set SMCP_DEBUG=1 for the traceback)",
               EXIT_INTERNAL, as_json, "internal")
+    finally:
+        if as_json:
+            sys.stdout = saved
+            _json_stdout = None
 
 
 def _fail(msg: str, code: int, as_json: bool, kind: str) -> None:

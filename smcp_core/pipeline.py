@@ -13,7 +13,12 @@ Run directory layout (each file written atomically)::
     OUT/export/model.onnx, baseline.onnx, report.json
 
 Each stage records a *stamp* (a hash of the recipe sections and upstream stamps it depends on);
-``run`` skips a stage whose stamp is unchanged and whose outputs exist.
+``run`` skips a stage whose stamp is unchanged and whose outputs exist and are intact.
+
+Integrity: every artifact's SHA-256 is recorded in ``SHA256SUMS`` in its directory
+(:mod:`smcp_core.fsutil`).  A stage that reads a corrupt or truncated artifact stops with a one-line
+:class:`SmcpError` and leaves the file as it is; re-running the stage that produces it (or
+``smcp run --force``) re-creates it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import torch
 
 from . import __version__
 from .errors import GateFailed, SmcpError
-from .fsutil import atomic_torch_save, atomic_write_json, atomic_write_text, read_json
+from .fsutil import (atomic_torch_save, atomic_write_json, atomic_write_text, forget_checksum, load_torch,
+                     read_json, record_checksum, remove_artifact, verify_artifact)
 from .graph import ChannelGraph
 from .train import Reporter
 
@@ -123,17 +129,54 @@ def stamp(recipe, stage: str) -> str:
     return _h(sl, r["export"])
 
 
+# the files each stage writes (the first one carries the stage's stamp), with what they are
+STAGE_OUTPUTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "profile": (("latency.json", "latency table"),),
+    "prune": (("prune/summary.json", "prune summary"), ("prune/pruned.pt", "pruned checkpoint")),
+    "slim": (("slim/slim.json", "slim summary"), ("slim/weights.pt", "slim weights"),
+             ("slim/channel_spec.json", "channel spec"), ("slim/model.pt2", "torch.export program")),
+    "export": (("export/report.json", "export report"), ("export/model.onnx", "ONNX model"),
+               ("export/baseline.onnx", "baseline ONNX model")),
+}
+
+
+def _fix(stage: str) -> str:
+    return f"delete it and re-run `smcp {stage}` (or `smcp run --force`)"
+
+
 def up_to_date(recipe, out: Path, stage: str) -> bool:
-    f = {"profile": out / "latency.json", "prune": out / "prune" / "summary.json",
-         "slim": out / "slim" / "slim.json", "export": out / "export" / "report.json"}[stage]
+    """True when ``stage``'s outputs exist, are intact and were made from the same inputs.
+
+    A corrupt or truncated output raises :class:`SmcpError` (it is never silently re-created)."""
+    outputs = STAGE_OUTPUTS[stage]
+    f = out / outputs[0][0]
     if not f.exists():
         return False
-    try:
-        d = json.loads(f.read_text())
-    except (OSError, ValueError):
+    d = read_json(f, outputs[0][1], _fix(stage))
+    st = d.get("stamp") or (d.get("model") or {}).get("stamp") if isinstance(d, dict) else None
+    if st != stamp(recipe, stage):
         return False
-    st = d.get("stamp") or (d.get("model") or {}).get("stamp")
-    return st == stamp(recipe, stage)
+    for rel, what in outputs[1:]:
+        if not (out / rel).exists():
+            return False
+        verify_artifact(out / rel, what, _fix(stage))
+    return True
+
+
+def check_artifacts(out: Path) -> list[dict]:
+    """Verify every artifact present in a run directory (checksum, else structure); raises
+    :class:`SmcpError` on the first corrupt one.  Returns what was checked."""
+    from .fsutil import sha256_file
+
+    done = []
+    extra = (("prune", ("prune/checkpoint.pt", "prune checkpoint")), ("prune", ("prune/metrics.csv", "metrics")))
+    items = [(st, o) for st, outs in STAGE_OUTPUTS.items() for o in outs] + list(extra)
+    for st, (rel, what) in items:
+        p = out / rel
+        if p.exists():
+            verify_artifact(p, what, _fix(st))
+            done.append({"file": rel, "bytes": p.stat().st_size, "sha256": sha256_file(p)})
+    return done
 
 
 def write_resolved(recipe, out: Path) -> None:
@@ -227,10 +270,10 @@ def profile(recipe, out: Path, *, reporter: Reporter | None = None, force: bool 
     graph = build_graph(recipe, model)
     existing = None
     if path.exists() and not force:
-        try:
+        try:  # a corrupt cached table stops here: it is never silently replaced
             existing = LatencyTable.load(path)
-        except SmcpError:
-            existing = None
+        except SmcpError as exc:
+            raise SmcpError(f"{exc}; `smcp profile --force` re-measures it from scratch") from None
     t0 = time.perf_counter()
     sigs = [l.sig for l in graph.layers]
     table = measure_table(
@@ -298,7 +341,8 @@ def profile(recipe, out: Path, *, reporter: Reporter | None = None, force: bool 
         "seconds": {"layers": t_layers, "total": time.perf_counter() - t0},
         "stats": meas["stats"],
     }
-    table.save(path)
+    atomic_write_json(path, table.to_dict(), indent=1, checksum=True)
+    table.path = path
     return {"path": str(path), "layers": len(table), "baseline_ms": float(ys[0]), "scale": scale,
             "offset_ms": offset, "seconds": time.perf_counter() - t0,
             "calibration": table.model["calibration"]["points"]}
@@ -352,8 +396,6 @@ def prune(recipe, out: Path, *, reporter: Reporter | None = None, resume: bool =
                         "is implemented so far; remove the key or set it to 1.0")
     pdir = out / "prune"
     pdir.mkdir(parents=True, exist_ok=True)
-    if not resume and (pdir / "checkpoint.pt").exists():
-        (pdir / "checkpoint.pt").unlink()
     model = build_model(recipe)
     graph = build_graph(recipe, model)
     kind = "flops" if recipe.target_kind() == "flops_ratio" else "latency"
@@ -379,6 +421,9 @@ def prune(recipe, out: Path, *, reporter: Reporter | None = None, resume: bool =
             "widths (prune.min_channels, prune.channel_round, prune.layer_pruning)"
         )
     bundle = build_data(recipe)
+    if not resume:  # a fresh run, past every input check: the previous run's checkpoint and metrics go
+        remove_artifact(pdir / "checkpoint.pt")
+        remove_artifact(pdir / "metrics.csv")
     t0 = time.perf_counter()
     res = prune_train(recipe=recipe, model=model, graph=graph, cost=cost, target_cost=budget,
                       train_set=bundle.train, val_set=bundle.val, out_dir=pdir, resume=resume, reporter=rep,
@@ -391,7 +436,7 @@ def prune(recipe, out: Path, *, reporter: Reporter | None = None, resume: bool =
               for l, (ci, co) in zip(graph.layers, graph.widths(res.keep))]
     atomic_torch_save({"state_dict": res.state_dict,
                        "keep": res.keep.cpu(), "n_classes": graph.n_classes,
-                       "smcp_version": __version__}, pdir / "pruned.pt")
+                       "smcp_version": __version__}, pdir / "pruned.pt", checksum=True)
     summary = {
         "stamp": stamp(recipe, "prune"),
         "target": tdesc,
@@ -410,7 +455,7 @@ def prune(recipe, out: Path, *, reporter: Reporter | None = None, resume: bool =
         "layers": layers,
         "history": res.history,
     }
-    atomic_write_json(pdir / "summary.json", summary)
+    atomic_write_json(pdir / "summary.json", summary, checksum=True)
     return summary
 
 
@@ -422,10 +467,7 @@ def load_pruned(recipe, out: Path) -> tuple[torch.nn.Module, ChannelGraph, torch
     path = out / "prune" / "pruned.pt"
     if not path.exists():
         raise SmcpError(f"pruned checkpoint {path} not found; run `smcp prune` with the same --recipe/--out first")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise SmcpError(f"cannot read {path}: {str(exc).splitlines()[0]}; re-run `smcp prune`") from None
+    ck = load_torch(path, "pruned checkpoint", "re-run `smcp prune`", keys=("state_dict", "keep", "n_classes"))
     model = build_model(recipe, load_weights=False)
     graph = build_graph(recipe, model)
     if int(ck.get("n_classes", -1)) != graph.n_classes:
@@ -451,7 +493,8 @@ def slim(recipe, out: Path, *, reporter: Reporter | None = None) -> dict:
     tol = recipe.export.tolerance
     sdir = out / "slim"
     sdir.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save({k: v.detach().cpu() for k, v in slim_gm.state_dict().items()}, sdir / "weights.pt")
+    atomic_torch_save({k: v.detach().cpu() for k, v in slim_gm.state_dict().items()}, sdir / "weights.pt",
+                      checksum=True)
     spec = {
         "format": "smcp-channel-spec/1",
         "model": {"source": recipe.model.source, "kwargs": dict(recipe.model.kwargs or {}),
@@ -461,9 +504,11 @@ def slim(recipe, out: Path, *, reporter: Reporter | None = None) -> dict:
         "kept_classes": torch.nonzero(keep).flatten().tolist(),
         "layers": [{"name": l.name, "cin": ci, "cout": co} for l, (ci, co) in zip(graph.layers, graph.widths(keep))],
     }
-    atomic_write_json(sdir / "channel_spec.json", spec)
+    atomic_write_json(sdir / "channel_spec.json", spec, checksum=True)
     rep.log("saving torch.export program")
+    forget_checksum(sdir / "model.pt2")  # written by slim.export_program: record it afterwards
     export_program(slim_gm, example_input(recipe, 2), sdir / "model.pt2")
+    record_checksum(sdir / "model.pt2")
     flops_full, params_full = graph.flops_params()
     flops_kept, _ = graph.flops_params(keep)
     res = {
@@ -476,7 +521,7 @@ def slim(recipe, out: Path, *, reporter: Reporter | None = None) -> dict:
         "flops_full": flops_full,
         "seconds": t_slim,
     }
-    atomic_write_json(sdir / "slim.json", res)
+    atomic_write_json(sdir / "slim.json", res, checksum=True)
     if diff > tol:
         raise GateFailed(f"slim model differs from the masked model by {diff:.3g} (> tolerance {tol:g}); "
                          "please report this model")
@@ -507,10 +552,13 @@ def rebuild_slim(spec_path: Path, weights_path: Path) -> torch.nn.Module:
     keep = torch.zeros(graph.n_classes, dtype=torch.bool)
     keep[spec["kept_classes"]] = True
     gm = slim_model(model, graph, keep)
+    weights = load_torch(weights_path, "slim weights", "re-run `smcp slim`")
     try:
-        gm.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+        gm.load_state_dict(weights)
     except Exception as exc:  # noqa: BLE001
-        raise SmcpError(f"cannot load {weights_path}: {str(exc).splitlines()[0]}; re-run `smcp slim`") from None
+        from .fsutil import first_line
+
+        raise SmcpError(f"cannot load {weights_path}: {first_line(exc)}; re-run `smcp slim`") from None
     return gm.eval()
 
 
@@ -539,8 +587,12 @@ def export(recipe, out: Path, *, reporter: Reporter | None = None, trt: bool | N
     backend = recipe.export_backend()
     x = example_input(recipe, batch)
     rep.log("exporting ONNX (slim and baseline)")
+    for name in ("model.onnx", "baseline.onnx"):  # re-recorded once written (export_onnx is atomic)
+        forget_checksum(edir / name)
     onnx_slim = export_onnx(slim_m, x, edir / "model.onnx", opset=ec.opset, dynamic_batch=True)
+    record_checksum(onnx_slim)
     onnx_base = export_onnx(base, x, edir / "baseline.onnx", opset=ec.opset, dynamic_batch=True)
+    record_checksum(onnx_base)
     par = onnx_parity(slim_m, onnx_slim, example_input(recipe, max(2, min(batch, 8))))
     rep.log(f"measuring latency on {backend} (baseline and pruned interleaved, batch {batch})")
     if backend == "tensorrt":
@@ -598,7 +650,7 @@ def export(recipe, out: Path, *, reporter: Reporter | None = None, trt: bool | N
 
         eng = build_trt_engine(onnx_slim, edir / "model.engine", precision=ec.trt_precision, batch_size=batch)
         report["files"]["engine"] = str(eng)
-    atomic_write_json(edir / "report.json", report)
+    atomic_write_json(edir / "report.json", report, checksum=True)
     return report
 
 

@@ -34,6 +34,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -206,7 +207,7 @@ class ProfileConfig(_Section):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     layout: Literal["nchw", "channels_last"] = "nchw"
     channel_step: PosInt = 8
-    threads: PosInt | None = None
+    threads: Annotated[PosInt, Field(le=1024)] | None = None
     warmup: NonNegInt = 10
     min_runs: PosInt = 20
     max_seconds: PosFloat = 600.0
@@ -364,11 +365,21 @@ class ExportConfig(_Section):
         return list(dict.fromkeys(value))  # drop duplicates, keep order
 
 
+def _check_name(value: str) -> str:
+    # the name is the default output directory (runs/<name>): one plain path component
+    if value in (".", "..") or any(c in value for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise PydanticCustomError(
+            _VALUE_ERR, "must be a plain name without slashes or control characters (it names the default "
+            "output directory runs/<name>; use --out for another place)")
+    return value
+
+
 class Recipe(_Section):
     """A fully validated recipe. Build it with :func:`load_recipe`."""
 
-    name: Annotated[str, Field(min_length=1)] = "recipe"
-    seed: NonNegInt = 0
+    name: Annotated[str, Field(min_length=1), AfterValidator(_check_name)] = "recipe"
+    # torch, numpy and the data loaders all accept a 32-bit seed
+    seed: Annotated[NonNegInt, Field(le=2**32 - 1)] = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
@@ -583,6 +594,12 @@ def _apply_override(data: dict, item: str) -> None:
         value = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as err:
         raise SmcpError(f"--set {item}: cannot parse the value: {_yaml_error(err)}") from None
+    except RecursionError:
+        raise SmcpError(f"--set {item}: {_TOO_DEEP}") from None
+    try:
+        value = _copy_plain(value)
+    except SmcpError as err:
+        raise SmcpError(f"--set {item}: {err}") from None
 
     cls: Any = Recipe
     node = data
@@ -623,6 +640,9 @@ _VAR_BODY_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.S)
 
 
 def _expand_str(text: str, where: str, env: Mapping[str, str]) -> str:
+    if "\x00" in text:  # would only fail later, deep inside a file-system call
+        raise SmcpError(f"{where or 'recipe'}: contains a NUL character")
+
     def repl(m: re.Match) -> str:
         token = m.group(0)
         if token == "$$":
@@ -814,6 +834,8 @@ def load_recipe(
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as err:
         raise SmcpError(f"recipe {label}: {_yaml_error(err)}") from None
+    except RecursionError:
+        raise SmcpError(f"recipe {label}: {_TOO_DEEP}") from None
     if data is None:
         raise SmcpError(f"recipe {label}: the file is empty; expected a mapping with keys "
                         f"{', '.join(Recipe.model_fields)}")
@@ -826,6 +848,12 @@ def load_recipe(
                       default_name=path.stem)
     except SmcpError as err:
         raise SmcpError(f"recipe {label}: {err}") from None
+    except RecursionError:
+        raise SmcpError(f"recipe {label}: {_TOO_DEEP}") from None
+
+
+_TOO_DEEP = ("a value is nested too deeply or refers to itself (a recursive YAML alias such as "
+             "`&a [*a]`); recipes are plain mappings, lists and values")
 
 
 def _yaml_type(value: Any) -> str:
@@ -842,8 +870,8 @@ def _yaml_type(value: Any) -> str:
 
 def _build(data: dict, label: str, overrides: Sequence[str], env: Mapping[str, str], *,
            source: str | None, default_name: str) -> Recipe:
+    data = _copy_plain(data)  # first: it refuses self-referencing structures
     _check_keys(data, Recipe)
-    data = _copy_plain(data)
     _none_sections_to_empty(data, Recipe)
     for item in overrides:
         _apply_override(data, item)
@@ -860,12 +888,17 @@ def _build(data: dict, label: str, overrides: Sequence[str], env: Mapping[str, s
     return recipe
 
 
-def _copy_plain(value: Any) -> Any:
-    """Deep copy of plain YAML data (dicts and lists), so overrides never touch shared objects."""
-    if isinstance(value, dict):
-        return {k: _copy_plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy_plain(v) for v in value]
+def _copy_plain(value: Any, _active: frozenset = frozenset()) -> Any:
+    """Deep copy of plain YAML data (dicts and lists), so overrides never touch shared objects.
+
+    A structure that contains itself (a recursive YAML alias) is an error."""
+    if isinstance(value, (dict, list)):
+        if id(value) in _active:
+            raise SmcpError(_TOO_DEEP)
+        inner = _active | {id(value)}
+        if isinstance(value, dict):
+            return {k: _copy_plain(v, inner) for k, v in value.items()}
+        return [_copy_plain(v, inner) for v in value]
     return value
 
 

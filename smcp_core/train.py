@@ -2,7 +2,10 @@
 
 Checkpoints are written atomically at the end of every epoch; :func:`prune_train` with
 ``resume=True`` continues from the last one and, on CPU with the same recipe, reproduces the
-uninterrupted run exactly (data order is seeded per epoch, RNG states are saved).
+uninterrupted run exactly (data order is seeded per epoch, RNG states are saved).  After each
+checkpoint ``metrics.csv`` is rewritten (atomically) from the history stored in it, so a resumed run
+never duplicates rows.  A non-finite loss or weight stops the run before the checkpoint is written:
+the last good checkpoint stays as it was.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import SmcpError
-from .fsutil import atomic_torch_save
+from .fsutil import atomic_torch_save, load_torch
 from .graph import ChannelGraph
 from .importance import ImportanceTracker
 from .masking import Masker, masked_state_dict
 from .pruner import Allocator, CostModel, PruneConfigLite
+from .report import write_metrics_csv
 from .schedule import budget_at
 
 CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.csv"
 
 
 class Reporter:
@@ -176,10 +181,9 @@ def prune_train(
     last_progress = 0.0
     ck_path = out_dir / CHECKPOINT
     if resume and ck_path.exists():
-        try:
-            ck = torch.load(ck_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001
-            raise SmcpError(f"cannot read checkpoint {ck_path}: {str(exc).splitlines()[0]}; delete it to start over") from None
+        ck = load_torch(ck_path, "checkpoint", "delete it to start over (or run without --resume)",
+                        keys=("model", "optimizer", "mask", "importance", "epoch", "since_update", "history",
+                              "rng", "n_classes"))
         if ck.get("n_classes") != graph.n_classes:
             raise SmcpError(f"checkpoint {ck_path} was made for a different model; delete it or use another --out")
         model.load_state_dict(ck["model"])
@@ -194,6 +198,13 @@ def prune_train(
         if ck.get("scaler") and use_amp:
             scaler.load_state_dict(ck["scaler"])
         rep.log(f"resumed from {ck_path} at epoch {start_epoch}")
+
+    def _diverged(what: str, epoch: int, step: int | None) -> SmcpError:
+        at = f"epoch {epoch + 1} step {step}" if step is not None else f"the end of epoch {epoch + 1}"
+        where = (f"the last good checkpoint is {ck_path} (epoch {epoch}); lower prune.optimizer.lr and "
+                 "resume with --resume" if ck_path.exists() else
+                 "no checkpoint was written yet; lower prune.optimizer.lr and start again")
+        return SmcpError(f"{what} at {at}; {where}")
 
     def do_update(progress: float, epoch: int) -> dict:
         budget = budget_at(progress, full, target_cost, pc.schedule)
@@ -230,6 +241,7 @@ def prune_train(
         pruning = plan.warmup <= epoch < plan.prune_end_epoch and target_cost < full
         t_epoch = time.perf_counter()
         loss_sum, seen = 0.0, 0
+        correct = torch.zeros((), dtype=torch.long, device=device)
         step = 0
         lr = 0.0
         for step, (x, y) in enumerate(loader, start=1):
@@ -243,12 +255,11 @@ def prune_train(
             for gparam in opt.param_groups:
                 gparam["lr"] = lr
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = F.cross_entropy(model(x), y, label_smoothing=pc.label_smoothing)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=pc.label_smoothing)
             if not torch.isfinite(loss.detach()).all():
-                where = (f"the last good checkpoint is {ck_path} (epoch {epoch}); lower prune.optimizer.lr and "
-                         "resume with --resume" if ck_path.exists() else
-                         "no checkpoint was written yet; lower prune.optimizer.lr and start again")
-                raise SmcpError(f"loss became {float(loss.detach())} at epoch {epoch + 1} step {step}; {where}")
+                raise _diverged(f"loss became {float(loss.detach())}", epoch, step)
+            correct = correct + (logits.detach().argmax(1) == y).sum()
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if use_amp:
@@ -273,9 +284,18 @@ def prune_train(
             history.append(do_update(1.0, epoch))
             last_progress = 1.0
             since_update = 0
+        if not all(bool(torch.isfinite(p.detach()).all()) for p in model.parameters()):
+            raise _diverged("the weights became non-finite (inf/nan)", epoch, None)
+        keep_now = masker.keep().cpu()
+        budget_now = next((r["budget"] for r in reversed(history) if r.get("event") == "mask_update"), full)
         row = {"event": "epoch", "epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "lr": lr,
-               "seconds": time.perf_counter() - t_epoch, "cost": cost.total(masker.keep().cpu())}
+               "seconds": time.perf_counter() - t_epoch, "cost": cost.total(keep_now)}
         row["predicted"] = cost.calibrated(row["cost"])
+        row["train_top1"] = 100.0 * int(correct) / max(seen, 1)
+        row["budget"] = budget_now
+        row["budget_predicted"] = cost.calibrated(budget_now)
+        row["kept_classes"] = int(keep_now.sum())
+        row["total_classes"] = int(graph.n_classes)
         if val_loader is not None and (pc.eval_every and ((epoch + 1) % pc.eval_every == 0 or epoch + 1 == plan.epochs)):
             row["top1"] = evaluate(model, val_loader, device, channels_last=pc.channels_last)
         history.append(row)
@@ -286,7 +306,11 @@ def prune_train(
             "epoch": epoch + 1, "since_update": since_update, "last_progress": last_progress,
             "history": history, "rng": torch.get_rng_state(), "n_classes": graph.n_classes,
             "scaler": scaler.state_dict() if use_amp else None,
-        }, ck_path)
+        }, ck_path, checksum=True)
+        write_metrics_csv(out_dir / METRICS, history, unit=cost.unit)  # from the checkpointed history
+
+    # again after the loop: a run killed between its last checkpoint and the CSV resumes with no epoch left
+    write_metrics_csv(out_dir / METRICS, history, unit=cost.unit)
 
     keep = masker.keep().cpu()
     final_cost = cost.total(keep)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from smcp_cli.common import (JsonOpt, OutOpt, QuietOpt, RecipeOpt, RichReporter, SetOpt, console, emit,
-                             guarded, load, out_dir)
+                             guarded, load, locked, out_dir)
 
 
 def print_report(rep: dict) -> None:
@@ -52,11 +52,12 @@ def export(
     with guarded(as_json):
         r = load(recipe, set_)
         o = out_dir(r, out)
-        from smcp_core import pipeline
+        with locked(o, "export", create=False):  # missing run dir: the stage says what is missing
+            from smcp_core import pipeline
 
-        with RichReporter(quiet) as rep:
-            report = pipeline.export(r, o, reporter=rep, trt=trt)
-        if not quiet:
-            print_report(report)
-        emit({"ok": report["passed"], **report}, as_json)
-        pipeline.gate(report)
+            with RichReporter(quiet) as rep:
+                report = pipeline.export(r, o, reporter=rep, trt=trt)
+            if not quiet:
+                print_report(report)
+            emit({"ok": report["passed"], **report}, as_json)
+            pipeline.gate(report)

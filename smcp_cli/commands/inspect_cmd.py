@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from smcp_cli.common import SetOpt, console, emit, guarded
+from smcp_cli.common import JsonOpt, QuietOpt, SetOpt, console, emit, guarded
 
 
 def inspect(
@@ -15,7 +15,8 @@ def inspect(
     set_: Optional[list[str]] = SetOpt,
     input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W for a bare model source (default 3,224,224)."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classes for a bare model source."),
-    as_json: bool = typer.Option(False, "--json", help="Print the analysis as JSON on stdout."),
+    as_json: bool = JsonOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Show the channel groups of a model."""
     with guarded(as_json):
@@ -29,7 +30,7 @@ def inspect(
             r = load_recipe(t, list(set_ or []))
         else:
             extra = [f"model.source={t}", "model.checkpoint=null", "model.kwargs={}", "data.source=synthetic"]
-            if input_size:
+            if input_size is not None:
                 try:
                     c, h, w = (int(v) for v in input_size.split(","))
                 except ValueError:
@@ -37,14 +38,18 @@ def inspect(
                 extra.append(f"model.input_size=[{c},{h},{w}]")
             else:
                 extra.append("model.input_size=[3,224,224]" if not t.startswith("cifar/") else "model.input_size=[3,32,32]")
-            extra.append(f"model.num_classes={num_classes or (10 if t.startswith('cifar/') else 1000)}")
+            if num_classes is None:
+                num_classes = 10 if t.startswith("cifar/") else 1000
+            extra.append(f"model.num_classes={num_classes}")  # 0 or less: the recipe check says why
             r = load_recipe("quickstart", extra + list(set_ or []))
         model = pipeline.build_model(r, load_weights=False)
         g = pipeline.build_graph(r, model)
         s = g.summary()
         s["model"] = r.model.source
         if as_json:
-            emit(s, True)
+            emit({"ok": True, **s}, True)
+            return
+        if quiet:
             return
         from rich.table import Table
 

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from smcp_cli.common import (JsonOpt, OutOpt, QuietOpt, RecipeOpt, RichReporter, SetOpt, console, emit,
-                             guarded, load, out_dir)
+                             guarded, load, locked, out_dir)
 
 
 def profile(
@@ -28,26 +28,27 @@ def profile(
         extra = []
         if gpu:
             extra.append("profile.device=cuda")
-        if device:
+        if device is not None:
             extra.append(f"profile.device={device}")
-        if backend:
+        if backend is not None:
             extra.append(f"profile.backend={backend}")
-        if batch_size:
+        if batch_size is not None:  # 0 or less: the recipe check says why
             extra.append(f"profile.batch_size={batch_size}")
         r = load(recipe, set_, extra)
         o = out_dir(r, out)
-        from smcp_core import pipeline
+        with locked(o, "profile"):
+            from smcp_core import pipeline
 
-        pipeline.write_resolved(r, o)
-        with RichReporter(quiet) as rep:
-            res = pipeline.profile(r, o, reporter=rep, force=force)
-        if not quiet:
-            console.print(
-                f"[green]latency table[/green] {res['path']}: {res['layers']} layer shapes, baseline "
-                f"{res['baseline_ms']:.3f} ms on {r.profile.backend}/{r.profile.device} batch {r.profile.batch_size}; "
-                f"calibration: measured = {res['scale']:.3f} x table + {res['offset_ms']:.3f} ms ({res['seconds']:.0f}s)"
-            )
-            for p in res["calibration"]:
-                err = 100 * (p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"]
-                console.print(f"  {p['name']:<10} measured {p['measured_ms']:.3f} ms  predicted {p['predicted_ms']:.3f} ms ({err:+.1f}%)")
-        emit({"ok": True, **res}, as_json)
+            pipeline.write_resolved(r, o)
+            with RichReporter(quiet) as rep:
+                res = pipeline.profile(r, o, reporter=rep, force=force)
+            if not quiet:
+                console.print(
+                    f"[green]latency table[/green] {res['path']}: {res['layers']} layer shapes, baseline "
+                    f"{res['baseline_ms']:.3f} ms on {r.profile.backend}/{r.profile.device} batch {r.profile.batch_size}; "
+                    f"calibration: measured = {res['scale']:.3f} x table + {res['offset_ms']:.3f} ms ({res['seconds']:.0f}s)"
+                )
+                for p in res["calibration"]:
+                    err = 100 * (p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"]
+                    console.print(f"  {p['name']:<10} measured {p['measured_ms']:.3f} ms  predicted {p['predicted_ms']:.3f} ms ({err:+.1f}%)")
+            emit({"ok": True, **res}, as_json)

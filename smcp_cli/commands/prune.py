@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from smcp_cli.common import (JsonOpt, OutOpt, QuietOpt, RecipeOpt, RichReporter, SetOpt, console, emit,
-                             guarded, load, out_dir)
+                             guarded, load, locked, out_dir)
 
 
 def prune(
@@ -24,18 +24,19 @@ def prune(
     with guarded(as_json):
         r = load(recipe, set_)
         o = out_dir(r, out)
-        from smcp_core import pipeline
+        with locked(o, "prune"):
+            from smcp_core import pipeline
 
-        pipeline.write_resolved(r, o)
-        with RichReporter(quiet) as rep:
-            s = pipeline.prune(r, o, reporter=rep, resume=resume, force_table=force_table)
-        if not quiet:
-            t = s["target"]
-            pred = (f"predicted {s['predicted_ms']:.3f} ms ({s['predicted_speedup']:.2f}x)"
-                    if s.get("predicted_ms") is not None else f"cost {s['final_cost']:.4g} {s['cost_unit']}")
-            top1 = f", top-1 {s['top1']:.2f}%" if s.get("top1") is not None else ""
-            console.print(
-                f"[green]pruned[/green] to {pred} for target {t['kind']}={t['value']}; "
-                f"FLOPs x{s['flops_ratio']:.3f}, params x{s['params_ratio']:.3f}{top1} ({s['seconds']:.0f}s)"
-            )
-        emit({"ok": True, **{k: v for k, v in s.items() if k != "history"}}, as_json)
+            pipeline.write_resolved(r, o)
+            with RichReporter(quiet) as rep:
+                s = pipeline.prune(r, o, reporter=rep, resume=resume, force_table=force_table)
+            if not quiet:
+                t = s["target"]
+                pred = (f"predicted {s['predicted_ms']:.3f} ms ({s['predicted_speedup']:.2f}x)"
+                        if s.get("predicted_ms") is not None else f"cost {s['final_cost']:.4g} {s['cost_unit']}")
+                top1 = f", top-1 {s['top1']:.2f}%" if s.get("top1") is not None else ""
+                console.print(
+                    f"[green]pruned[/green] to {pred} for target {t['kind']}={t['value']}; "
+                    f"FLOPs x{s['flops_ratio']:.3f}, params x{s['params_ratio']:.3f}{top1} ({s['seconds']:.0f}s)"
+                )
+            emit({"ok": True, **{k: v for k, v in s.items() if k != "history"}}, as_json)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from smcp_cli.common import (JsonOpt, OutOpt, QuietOpt, RecipeOpt, RichReporter, SetOpt, console, emit,
-                             guarded, load, out_dir)
+                             guarded, load, locked, out_dir)
 from smcp_cli.commands.export import print_report
 
 
@@ -25,35 +25,36 @@ def run(
     with guarded(as_json):
         r = load(recipe, set_)
         o = out_dir(r, out)
-        from smcp_core import pipeline
+        with locked(o, "run"):
+            from smcp_core import pipeline
 
-        pipeline.write_resolved(r, o)
-        results: dict = {"out": str(o), "stages": {}}
-        with RichReporter(quiet) as rep:
-            for stage in pipeline.STAGES:
-                if not force and pipeline.up_to_date(r, o, stage):
-                    rep.log(f"{stage}: up to date, skipped")
-                    results["stages"][stage] = "skipped"
-                    continue
-                rep.log(f"[bold]{stage}[/bold]")
-                if stage == "profile":
-                    res = pipeline.profile(r, o, reporter=rep)
-                    rep.log(f"baseline {res['baseline_ms']:.3f} ms; table {res['path']}")
-                elif stage == "prune":
-                    res = pipeline.prune(r, o, reporter=rep)
-                    res = {k: v for k, v in res.items() if k not in ("history", "layers")}
-                elif stage == "slim":
-                    res = pipeline.slim(r, o, reporter=rep)
-                else:
-                    res = pipeline.export(r, o, reporter=rep, trt=trt)
-                results["stages"][stage] = "done"
-                results[stage] = res
-        from smcp_core.fsutil import read_json
+            pipeline.write_resolved(r, o)
+            results: dict = {"out": str(o), "stages": {}}
+            with RichReporter(quiet) as rep:
+                for stage in pipeline.STAGES:
+                    if not force and pipeline.up_to_date(r, o, stage):
+                        rep.log(f"{stage}: up to date, skipped")
+                        results["stages"][stage] = "skipped"
+                        continue
+                    rep.log(f"[bold]{stage}[/bold]")
+                    if stage == "profile":
+                        res = pipeline.profile(r, o, reporter=rep)
+                        rep.log(f"baseline {res['baseline_ms']:.3f} ms; table {res['path']}")
+                    elif stage == "prune":
+                        res = pipeline.prune(r, o, reporter=rep)
+                        res = {k: v for k, v in res.items() if k not in ("history", "layers")}
+                    elif stage == "slim":
+                        res = pipeline.slim(r, o, reporter=rep)
+                    else:
+                        res = pipeline.export(r, o, reporter=rep, trt=trt)
+                    results["stages"][stage] = "done"
+                    results[stage] = res
+            from smcp_core.fsutil import read_json
 
-        report = read_json(o / "export" / "report.json", "export report")
-        if not quiet:
-            print_report(report)
-            console.print(f"artifacts in {o}/ (report: {o / 'export' / 'report.json'})")
-        results["report"] = report
-        emit({"ok": report["passed"], **results}, as_json)
-        pipeline.gate(report)
+            report = read_json(o / "export" / "report.json", "export report")
+            if not quiet:
+                print_report(report)
+                console.print(f"artifacts in {o}/ (report: {o / 'export' / 'report.json'})")
+            results["report"] = report
+            emit({"ok": report["passed"], **results}, as_json)
+            pipeline.gate(report)

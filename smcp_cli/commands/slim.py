@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from smcp_cli.common import (JsonOpt, OutOpt, QuietOpt, RecipeOpt, RichReporter, SetOpt, console, emit,
-                             guarded, load, out_dir)
+                             guarded, load, locked, out_dir)
 
 
 def slim(
@@ -20,13 +20,14 @@ def slim(
     with guarded(as_json):
         r = load(recipe, set_)
         o = out_dir(r, out)
-        from smcp_core import pipeline
+        with locked(o, "slim", create=False):  # missing run dir: the stage says what is missing
+            from smcp_core import pipeline
 
-        with RichReporter(quiet) as rep:
-            s = pipeline.slim(r, o, reporter=rep)
-        if not quiet:
-            console.print(
-                f"[green]slim[/green] {o / 'slim'}: params {s['params_full']:,} -> {s['params']:,}, "
-                f"MACs {s['flops_full']:,} -> {s['flops']:,}; max |slim - masked| = {s['max_abs_diff']:.2e}"
-            )
-        emit({"ok": True, **s}, as_json)
+            with RichReporter(quiet) as rep:
+                s = pipeline.slim(r, o, reporter=rep)
+            if not quiet:
+                console.print(
+                    f"[green]slim[/green] {o / 'slim'}: params {s['params_full']:,} -> {s['params']:,}, "
+                    f"MACs {s['flops_full']:,} -> {s['flops']:,}; max |slim - masked| = {s['max_abs_diff']:.2e}"
+                )
+            emit({"ok": True, **s}, as_json)
