@@ -39,8 +39,14 @@ def out_dir(recipe, out: Optional[Path]) -> Path:
 def locked(o: Path, command: str, *, create: bool = True):
     """Exclusive lock on the run directory: a second smcp process writing into it fails at once
     (exit 1, one line); the OS releases the lock when the holder exits or is killed."""
+    import contextlib
+    import os
+
     from smcp_core.fsutil import run_lock
 
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 writes (and locks)
+        o.mkdir(parents=True, exist_ok=True)
+        return contextlib.nullcontext()
     return run_lock(o, "smcp " + command, create=create)
 
 

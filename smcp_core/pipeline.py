@@ -385,15 +385,17 @@ def target_budget(recipe, cost, table) -> tuple[float, dict]:
 
 
 def prune(recipe, out: Path, *, reporter: Reporter | None = None, resume: bool = False,
-          force_table: bool = False) -> dict:
+          force_table: bool = False, return_result: bool = False) -> dict:
+    """SMCP fine-tuning to the recipe's target.  Under ``torchrun`` every rank calls this; they
+    train data-parallel and only rank 0 writes artifacts.  ``return_result`` adds the in-memory
+    :class:`~smcp_core.train.TrainResult` under ``"result"`` (not written to disk)."""
+    from . import dist as D
     from .data import make_loader
     from .pruner import Allocator, CostModel, PruneConfigLite
     from .train import prune_train
 
     rep = reporter or Reporter()
-    if recipe.prune.cost_weight != 1.0:
-        raise SmcpError(f"prune.cost_weight = {recipe.prune.cost_weight}: only 1.0 (input-side cost attribution) "
-                        "is implemented so far; remove the key or set it to 1.0")
+    D.init_from_env(recipe.prune.device)
     pdir = out / "prune"
     pdir.mkdir(parents=True, exist_ok=True)
     model = build_model(recipe)
@@ -403,7 +405,8 @@ def prune(recipe, out: Path, *, reporter: Reporter | None = None, resume: bool =
     cost = CostModel(graph, kind, table)
     budget, tdesc = target_budget(recipe, cost, table)
     pc = recipe.prune
-    alloc = Allocator(graph, cost, PruneConfigLite(pc.channel_round, pc.min_channels, pc.layer_pruning, pc.stickiness))
+    alloc = Allocator(graph, cost, PruneConfigLite(pc.channel_round, pc.min_channels, pc.layer_pruning, pc.stickiness,
+                                                   cost_weight=pc.cost_weight))
     from .errors import InfeasibleTarget
 
     try:  # feasibility up front, with the real solver (importance not known yet: all zero)
@@ -421,9 +424,10 @@ def prune(recipe, out: Path, *, reporter: Reporter | None = None, resume: bool =
             "widths (prune.min_channels, prune.channel_round, prune.layer_pruning)"
         )
     bundle = build_data(recipe)
-    if not resume:  # a fresh run, past every input check: the previous run's checkpoint and metrics go
+    if not resume and D.is_main():  # a fresh run, past every input check: the previous run's checkpoint and metrics go
         remove_artifact(pdir / "checkpoint.pt")
         remove_artifact(pdir / "metrics.csv")
+    D.barrier()
     t0 = time.perf_counter()
     res = prune_train(recipe=recipe, model=model, graph=graph, cost=cost, target_cost=budget,
                       train_set=bundle.train, val_set=bundle.val, out_dir=pdir, resume=resume, reporter=rep,
@@ -434,9 +438,10 @@ def prune(recipe, out: Path, *, reporter: Reporter | None = None, resume: bool =
                "consumers": [graph.layers[i].name for i in g.consumers]} for g in graph.groups]
     layers = [{"name": l.name, "kind": l.kind, "cin": ci, "cout": co, "cin_full": l.sig.cin, "cout_full": l.sig.cout}
               for l, (ci, co) in zip(graph.layers, graph.widths(res.keep))]
-    atomic_torch_save({"state_dict": res.state_dict,
-                       "keep": res.keep.cpu(), "n_classes": graph.n_classes,
-                       "smcp_version": __version__}, pdir / "pruned.pt", checksum=True)
+    if D.is_main():
+        atomic_torch_save({"state_dict": res.state_dict,
+                           "keep": res.keep.cpu(), "n_classes": graph.n_classes,
+                           "smcp_version": __version__}, pdir / "pruned.pt", checksum=True)
     summary = {
         "stamp": stamp(recipe, "prune"),
         "target": tdesc,
@@ -454,8 +459,13 @@ def prune(recipe, out: Path, *, reporter: Reporter | None = None, resume: bool =
         "groups": groups,
         "layers": layers,
         "history": res.history,
+        "world_size": D.world(),
     }
-    atomic_write_json(pdir / "summary.json", summary, checksum=True)
+    if D.is_main():
+        atomic_write_json(pdir / "summary.json", summary, checksum=True)
+    D.barrier()
+    if return_result:
+        summary = dict(summary, result=res)
     return summary
 
 

@@ -273,7 +273,7 @@ class LrScheduleConfig(_Section):
 
 
 class ImportanceConfig(_Section):
-    type: Literal["taylor", "weight"] = "taylor"
+    type: Literal["taylor", "weight", "bn_taylor"] = "taylor"
     accumulate: Literal["latest", "momentum", "average"] = "momentum"
     momentum: Fraction = 0.9
 
@@ -295,7 +295,9 @@ class PruneConfig(_Section):
     cooldown_epochs: NonNegInt = 3
     update_interval_samples: PosInt = 10240
     schedule: Literal["exp", "geometric", "linear"] = "exp"
-    masking: Literal["soft", "hard"] = "soft"
+    masking: Literal["soft", "hard", "permanent"] = "soft"
+    # rescale the batch norm after a conv by the kept fraction of its inputs (or of their importance)
+    bn_rescaling: Literal["off", "kept_fraction", "kept_importance"] = "off"
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     lr_schedule: LrScheduleConfig = Field(default_factory=LrScheduleConfig)
     label_smoothing: Fraction = 0.1
@@ -311,8 +313,13 @@ class PruneConfig(_Section):
     max_steps: PosInt | None = None
     eval_every: PosInt = 1
     amp: bool = False
+    amp_dtype: Literal["float16", "bfloat16"] = "float16"
     channels_last: bool = False
     device: Device = "cpu"
+    # data-parallel training under torchrun: batch norm statistics over all ranks
+    sync_bn: bool = False
+    # optimizer step every N batches (effective batch = data.batch_size x N x world size)
+    grad_accum: PosInt = 1
 
     @field_validator("device")
     @classmethod

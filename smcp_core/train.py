@@ -10,6 +10,7 @@ the last good checkpoint stays as it was.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import dist as D
+from .bnscale import BNScaler
 from .errors import SmcpError
 from .fsutil import atomic_torch_save, load_torch
 from .graph import ChannelGraph
@@ -124,6 +127,12 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, channels_last: b
     return 100.0 * correct / max(total, 1)
 
 
+def _sync_buffers(model: nn.Module) -> None:
+    if D.active():
+        for b in model.buffers():
+            D.broadcast_(b)
+
+
 def prune_train(
     *,
     recipe,
@@ -143,7 +152,7 @@ def prune_train(
     rep = reporter or Reporter()
     pc = recipe.prune
     dc = recipe.data
-    device = torch.device(pc.device)
+    device = D.local_device(pc.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SmcpError(f"prune.device is {pc.device} but CUDA is not available; set --set prune.device=cpu")
     out_dir = Path(out_dir)
@@ -153,22 +162,41 @@ def prune_train(
     model.to(device)
     if pc.channels_last:
         model.to(memory_format=torch.channels_last)
+    world = D.world()
+
+    def host_check(step: int) -> bool:
+        return device.type != "cuda" or step % 20 == 0
+
+    if pc.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same module names: masks still apply
     masker = Masker(model, graph, mode=pc.masking)
     masker.to(device)
+    bn_scaler = BNScaler(model, graph, pc.bn_rescaling).to(device)
     tracker = ImportanceTracker(masker, kind=pc.importance.type, accumulate=pc.importance.accumulate,
                                 momentum=pc.importance.momentum)
-    alloc = Allocator(graph, cost, PruneConfigLite(pc.channel_round, pc.min_channels, pc.layer_pruning, pc.stickiness))
+    alloc = Allocator(graph, cost, PruneConfigLite(pc.channel_round, pc.min_channels, pc.layer_pruning, pc.stickiness,
+                                                   cost_weight=pc.cost_weight))
     opt = torch.optim.SGD(_param_groups(model, pc.optimizer.weight_decay), lr=pc.optimizer.lr,
                           momentum=pc.optimizer.momentum, nesterov=pc.optimizer.nesterov)
     use_amp = bool(pc.amp) and device.type == "cuda"
-    amp_dtype = torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    amp_dtype = torch.bfloat16 if pc.amp_dtype == "bfloat16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    # data parallel: the model is wrapped for the forward/backward; ``model`` stays the plain module
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        fwd = model
     bs = dc.batch_size
+    accum = pc.grad_accum
     n_train = len(train_set)
-    steps_per_epoch = max(1, n_train // bs) if n_train >= bs else 1
+    n_local = n_train // world if world > 1 else n_train  # each rank reads its own share
+    steps_per_epoch = max(1, n_local // (bs * accum)) if n_local >= bs * accum else 1
     if pc.max_steps:
         steps_per_epoch = min(steps_per_epoch, pc.max_steps)
-    interval_steps = max(1, math.ceil(pc.update_interval_samples / bs))
+    # the update interval is in samples of the global batch: every rank updates at the same step
+    interval_steps = max(1, math.ceil(pc.update_interval_samples / (bs * accum * world)))
     plan = PhasePlan(pc.epochs, pc.warmup_epochs, pc.ramp_epochs, pc.cooldown_epochs, steps_per_epoch, bs, interval_steps)
     val_loader = make_loader(val_set, batch_size=max(bs, 64), shuffle=False, seed=recipe.seed) if val_set is not None else None
 
@@ -190,6 +218,9 @@ def prune_train(
         opt.load_state_dict(ck["optimizer"])
         masker.set_keep(ck["mask"])
         tracker.load_state_dict(ck["importance"])
+        if ck.get("bn_scales") is not None and bn_scaler.items:
+            for (bn, _), sc in zip(bn_scaler.items, ck["bn_scales"]):
+                bn.parametrizations.weight[0].s.fill_(float(sc))
         start_epoch = int(ck["epoch"])
         since_update = int(ck["since_update"])
         last_progress = float(ck.get("last_progress", 0.0))
@@ -209,9 +240,12 @@ def prune_train(
     def do_update(progress: float, epoch: int) -> dict:
         budget = budget_at(progress, full, target_cost, pc.schedule)
         t0 = time.perf_counter()
-        res = alloc.solve(tracker.scores(), budget, masker.keep())
+        scores = D.all_reduce_mean_(tracker.scores().detach().clone())  # identical on every rank
+        res = alloc.solve(scores, budget, masker.keep())
+        keep = D.broadcast_(res.keep.to(device=scores.device, dtype=torch.uint8)).cpu().bool()
         dt = time.perf_counter() - t0
-        masker.set_keep(res.keep)
+        masker.set_keep(keep)
+        bn_scaler.update(keep, scores)
         tracker.reset()
         row = {"event": "mask_update", "epoch": epoch, "progress": round(progress, 4), "budget": budget,
                "cost": res.cost, "predicted": cost.calibrated(res.cost),
@@ -227,7 +261,7 @@ def prune_train(
             if i >= max(1, min(steps_per_epoch, 8)):
                 break
             x, y = x.to(device), y.to(device)
-            loss = F.cross_entropy(model(x), y, label_smoothing=pc.label_smoothing)
+            loss = F.cross_entropy(fwd(x), y, label_smoothing=pc.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             tracker.update()
@@ -237,40 +271,55 @@ def prune_train(
 
     for epoch in range(start_epoch, plan.epochs):
         model.train()
-        loader = make_loader(train_set, batch_size=bs, shuffle=True, seed=recipe.seed + epoch, drop_last=n_train >= bs)
+        loader = make_loader(train_set, batch_size=bs, shuffle=True, seed=recipe.seed + epoch,
+                             drop_last=n_local >= bs, **({"shard": True} if world > 1 else {}))
+        batches = iter(loader)
         pruning = plan.warmup <= epoch < plan.prune_end_epoch and target_cost < full
         t_epoch = time.perf_counter()
         loss_sum, seen = 0.0, 0
         correct = torch.zeros((), dtype=torch.long, device=device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         step = 0
         lr = 0.0
-        for step, (x, y) in enumerate(loader, start=1):
-            if step > steps_per_epoch:
+        for step in range(1, steps_per_epoch + 1):
+            micro = []
+            for _ in range(accum):
+                try:
+                    micro.append(next(batches))
+                except StopIteration:
+                    break
+            if len(micro) < accum:
                 step -= 1
                 break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if pc.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
             lr = _lr_at(pc, pc.optimizer.lr, epoch + (step - 1) / steps_per_epoch, plan.epochs)
             for gparam in opt.param_groups:
                 gparam["lr"] = lr
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=pc.label_smoothing)
-            if not torch.isfinite(loss.detach()).all():
-                raise _diverged(f"loss became {float(loss.detach())}", epoch, step)
-            correct = correct + (logits.detach().argmax(1) == y).sum()
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if use_amp:
+            for i, (x, y) in enumerate(micro):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if pc.channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                # gradients are all-reduced across ranks once per optimizer step, at the last micro-batch
+                sync = contextlib.nullcontext() if (world == 1 or i == accum - 1) else fwd.no_sync()
+                with sync:
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                        logits = fwd(x)
+                        loss = F.cross_entropy(logits, y, label_smoothing=pc.label_smoothing)
+                    # the finiteness check reads the loss on the host: every step on CPU (free), every
+                    # 20th on a GPU so that the hot path does not wait for the device
+                    if host_check(step) and not torch.isfinite(loss.detach()).all():
+                        raise _diverged(f"loss became {float(loss.detach())}", epoch, step)
+                    scaler.scale(loss / accum if accum > 1 else loss).backward()
+                correct = correct + (logits.detach().argmax(1) == y).sum()
+                loss_sum = loss_sum + loss.detach().float() * x.shape[0]
+                seen += x.shape[0]
+            if scaler.is_enabled():
                 scaler.unscale_(opt)
             if pruning:
                 tracker.update()
             masker.apply_pruned_decay(pc.pruned_decay)
             scaler.step(opt)
             scaler.update()
-            loss_sum += float(loss.detach()) * x.shape[0]
-            seen += x.shape[0]
             if pruning:
                 since_update += 1
                 prog = plan.progress(epoch, step)
@@ -278,7 +327,9 @@ def prune_train(
                     history.append(do_update(prog, epoch))
                     last_progress = prog
                     since_update = 0
-            rep.progress("epoch", step, steps_per_epoch, f"epoch {epoch + 1}/{plan.epochs} loss {loss_sum / max(seen, 1):.3f}")
+            if host_check(step) or step == steps_per_epoch:
+                rep.progress("epoch", step, steps_per_epoch,
+                             f"epoch {epoch + 1}/{plan.epochs} loss {float(loss_sum) / max(seen, 1):.3f}")
         if pruning and epoch == plan.prune_end_epoch - 1 and (last_progress < 1.0 or since_update > 0):
             # the last update of the pruning window is always at the full target
             history.append(do_update(1.0, epoch))
@@ -286,9 +337,10 @@ def prune_train(
             since_update = 0
         if not all(bool(torch.isfinite(p.detach()).all()) for p in model.parameters()):
             raise _diverged("the weights became non-finite (inf/nan)", epoch, None)
+        _sync_buffers(model)  # batch-norm statistics of rank 0 everywhere (no-op in one process)
         keep_now = masker.keep().cpu()
         budget_now = next((r["budget"] for r in reversed(history) if r.get("event") == "mask_update"), full)
-        row = {"event": "epoch", "epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "lr": lr,
+        row = {"event": "epoch", "epoch": epoch + 1, "loss": float(loss_sum) / max(seen, 1), "lr": lr,
                "seconds": time.perf_counter() - t_epoch, "cost": cost.total(keep_now)}
         row["predicted"] = cost.calibrated(row["cost"])
         row["train_top1"] = 100.0 * int(correct) / max(seen, 1)
@@ -300,17 +352,21 @@ def prune_train(
             row["top1"] = evaluate(model, val_loader, device, channels_last=pc.channels_last)
         history.append(row)
         rep.metrics(row)
+        if not D.is_main():
+            continue
         atomic_torch_save({
             "model": model.state_dict(), "optimizer": opt.state_dict(),
             "mask": masker.class_mask.detach().cpu(), "importance": tracker.state_dict(),
             "epoch": epoch + 1, "since_update": since_update, "last_progress": last_progress,
             "history": history, "rng": torch.get_rng_state(), "n_classes": graph.n_classes,
-            "scaler": scaler.state_dict() if use_amp else None,
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "bn_scales": bn_scaler.scales() or None,
         }, ck_path, checksum=True)
         write_metrics_csv(out_dir / METRICS, history, unit=cost.unit)  # from the checkpointed history
 
     # again after the loop: a run killed between its last checkpoint and the CSV resumes with no epoch left
-    write_metrics_csv(out_dir / METRICS, history, unit=cost.unit)
+    if D.is_main():
+        write_metrics_csv(out_dir / METRICS, history, unit=cost.unit)
 
     keep = masker.keep().cpu()
     final_cost = cost.total(keep)
@@ -326,6 +382,7 @@ def prune_train(
             break
     if final_top1 is None and val_loader is not None:
         final_top1 = evaluate(model, val_loader, device, channels_last=pc.channels_last)
+    bn_scaler.bake()  # gamma_orig * s into plain parameters before the weights are handed over
     state = {k: v.detach().cpu().clone() for k, v in masked_state_dict(model, masker).items()}
     return TrainResult(keep=keep, history=history, final_top1=final_top1, target_cost=target_cost,
                        final_cost=final_cost, full_cost=full, unit=cost.unit, state_dict=state)

@@ -342,7 +342,7 @@ def test_wrong_types(override, key, words):
 
 def test_literal_message_exact():
     msg = error("quickstart", ["prune.masking=sofft"])
-    assert msg == "recipe quickstart.yaml: prune.masking = 'sofft': must be one of soft, hard"
+    assert msg == "recipe quickstart.yaml: prune.masking = 'sofft': must be one of soft, hard, permanent"
 
 
 @pytest.mark.parametrize("override,key,words", [

@@ -27,7 +27,13 @@ def prune(
         with locked(o, "prune"):
             from smcp_core import pipeline
 
-            pipeline.write_resolved(r, o)
+            import os
+
+            rank = int(os.environ.get("RANK", "0"))
+            if rank > 0:  # torchrun: the other ranks train silently, rank 0 reports and writes
+                quiet = True
+            else:
+                pipeline.write_resolved(r, o)
             with RichReporter(quiet) as rep:
                 s = pipeline.prune(r, o, reporter=rep, resume=resume, force_table=force_table)
             if not quiet:
@@ -39,4 +45,5 @@ def prune(
                     f"[green]pruned[/green] to {pred} for target {t['kind']}={t['value']}; "
                     f"FLOPs x{s['flops_ratio']:.3f}, params x{s['params_ratio']:.3f}{top1} ({s['seconds']:.0f}s)"
                 )
-            emit({"ok": True, **{k: v for k, v in s.items() if k != "history"}}, as_json)
+            if rank == 0:
+                emit({"ok": True, **{k: v for k, v in s.items() if k != "history"}}, as_json)
