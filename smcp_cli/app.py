@@ -45,8 +45,16 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+                                       help="Print the version and exit."),
+          trust_checkpoint: bool = typer.Option(
+              False, "--trust-checkpoint",
+              help="Allow model.checkpoint files that need full unpickling (runs code from the file: only for "
+                   "files you trust). Default: torch.load(weights_only=True).")) -> None:
     """smcp: Soft Masking for Cost-Constrained Channel Pruning, from recipe to measured deployment."""
+    if trust_checkpoint:
+        import os
+
+        os.environ["SMCP_TRUST_CHECKPOINT"] = "1"
 
 
 def _usage_error(msg: str, argv: list[str], code: int = 1, kind: str = "usage") -> None:

@@ -23,6 +23,8 @@ Integrity: every artifact's SHA-256 is recorded in ``SHA256SUMS`` in its directo
 
 from __future__ import annotations
 
+import os
+
 import hashlib
 import json
 import time
@@ -64,7 +66,12 @@ def num_classes(recipe) -> int | None:
     return _DEFAULT_CLASSES.get(recipe.data.source)
 
 
-def build_model(recipe, *, load_weights: bool = True, trust: bool = False) -> torch.nn.Module:
+def build_model(recipe, *, load_weights: bool = True, trust: bool | None = None) -> torch.nn.Module:
+    """The recipe's model with its checkpoint loaded.  ``trust`` (default: the environment variable
+    ``SMCP_TRUST_CHECKPOINT=1``, set by ``smcp --trust-checkpoint``) allows checkpoints that need full
+    unpickling; otherwise they load with ``weights_only=True``."""
+    if trust is None:
+        trust = os.environ.get("SMCP_TRUST_CHECKPOINT") == "1"
     from .models import build_model as _build, load_checkpoint
 
     torch.manual_seed(recipe.seed)  # from-scratch initial weights depend on the recipe only

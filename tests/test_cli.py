@@ -260,3 +260,26 @@ def test_gate_failure_prints_one_json_document(e2e, tmp_path):
     assert "error: target missed" in res.stderr
     doc = json.loads(res.stdout)
     assert doc["ok"] is False
+
+
+def test_pickled_checkpoint_needs_trust_checkpoint(tmp_path):
+    """Checkpoints load with weights_only=True; one that needs unpickling is refused with a hint
+    and accepted only with the explicit --trust-checkpoint flag."""
+    import argparse
+
+    import torch
+
+    from smcp_core.models import build_model
+
+    m = build_model("cifar/resnet20", num_classes=10, kwargs={"in_channels": 1})
+    ck = tmp_path / "pickled.pt"
+    torch.save({"state_dict": m.state_dict(), "args": argparse.Namespace(lr=0.1)}, ck)
+    args = sets([f"model.checkpoint={ck}", "prune.target.flops_ratio=0.8", "data.train_subset=64",
+                 "data.val_subset=32", "data.batch_size=32", "prune.epochs=1", "prune.warmup_epochs=0",
+                 "prune.ramp_epochs=0", "prune.cooldown_epochs=1", "prune.max_steps=1"])
+    proc = smcp("prune", *args, "--out", str(tmp_path / "a"), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "--trust-checkpoint" in assert_one_error_line(proc)
+    proc = smcp("--trust-checkpoint", "prune", *args, "--out", str(tmp_path / "b"), "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "b" / "prune" / "pruned.pt").exists()
