@@ -1,4 +1,4 @@
-"""The `smcp` command: profile, prune, slim, export, run, inspect, report.
+"""The `smcp` command: profile, prune, slim, export, run, inspect, report, compare.
 
 Exit codes: 0 success; 1 bad input (recipe, file, model, arguments) with one line on stderr;
 2 a validation gate failed (target missed, parity out of tolerance); 3 internal error;
@@ -11,6 +11,7 @@ import sys
 
 import typer
 
+from smcp_cli.commands.compare import compare
 from smcp_cli.commands.export import export
 from smcp_cli.commands.inspect_cmd import inspect
 from smcp_cli.commands.profile import profile
@@ -33,6 +34,7 @@ app.command("export")(export)
 app.command("run")(run)
 app.command("inspect")(inspect)
 app.command("report")(report)
+app.command("compare")(compare)
 
 
 def _version(value: bool) -> None:

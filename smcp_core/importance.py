@@ -14,6 +14,11 @@ estimate of zeroing that channel's normalised output; the numbers of all convs w
 added.  It scores a class by its producers' outputs, so a class whose producers have no batch norm
 after them scores 0 (HALP leaves such layers alone).
 
+Filter norms (``l1_filter`` / ``l2_filter``, for the ``l1`` and ``sfp`` methods): a class scores the
+sum, over the conv/linear layers that *write* it, of the L1 / L2 norm of its output filter
+``W[o]`` (dense weight).  They are read from the current weights when the scores are asked for:
+no gradient and no accumulation.
+
 Accumulators: ``latest`` (the last step only), ``momentum`` (EMA, reset after each mask update),
 ``average`` (mean since the last mask update).
 
@@ -43,7 +48,7 @@ class ImportanceTracker:
         accumulate: str = "momentum",
         momentum: float = 0.9,
     ) -> None:
-        if kind not in ("taylor", "weight", "bn_taylor"):
+        if kind not in ("taylor", "weight", "bn_taylor", "l1_filter", "l2_filter"):
             raise ValueError(kind)
         if accumulate not in ("latest", "momentum", "average"):
             raise ValueError(accumulate)
@@ -91,6 +96,10 @@ class ImportanceTracker:
     def step_scores(self) -> torch.Tensor:
         """This step's per-class score (call after backward, before pruned decay is added)."""
         cm = self.masker.class_mask
+        if self.kind in ("l1_filter", "l2_filter"):
+            from .methods import FILTER_KINDS, filter_norms
+
+            return filter_norms(self.masker, FILTER_KINDS[self.kind])
         total = torch.zeros_like(self.acc)
         if self.kind == "bn_taylor":
             for bn, lout in self._bns:
@@ -125,6 +134,9 @@ class ImportanceTracker:
 
     @torch.no_grad()
     def update(self) -> None:
+        if self.kind in ("l1_filter", "l2_filter"):  # read from the weights when asked for
+            self.count += 1
+            return
         s = torch.where(self.removed, self.held, self.step_scores())
         if self.accumulate == "latest" or self.count == 0:
             self.acc.copy_(s)
@@ -135,7 +147,10 @@ class ImportanceTracker:
         self.count += 1
 
     def scores(self) -> torch.Tensor:
-        """Accumulated scores; right after a reset (no step since), the previous window's."""
+        """Accumulated scores; right after a reset (no step since), the previous window's.  Filter
+        norms are computed from the current weights."""
+        if self.kind in ("l1_filter", "l2_filter"):
+            return self.step_scores()
         if self.count == 0 and self.last is not None:
             return self.last
         return self.acc

@@ -107,6 +107,7 @@ class SolveResult:
     value: float
     iterations: int
     widths: dict[int, int]  # group index -> kept classes
+    fraction: float | None = None  # the common kept fraction (solve_uniform only)
 
 
 class Allocator:
@@ -137,6 +138,7 @@ class Allocator:
         self.cfg = cfg
         self.full_keep = graph.full_keep()
         self.full_cost = cost.total(self.full_keep)
+        self._cap: dict[int, int] | None = None  # per-group width caps of a monotone solve
         G = len(graph.groups)
         local = torch.full((graph.n_classes,), -1, dtype=torch.long)
         for g in graph.groups:
@@ -211,6 +213,9 @@ class Allocator:
             ks = {g.size}
         if self.cfg.layer_pruning and g.removable and g.n_frozen == 0:
             ks.add(0)
+        if self._cap is not None and g.index in self._cap:
+            # monotone solve: never wider than the group is now (its pruned classes sort last)
+            ks = {k for k in ks if k <= self._cap[g.index]} or {min(ks)}
         return torch.tensor(sorted(ks))
 
     def min_cost(self) -> float:
@@ -359,9 +364,28 @@ class Allocator:
             keep = self._set_width(keep, g, int(self.grid(g, n_mand)[0]), order)
         return keep
 
+    def _monotone(self, scores: torch.Tensor, keep_now: torch.Tensor) -> tuple[torch.Tensor, dict[int, int]]:
+        """Scores with every currently pruned class at -inf (it sorts last and adds no value) and
+        each prunable group's current width as its cap: a solution then keeps a subset of what is
+        kept now (HALP-style permanent pruning)."""
+        s = scores.detach().to(torch.float64).cpu().clone()
+        k = keep_now.detach().cpu().bool()
+        s[~k] = float("-inf")
+        cap = {g.index: int(k[g.classes].sum()) for g in self.graph.groups if g.prunable}
+        return s, cap
+
     def solve(self, scores: torch.Tensor, budget: float, keep_now: torch.Tensor, *,
-              rounds: int = 2, inner: int = 3) -> SolveResult:
-        """Masks maximising kept importance with true layer-sum cost <= budget."""
+              rounds: int = 2, inner: int = 3, monotone: bool = False) -> SolveResult:
+        """Masks maximising kept importance with true layer-sum cost <= budget.  With
+        ``monotone`` the result keeps a subset of ``keep_now`` (a pruned class never returns)."""
+        if monotone:
+            scores, cap = self._monotone(scores, keep_now)
+            self._cap = cap
+            try:
+                res = self.solve(scores, budget, keep_now, rounds=rounds, inner=inner)
+            finally:
+                self._cap = None
+            return res
         state = {"n": 0}
         cache: dict = {}
         scores_c = scores.detach().to(torch.float64).cpu()
@@ -419,6 +443,73 @@ class Allocator:
         best.iterations = state["n"]
         best.widths = self._widths(best.keep)
         return best
+
+    def solve_uniform(self, scores: torch.Tensor, budget: float, keep_now: torch.Tensor | None = None, *,
+                      monotone: bool = False, iters: int = 48) -> SolveResult:
+        """The same kept fraction ``f`` in every prunable group: group ``g`` keeps the grid width
+        (multiple of ``channel_round`` or the full width, at least ``min_channels`` and the
+        mandatory classes) nearest to ``f * size`` (ties: the smaller), its classes chosen by
+        ``scores`` as in :meth:`solve`.  ``f`` is the largest fraction, found by bisection, whose
+        true layer-sum cost meets ``budget``.  Uniform allocation never removes a whole group.
+        With ``monotone`` (and ``keep_now``) widths are capped at the current ones and only
+        currently kept classes can be kept."""
+        if monotone and keep_now is not None:
+            scores_c, cap = self._monotone(scores, keep_now)
+        else:
+            scores_c, cap = scores.detach().to(torch.float64).cpu(), None
+        self._cap = cap
+        try:
+            plan = []
+            for g in self.graph.groups:
+                if not g.prunable:
+                    continue
+                order, _, _, n_mand = self._order(g, scores_c)
+                grid = self.grid(g, n_mand)
+                nz = grid[grid > 0]
+                plan.append((g, order, nz if nz.numel() else grid))
+        finally:
+            self._cap = None
+
+        def keep_at(f: float) -> torch.Tensor:
+            keep = self.full_keep.clone()
+            for g, order, grid in plan:
+                j = int(torch.argmin((grid.to(torch.float64) - f * g.size).abs()))  # first = smaller on ties
+                keep[g.classes] = False
+                keep[g.classes[order[: int(grid[j])]]] = True
+            return keep
+
+        lo_keep = keep_at(0.0)
+        lo_cost = self.cost.total(lo_keep)
+        if lo_cost > budget * (1 + 1e-9):
+            raise InfeasibleTarget(
+                f"cost budget {budget:.4g} {self.cost.unit} is below the minimum reachable "
+                f"{lo_cost:.4g} {self.cost.unit} with the same fraction kept in every group (every prunable "
+                "group at its smallest width); lower the target or allow smaller widths "
+                "(prune.min_channels, prune.channel_round)")
+        hi_keep = keep_at(1.0)
+        hi_cost = self.cost.total(hi_keep)
+        n = 2
+        if hi_cost <= budget * (1 + 1e-9):
+            f, keep, cost = 1.0, hi_keep, hi_cost
+        else:
+            lo, hi = 0.0, 1.0
+            keep, cost = lo_keep, lo_cost
+            for _ in range(iters):
+                mid = 0.5 * (lo + hi)
+                k = keep_at(mid)
+                c = self.cost.total(k)
+                n += 1
+                if c <= budget * (1 + 1e-9):
+                    lo, keep, cost = mid, k, c
+                else:
+                    hi = mid
+                if hi - lo < 1e-4:
+                    break
+            f = lo
+        sc = scores_c.clone()
+        sc[~torch.isfinite(sc)] = 0.0
+        value = float(sc[keep & ~self.graph.class_frozen].sum())
+        return SolveResult(keep, budget, cost, value, n, self._widths(keep), fraction=f)
 
     def _widths(self, keep: torch.Tensor) -> dict[int, int]:
         return {g.index: int(keep[g.classes].sum()) for g in self.graph.groups}

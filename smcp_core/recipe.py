@@ -41,6 +41,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -273,7 +274,7 @@ class LrScheduleConfig(_Section):
 
 
 class ImportanceConfig(_Section):
-    type: Literal["taylor", "weight", "bn_taylor"] = "taylor"
+    type: Literal["taylor", "weight", "bn_taylor", "l1_filter", "l2_filter"] = "taylor"
     accumulate: Literal["latest", "momentum", "average"] = "momentum"
     momentum: Fraction = 0.9
 
@@ -285,7 +286,9 @@ def _default_target() -> TargetConfig:
 class PruneConfig(_Section):
     """The SMCP schedule and the fine-tuning that goes with it."""
 
-    method: Literal["smcp"] = "smcp"
+    # smcp (default), or a classic baseline through the same graph/cost/slim/export: halp, l1, sfp,
+    # uniform (smcp_core.methods; a method's preset replaces keys left at their schema default)
+    method: Literal["smcp", "halp", "l1", "sfp", "uniform"] = "smcp"
     target: TargetConfig = Field(default_factory=_default_target)
     # aim this fraction below the target latency (or FLOPs) to absorb the table's prediction error
     target_margin: Annotated[Float, Field(ge=0, lt=0.5)] = 0.03
@@ -344,6 +347,20 @@ class PruneConfig(_Section):
             raise PydanticCustomError(
                 _REL_ERR, "lr_schedule.min_lr = {m} is above optimizer.lr = {lr}",
                 {"m": _fmt_num(self.lr_schedule.min_lr), "lr": _fmt_num(self.optimizer.lr)})
+        return self
+
+    @model_validator(mode="after")
+    def _method_preset(self, info: ValidationInfo) -> PruneConfig:
+        # the settings a baseline method implies (smcp_core.methods.PRESETS); keys named by --set
+        # (passed as validation context by load_recipe) or holding a non-default value win
+        if self.method == "smcp":
+            return self
+        from smcp_core.methods import apply_preset
+
+        explicit = tuple((info.context or {}).get("explicit_keys", ())) if info is not None else ()
+        problem = apply_preset(self, explicit)
+        if problem:
+            raise PydanticCustomError(_REL_ERR, "{p}", {"p": problem})
         return self
 
 
@@ -885,8 +902,9 @@ def _build(data: dict, label: str, overrides: Sequence[str], env: Mapping[str, s
     data = _expand(data, "", env)
     _none_sections_to_empty(data, Recipe)
     data.setdefault("name", default_name)
+    explicit = [o.partition("=")[0].strip() for o in overrides if isinstance(o, str)]
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data, context={"explicit_keys": explicit})
     except ValidationError as err:
         raise SmcpError(_format_error(err.errors(include_url=False)[0])) from None
     recipe._source = source

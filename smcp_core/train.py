@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import dist as D
+from . import methods as M
 from .bnscale import BNScaler
 from .errors import SmcpError
 from .fsutil import atomic_torch_save, load_torch
@@ -169,6 +170,7 @@ def prune_train(
 
     if pc.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same module names: masks still apply
+    method = M.spec(getattr(pc, "method", "smcp"))
     masker = Masker(model, graph, mode=pc.masking)
     masker.to(device)
     bn_scaler = BNScaler(model, graph, pc.bn_rescaling).to(device)
@@ -203,6 +205,8 @@ def prune_train(
     full = alloc.full_cost
     if target_cost > full:
         rep.log(f"target cost {target_cost:.4g} {cost.unit} is above the full model's {full:.4g}: nothing to prune")
+    elif method.allocation == "uniform":  # reachable with one fraction everywhere? (fails before any epoch)
+        alloc.solve_uniform(torch.zeros(graph.n_classes), target_cost)
     history: list[dict] = []
     start_epoch = 0
     since_update = 0
@@ -237,19 +241,45 @@ def prune_train(
                  "no checkpoint was written yet; lower prune.optimizer.lr and start again")
         return SmcpError(f"{what} at {at}; {where}")
 
+    masked_any = [not bool(masker.keep().all())]  # something is masked (checkpoint or mask update)
+
     def do_update(progress: float, epoch: int) -> dict:
         budget = budget_at(progress, full, target_cost, pc.schedule)
         t0 = time.perf_counter()
         scores = D.all_reduce_mean_(tracker.scores().detach().clone())  # identical on every rank
-        res = alloc.solve(scores, budget, masker.keep())
+        if method.name == "smcp":
+            res = alloc.solve(scores, budget, masker.keep())
+        else:
+            res = M.allocate(alloc, method, scores, budget, masker.keep().cpu())
         keep = D.broadcast_(res.keep.to(device=scores.device, dtype=torch.uint8)).cpu().bool()
         dt = time.perf_counter() - t0
         masker.set_keep(keep)
+        masked_any[0] = not bool(keep.all())
+        if method.soft_filter:  # SFP's final selection: producers' filters zeroed too, then masked
+            M.zero_filters_(masker, keep)
         bn_scaler.update(keep, scores)
         tracker.reset()
         row = {"event": "mask_update", "epoch": epoch, "progress": round(progress, 4), "budget": budget,
                "cost": res.cost, "predicted": cost.calibrated(res.cost),
                "kept_classes": int(res.keep.sum()), "solve_ms": 1000 * dt}
+        if res.fraction is not None:
+            row["fraction"] = res.fraction
+        rep.metrics(row)
+        return row
+
+    def sfp_step(progress: float, epoch: int) -> dict:
+        """SFP at the end of a pruning-window epoch: zero the producers' output filters of the
+        lowest-L2 classes at the uniform fraction for the scheduled budget; no masks."""
+        budget = budget_at(progress, full, target_cost, pc.schedule)
+        t0 = time.perf_counter()
+        scores = D.all_reduce_mean_(tracker.scores().detach().clone())
+        res = alloc.solve_uniform(scores, budget)
+        keep = D.broadcast_(res.keep.to(device=scores.device, dtype=torch.uint8)).cpu().bool()
+        zeroed = M.zero_filters_(masker, keep)
+        row = {"event": "mask_update", "soft_filter": True, "epoch": epoch, "progress": round(progress, 4),
+               "budget": budget, "cost": res.cost, "predicted": cost.calibrated(res.cost),
+               "kept_classes": int(keep.sum()), "zeroed_filters": zeroed, "fraction": res.fraction,
+               "solve_ms": 1000 * (time.perf_counter() - t0)}
         rep.metrics(row)
         return row
 
@@ -257,7 +287,10 @@ def prune_train(
     if plan.prune_end_epoch <= plan.warmup and start_epoch == 0 and target_cost < full:
         loader = make_loader(train_set, batch_size=bs, shuffle=True, seed=recipe.seed)
         model.train()
-        for i, (x, y) in enumerate(loader):
+        if method.name != "smcp":
+            history.append({"event": "method", **M.describe(pc)})
+        # filter norms (l1, sfp) need no gradient: the weights alone decide, before any step
+        for i, (x, y) in enumerate(loader if tracker.kind not in M.FILTER_KINDS else ()):
             if i >= max(1, min(steps_per_epoch, 8)):
                 break
             x, y = x.to(device), y.to(device)
@@ -269,6 +302,8 @@ def prune_train(
         history.append(do_update(1.0, 0))
         last_progress = 1.0
 
+    if method.name != "smcp" and start_epoch == 0 and not any(r.get("event") == "method" for r in history):
+        history.append({"event": "method", **M.describe(pc)})
     for epoch in range(start_epoch, plan.epochs):
         model.train()
         loader = make_loader(train_set, batch_size=bs, shuffle=True, seed=recipe.seed + epoch,
@@ -315,12 +350,14 @@ def prune_train(
                 seen += x.shape[0]
             if scaler.is_enabled():
                 scaler.unscale_(opt)
-            if pruning:
+            if pruning and not method.soft_filter:
                 tracker.update()
             masker.apply_pruned_decay(pc.pruned_decay)
             scaler.step(opt)
             scaler.update()
-            if pruning:
+            if method.rezero and masker.mode == "permanent" and masked_any[0]:
+                M.rezero_pruned_(masker)  # pruned weights stay exactly zero (HALP re-zeroes every step)
+            if pruning and not method.soft_filter:
                 since_update += 1
                 prog = plan.progress(epoch, step)
                 if since_update >= plan.interval_steps:
@@ -330,7 +367,12 @@ def prune_train(
             if host_check(step) or step == steps_per_epoch:
                 rep.progress("epoch", step, steps_per_epoch,
                              f"epoch {epoch + 1}/{plan.epochs} loss {float(loss_sum) / max(seen, 1):.3f}")
-        if pruning and epoch == plan.prune_end_epoch - 1 and (last_progress < 1.0 or since_update > 0):
+        if pruning and method.soft_filter:
+            prog = plan.progress(epoch, steps_per_epoch)
+            # SFP: filters zeroed at every window epoch's end; the last one (at the target) is masked
+            history.append(sfp_step(prog, epoch) if prog < 1.0 else do_update(1.0, epoch))
+            last_progress = prog
+        elif pruning and epoch == plan.prune_end_epoch - 1 and (last_progress < 1.0 or since_update > 0):
             # the last update of the pruning window is always at the full target
             history.append(do_update(1.0, epoch))
             last_progress = 1.0

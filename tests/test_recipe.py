@@ -363,7 +363,7 @@ def test_literal_message_exact():
     ("prune.device=cuda:x", "prune.device", "cuda:N"),
     ("model.source=cifar/resnet21", "model.source", "cifar/resnet20"),
     ("model.source=resnet50", "model.source", "torchvision/<name>"),
-    ("prune.method=l1", "prune.method", "one of smcp"),
+    ("prune.method=l3", "prune.method", "one of smcp, halp, l1, sfp, uniform"),
     ("profile.backend=tensorrt", "profile", "device cuda"),
 ])
 def test_out_of_range(override, key, words):

@@ -149,7 +149,7 @@ def test_every_command_has_json_and_quiet():
 
     group = typer.main.get_command(app)
     names = sorted(group.commands)
-    assert names == ["export", "inspect", "profile", "prune", "report", "run", "slim"]
+    assert names == ["compare", "export", "inspect", "profile", "prune", "report", "run", "slim"]
     for name in names:
         opts = {o for p in group.commands[name].params for o in p.opts}
         assert {"--json", "--quiet"} <= opts, name

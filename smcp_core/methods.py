@@ -1,0 +1,219 @@
+"""Classic channel-pruning methods on smcp's machinery (``prune.method``).
+
+Every method goes through the same channel graph, cost model (latency table or FLOPs), training
+loop (:func:`smcp_core.train.prune_train`: dense warm-up, pruning window, frozen cooldown), slim
+and export; they differ in how classes are scored, how many each group keeps, and what happens to
+pruned weights.
+
+``smcp`` (default)
+    Soft input-channel masks (straight-through), Taylor importance, multiple-choice knapsack over
+    the latency table every ``update_interval_samples``; masks are re-solved from scratch, so
+    channels can come back.
+
+``halp`` (HALP, Shen et al., NeurIPS 2022), a preset on the same machinery:
+    * forced: ``masking: permanent`` (pruned weights are zeroed when pruned and re-zeroed after
+      every optimizer step, so the momentum buffer cannot move them) and a *monotone* allocation:
+      classes pruned at one mask update stay pruned (they get score -inf and every group's width is
+      capped at its current width, so the knapsack keeps a subset of what is kept now; the widths
+      stay on the ``channel_round``/``min_channels`` grid and the budget is met by the true cost);
+    * defaults, replacing keys left at their schema default: ``importance.type: bn_taylor``,
+      ``importance.accumulate: average`` (HALP averages over each window), ``cost_weight: 0``
+      (output-side latency attribution), ``schedule: geometric`` (HALP's latency schedule).
+    The knapsack is smcp's exact multiple-choice solver, not HALP's ordered 0/1 DP over neuron
+    groups; pruning happens over the recipe's ramp (HALP prunes in its first ~1200 iterations: use
+    a short ``ramp_epochs`` for that).
+
+``l1`` (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017):
+    * forced: ``importance.type: l1_filter``, ``masking: permanent``, monotone;
+    * a class scores the sum, over the conv/linear layers that write it, of the L1 norm of its
+      output filter ``||W[o]||_1`` (dense weight);
+    * every prunable group keeps the same fraction (:meth:`Allocator.solve_uniform`), the fraction
+      found by bisection so the true cost meets the budget;
+    * one-shot with ``ramp_epochs: 0`` (pruned before the first training step, then fine-tuned) or
+      iterative over the ramp.
+
+``sfp`` (He et al., "Soft Filter Pruning", IJCAI 2018):
+    * forced: ``importance.type: l2_filter`` (L2 norm of the producers' output filters),
+      ``masking: permanent`` (for the final mask only);
+    * nothing is masked during the pruning window; at the end of every window epoch the classes
+      with the lowest L2 filter norms at the uniform fraction for the scheduled budget get their
+      producers' output filters (conv/linear weight rows and bias) zeroed.  They still take part in
+      the forward pass, receive gradient and may regrow; the selection is re-made every epoch;
+    * at the end of the last window epoch (the schedule is then at the full target) the selection
+      is applied as a hard (permanent) mask; the cooldown epochs fine-tune the pruned model and
+      slim removes the pruned channels.  With ``ramp_epochs: 0`` it is one-shot like ``l1``.
+
+``uniform``: the same kept fraction in every prunable group (found by bisection against the true
+    cost), channels within a group ranked by the configured importance (Taylor by default);
+    masking and schedule as configured (with soft masks channels can come back).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+METHODS = ("smcp", "halp", "l1", "sfp", "uniform")
+
+# forced: the method is defined by these values (a conflicting explicit value is an error);
+# defaults: applied where the recipe leaves the key at its schema default and --set did not name it
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "smcp": {"forced": {}, "defaults": {}},
+    "halp": {"forced": {"masking": "permanent"},
+             "defaults": {"importance.type": "bn_taylor", "importance.accumulate": "average",
+                          "cost_weight": 0.0, "schedule": "geometric"}},
+    "l1": {"forced": {"masking": "permanent", "importance.type": "l1_filter"}, "defaults": {}},
+    "sfp": {"forced": {"masking": "permanent", "importance.type": "l2_filter"}, "defaults": {}},
+    "uniform": {"forced": {}, "defaults": {}},
+}
+
+FILTER_KINDS = {"l1_filter": 1, "l2_filter": 2}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    allocation: str  # "knapsack" or "uniform"
+    monotone: bool  # a pruned class never comes back
+    rezero: bool  # re-zero pruned (masked) weights after every optimizer step
+    soft_filter: bool  # SFP: zero producers' filters at epoch ends instead of masking
+
+
+SPECS = {
+    "smcp": MethodSpec("smcp", "knapsack", False, False, False),
+    "halp": MethodSpec("halp", "knapsack", True, True, False),
+    "l1": MethodSpec("l1", "uniform", True, True, False),
+    "sfp": MethodSpec("sfp", "uniform", False, True, True),
+    "uniform": MethodSpec("uniform", "uniform", False, False, False),
+}
+
+
+def spec(method: str) -> MethodSpec:
+    try:
+        return SPECS[method]
+    except KeyError:
+        from .errors import SmcpError
+
+        raise SmcpError(f"unknown prune.method {method!r}; choose one of {', '.join(METHODS)}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# recipe presets (called by smcp_core.recipe while validating prune)
+
+
+def _get(pc: Any, key: str) -> Any:
+    obj = pc
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(pc: Any, key: str, value: Any) -> None:
+    parts = key.split(".")
+    obj = pc
+    for part in parts[:-1]:
+        obj = getattr(obj, part)
+    setattr(obj, parts[-1], value)
+
+
+def _schema_default(pc: Any, key: str) -> Any:
+    parts = key.split(".")
+    cls = type(pc)
+    obj = pc
+    for part in parts[:-1]:
+        obj = getattr(obj, part)
+        cls = type(obj)
+    return cls.model_fields[parts[-1]].get_default(call_default_factory=True)
+
+
+def _is_explicit(pc: Any, key: str, explicit: tuple[str, ...]) -> bool:
+    full = "prune." + key
+    if any(full == e or full.startswith(e + ".") for e in explicit):
+        return True
+    return _get(pc, key) != _schema_default(pc, key)
+
+
+def apply_preset(pc: Any, explicit: tuple[str, ...] = ()) -> str | None:
+    """Apply the preset of ``pc.method`` to a validated ``PruneConfig`` in place.  ``explicit``:
+    dotted recipe keys given by ``--set`` (they count as chosen even at their default value).
+    Returns a one-line problem (a forced key set to something else), or None."""
+    preset = PRESETS.get(pc.method) or {}
+    for key, value in (preset.get("forced") or {}).items():
+        cur = _get(pc, key)
+        if cur != value and _is_explicit(pc, key, explicit):
+            return (f"method {pc.method} needs {key} = {value} (got {cur}); drop prune.{key} "
+                    f"or choose another prune.method")
+        _set(pc, key, value)
+    for key, value in (preset.get("defaults") or {}).items():
+        if not _is_explicit(pc, key, explicit):
+            _set(pc, key, value)
+    return None
+
+
+def describe(pc: Any) -> dict:
+    """The effective method settings of a ``PruneConfig`` (recorded in the prune history)."""
+    s = spec(pc.method)
+    return {"method": pc.method, "allocation": s.allocation, "monotone": s.monotone,
+            "soft_filter": s.soft_filter, "masking": pc.masking, "importance": pc.importance.type,
+            "accumulate": pc.importance.accumulate, "cost_weight": pc.cost_weight, "schedule": pc.schedule}
+
+
+# --------------------------------------------------------------------------------------------------
+# torch parts
+
+
+def filter_norms(masker, p: int):
+    """Per class: the sum over the conv/linear layers writing it of ``||W[o]||_p`` of the output
+    filter ``o`` (dense weight, all input channels and kernel positions).  Classes written by no
+    such layer (the network input, depthwise-only paths) score 0."""
+    import torch
+
+    total = torch.zeros(masker.graph.n_classes, device=masker.class_mask.device, dtype=torch.float32)
+    with torch.no_grad():
+        for mod, _, lout in masker.layers:
+            w = masker.dense_weight(mod).detach().float().flatten(1)
+            n = w.abs().sum(1) if p == 1 else w.square().sum(1).sqrt()
+            total.index_add_(0, lout.to(total.device), n.to(total.device))
+    return total
+
+
+def allocate(alloc, sp: MethodSpec, scores, budget: float, keep_now):
+    """One mask update's allocation for method ``sp``."""
+    if sp.allocation == "uniform":
+        return alloc.solve_uniform(scores, budget, keep_now, monotone=sp.monotone)
+    if sp.monotone:
+        return alloc.solve(scores, budget, keep_now, monotone=True)
+    return alloc.solve(scores, budget, keep_now)
+
+
+def rezero_pruned_(masker) -> None:
+    """Zero every masked (pruned) input-channel slice of the dense weights in place (HALP re-zeroes
+    pruned weights after every iteration: the optimizer's momentum would otherwise move them)."""
+    import torch
+
+    with torch.no_grad():
+        m = masker.class_mask
+        for mod, lin, _ in masker.layers:
+            w = masker.dense_weight(mod)
+            w.mul_(m[lin].view([1, -1] + [1] * (w.dim() - 2)).to(w.dtype))
+
+
+def zero_filters_(masker, keep) -> int:
+    """SFP: zero the output filters (weight rows and bias) of every conv/linear layer writing a
+    class that ``keep`` drops; the masks are not touched.  Returns the number of zeroed filters."""
+    import torch
+
+    n = 0
+    with torch.no_grad():
+        k = keep.to(masker.class_mask.device).bool()
+        for mod, _, lout in masker.layers:
+            dead = ~k[lout.to(k.device)]
+            if not bool(dead.any()):
+                continue
+            w = masker.dense_weight(mod)
+            w[dead.to(w.device)] = 0
+            b = getattr(mod, "bias", None)
+            if b is not None:
+                b[dead.to(b.device)] = 0
+            n += int(dead.sum())
+    return n

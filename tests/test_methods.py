@@ -1,0 +1,421 @@
+"""prune.method halp / l1 / sfp / uniform: each method's defining behaviour, and `smcp compare`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from smcp_core import methods as M
+from smcp_core import pipeline
+from smcp_core.errors import InfeasibleTarget, SmcpError
+from smcp_core.graph import ChannelGraph
+from smcp_core.importance import ImportanceTracker
+from smcp_core.masking import Masker, dense_state_dict
+from smcp_core.models import build_model
+from smcp_core.pruner import Allocator, CostModel, PruneConfigLite
+from smcp_core.recipe import load_recipe
+from smcp_core.train import CHECKPOINT, Reporter
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread(torch_single_thread):
+    yield
+
+
+TINY = [
+    "data.source=digits",
+    "data.train_subset=128",
+    "data.val_subset=64",
+    "data.batch_size=32",
+    "prune.epochs=4",
+    "prune.warmup_epochs=1",
+    "prune.ramp_epochs=2",
+    "prune.cooldown_epochs=1",
+    "prune.max_steps=2",
+    "prune.update_interval_samples=64",
+    "prune.target.flops_ratio=0.6",
+    "model.source=cifar/resnet20",
+    "model.kwargs={in_channels: 1}",
+]
+
+
+def tiny_recipe(*extra: str):
+    return load_recipe("quickstart", TINY + list(extra))
+
+
+class Recorder(Reporter):
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.events: list[str] = []
+
+    def metrics(self, row: dict) -> None:
+        self.rows.append(dict(row))
+        self.events.append(row.get("event", ""))
+
+    def progress(self, task: str, done: int, total: int, info: str = "") -> None:
+        if task == "epoch":
+            self.events.append("step")
+
+
+def _updates(rows):
+    return [r for r in rows if r.get("event") == "mask_update"]
+
+
+def _uniform_ok(alloc, keep, f):
+    """Every prunable group keeps the grid width nearest to f * size."""
+    for g in alloc.graph.groups:
+        if not g.prunable:
+            assert int(keep[g.classes].sum()) == g.size
+            continue
+        grid = alloc.grid(g)
+        grid = grid[grid > 0].to(torch.float64)
+        k = int(keep[g.classes].sum())
+        nearest = float(grid[torch.argmin((grid - f * g.size).abs())])
+        assert k == nearest or abs(k - f * g.size) == pytest.approx(abs(nearest - f * g.size)), (g.index, k, f)
+
+
+# --------------------------------------------------------------------------------------------------
+# recipe presets
+
+
+def test_presets_force_and_default():
+    halp = tiny_recipe("prune.method=halp").prune
+    assert (halp.masking, halp.importance.type, halp.importance.accumulate, halp.cost_weight, halp.schedule) == \
+        ("permanent", "bn_taylor", "average", 0.0, "geometric")
+    # a key named by --set wins over a preset default, even at its schema default value
+    h2 = tiny_recipe("prune.method=halp", "prune.schedule=exp", "prune.importance.type=taylor").prune
+    assert h2.schedule == "exp" and h2.importance.type == "taylor" and h2.cost_weight == 0.0
+    l1 = tiny_recipe("prune.method=l1").prune
+    assert (l1.masking, l1.importance.type) == ("permanent", "l1_filter")
+    sfp = tiny_recipe("prune.method=sfp").prune
+    assert (sfp.masking, sfp.importance.type) == ("permanent", "l2_filter")
+    uni = tiny_recipe("prune.method=uniform").prune
+    smcp = tiny_recipe().prune
+    assert (uni.masking, uni.importance.type, uni.schedule) == (smcp.masking, smcp.importance.type, smcp.schedule)
+    # what defines a method cannot be overridden: one clear line
+    with pytest.raises(SmcpError, match=r"method halp needs masking = permanent \(got soft\)"):
+        tiny_recipe("prune.method=halp", "prune.masking=soft")
+    with pytest.raises(SmcpError, match="method l1 needs importance.type = l1_filter"):
+        tiny_recipe("prune.method=l1", "prune.importance.type=taylor")
+
+
+# --------------------------------------------------------------------------------------------------
+# filter-norm importance (l1 / sfp)
+
+
+class TwoWriters(nn.Module):
+    """conv_a and conv_b both write the 8 classes of the add; conv_c reads them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.conv_b = nn.Conv2d(3, 8, 1, bias=True)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv_c = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv_a(x) + self.conv_b(x)))
+        y = F.relu(self.conv_c(y))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+@pytest.mark.parametrize("kind", ["l1_filter", "l2_filter"])
+def test_filter_norm_importance_matches_manual(kind):
+    torch.manual_seed(0)
+    model = TwoWriters().eval()
+    graph = ChannelGraph(model, torch.randn(1, 3, 8, 8))
+    mk = Masker(model, graph, mode="permanent")
+    tr = ImportanceTracker(mk, kind=kind)
+    p = 1 if kind == "l1_filter" else 2
+
+    def norm(w):
+        return w.detach().flatten(1).norm(p=p, dim=1)
+
+    s = tr.scores()
+    add = graph.layer("conv_a").out_labels
+    assert torch.equal(add, graph.layer("conv_b").out_labels)  # one class per channel of the add
+    assert torch.allclose(s[add], norm(model.conv_a.weight) + norm(model.conv_b.weight), rtol=1e-6)
+    assert torch.allclose(s[graph.layer("conv_c").out_labels], norm(model.conv_c.weight), rtol=1e-6)
+    # computed on the dense weight, whatever the masks are
+    model2 = TwoWriters().eval()
+    model2.load_state_dict(dense_state_dict(model))
+    keep = graph.full_keep()
+    keep[add[[1, 5]]] = False
+    mk2 = Masker(model2, graph, mode="soft")
+    mk2.set_keep(keep)
+    assert torch.allclose(ImportanceTracker(mk2, kind=kind).scores(), s, rtol=1e-6)
+
+
+def test_l1_one_shot_ranks_by_filter_l1_before_training(tmp_path):
+    recipe = tiny_recipe("prune.method=l1", "prune.epochs=2", "prune.warmup_epochs=0", "prune.ramp_epochs=0",
+                         "prune.cooldown_epochs=2", "prune.target.flops_ratio=0.5")
+    model0 = pipeline.build_model(recipe)  # the exact initial weights pipeline.prune starts from
+    graph = pipeline.build_graph(recipe, model0)
+    manual = torch.zeros(graph.n_classes, dtype=torch.float64)
+    mods = dict(model0.named_modules())
+    for l in graph.consumers:  # every conv/linear writing a class: L1 norm of its output filter
+        manual.index_add_(0, l.out_labels, mods[l.name].weight.detach().double().abs().flatten(1).sum(1))
+    rec = Recorder()
+    out = tmp_path
+    s = pipeline.prune(recipe, out, reporter=rec)
+    assert s["meets_budget"]
+    # one-shot: the (only) mask update comes before the first training step
+    assert rec.events.index("mask_update") < rec.events.index("step")
+    ups = _updates(rec.rows)
+    assert len(ups) == 1 and ups[0]["progress"] == 1.0
+    keep = torch.load(out / "prune" / "pruned.pt", weights_only=True)["keep"]
+    pc = recipe.prune
+    alloc = Allocator(graph, CostModel(graph, "flops"), PruneConfigLite(pc.channel_round, pc.min_channels))
+    checked_plain = 0
+    for g in graph.groups:
+        if not g.prunable:
+            continue
+        k = int(keep[g.classes].sum())
+        order = alloc._order(g, manual)[0]
+        assert set(keep[g.classes].nonzero().flatten().tolist()) == set(order[:k].tolist()), g.index
+        if not alloc._segments[g.index]:  # no per-layer reservations: plainly the top-k by L1
+            top = torch.argsort(manual[g.classes], descending=True)[:k]
+            assert set(top.tolist()) == set(keep[g.classes].nonzero().flatten().tolist())
+            checked_plain += 1
+    assert checked_plain >= 3
+    _uniform_ok(alloc, keep, ups[0]["fraction"])
+
+
+# --------------------------------------------------------------------------------------------------
+# uniform allocation
+
+
+@pytest.fixture(scope="module")
+def r20():
+    return ChannelGraph(build_model("cifar/resnet20"), torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("frac", [0.35, 0.6, 0.85])
+def test_uniform_same_fraction_and_meets_budget(r20, frac):
+    cost = CostModel(r20, "flops")
+    alloc = Allocator(r20, cost, PruneConfigLite(4, 4, layer_pruning=True))
+    scores = torch.rand(r20.n_classes, generator=torch.Generator().manual_seed(3))
+    budget = frac * alloc.full_cost
+    res = alloc.solve_uniform(scores, budget)
+    assert res.cost == pytest.approx(cost.total(res.keep)) and res.cost <= budget * (1 + 1e-9)
+    assert 0 < res.fraction < 1
+    _uniform_ok(alloc, res.keep, res.fraction)
+    for g in r20.groups:  # never a removed group, widths on the grid
+        k = int(res.keep[g.classes].sum())
+        assert k >= min(4, g.size) and (k % 4 == 0 or k == g.size)
+    # the fraction is the largest that fits: the next wider uniform configuration does not
+    assert alloc.solve_uniform(scores, alloc.full_cost).fraction == 1.0
+    wider = alloc.solve_uniform(scores, budget * 1.5)
+    assert wider.fraction > res.fraction and wider.cost > budget
+    # monotone: a subset of what is kept now, even with reversed importance
+    res2 = alloc.solve_uniform(-scores, 0.8 * res.cost, res.keep, monotone=True)
+    assert bool((res2.keep <= res.keep).all()) and res2.cost <= 0.8 * res.cost * (1 + 1e-9)
+    with pytest.raises(InfeasibleTarget, match="same fraction"):
+        alloc.solve_uniform(scores, 1e-3 * budget)
+
+
+def test_uniform_method_end_to_end_same_fraction(tmp_path):
+    rec = Recorder()
+    s = pipeline.prune(tiny_recipe("prune.method=uniform"), tmp_path, reporter=rec)
+    assert s["meets_budget"]
+    f = _updates(rec.rows)[-1]["fraction"]
+    fr = [g["kept"] / g["channels"] for g in s["groups"] if g["channels"] > 1]
+    assert max(fr) - min(fr) <= 4 / 16 + 1e-9  # one rounding step of the smallest group
+    assert all(abs(x - f) <= 2 / 16 + 1e-9 for x in fr), (fr, f)
+
+
+# --------------------------------------------------------------------------------------------------
+# HALP: permanent, monotone
+
+
+def test_monotone_knapsack_never_restores(r20):
+    cost = CostModel(r20, "flops")
+    cfg = PruneConfigLite(4, 4)
+    alloc = Allocator(r20, cost, cfg)
+    s1 = torch.rand(r20.n_classes, generator=torch.Generator().manual_seed(0))
+    k1 = alloc.solve(s1, 0.7 * alloc.full_cost, r20.full_keep()).keep
+    budget = 0.5 * alloc.full_cost
+    free = alloc.solve(-s1 + 2, budget, k1)  # reversed importance: a plain solve brings classes back
+    assert bool((free.keep & ~k1).any())
+    mono = alloc.solve(-s1 + 2, budget, k1, monotone=True)
+    assert bool((mono.keep <= k1).all())
+    assert cost.total(mono.keep) <= budget * (1 + 1e-9)
+    for g in r20.groups:
+        k = int(mono.keep[g.classes].sum())
+        assert k == g.size or (k % 4 == 0 and k >= 4)
+    assert alloc._cap is None  # the cap only lives during the solve
+
+
+def test_halp_pruning_is_permanent(monkeypatch, tmp_path):
+    keeps: list[torch.Tensor] = []
+    orig = Masker.set_keep
+
+    def recording(self, keep):
+        orig(self, keep)
+        keeps.append(self.keep().cpu().clone())
+        for mod, lin, _ in self.layers:  # pruned weights are zero right away
+            w = self.dense_weight(mod)
+            assert bool((w[:, ~self.keep()[lin]] == 0).all())
+
+    monkeypatch.setattr(Masker, "set_keep", recording)
+    rec = Recorder()
+    recipe = tiny_recipe("prune.method=halp", "prune.update_interval_samples=32")
+    s = pipeline.prune(recipe, tmp_path, reporter=rec)
+    assert s["meets_budget"]
+    assert len(keeps) >= 3
+    for a, b in zip(keeps, keeps[1:]):
+        assert bool((b <= a).all()), "a pruned class came back"
+    assert bool((keeps[-1] != keeps[0]).any())
+    # after the cooldown's optimizer steps (momentum, weight decay) the pruned dense weights are still 0
+    ck = torch.load(tmp_path / "prune" / CHECKPOINT, weights_only=True)
+    model = pipeline.build_model(recipe, load_weights=False)
+    graph = pipeline.build_graph(recipe, model)
+    keep = ck["mask"] > 0.5
+    for l in graph.consumers:
+        w = ck["model"][f"{l.name}.parametrizations.weight.original"]
+        dead = ~keep[l.in_labels]
+        if bool(dead.any()):
+            assert float(w[:, dead].abs().max()) == 0.0, l.name
+    ev = [r for r in s["history"] if r.get("event") == "method"]
+    assert ev and ev[0]["monotone"] and ev[0]["importance"] == "bn_taylor" and ev[0]["cost_weight"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# SFP: zeroed filters keep learning
+
+
+def test_sfp_zeroed_filters_keep_updating(monkeypatch, tmp_path):
+    zeroed: list[tuple] = []  # (masker, keep) of each soft zeroing
+    orig = M.zero_filters_
+
+    def recording(masker, keep):
+        n = orig(masker, keep)
+        zeroed.append((masker, keep.clone(), bool((masker.class_mask > 0.5).all())))
+        return n
+
+    monkeypatch.setattr(M, "zero_filters_", recording)
+    checks: list[dict] = []
+
+    class Watch(Recorder):
+        def progress(self, task, done, total, info=""):
+            super().progress(task, done, total, info)
+            if task != "epoch" or len(zeroed) != 1 or checks:
+                return
+            masker, keep, _ = zeroed[0]  # first step after the first (soft) zeroing
+            w_now, g_now = [], []
+            for mod, _, lout in masker.layers:
+                dead = ~keep[lout.cpu()]
+                if bool(dead.any()):
+                    w = masker.dense_weight(mod)
+                    w_now.append(w.detach()[dead].abs().sum(tuple(range(1, w.dim()))))
+                    g_now.append(w.grad[dead].abs().sum(tuple(range(1, w.dim()))))
+            checks.append({"w": torch.cat(w_now), "g": torch.cat(g_now)})
+
+    rec = Watch()
+    s = pipeline.prune(tiny_recipe("prune.method=sfp"), tmp_path, reporter=rec)
+    ups = _updates(rec.rows)
+    assert [bool(u.get("soft_filter")) for u in ups] == [True, False]  # epoch 1 soft, epoch 2 final (masked)
+    assert ups[0]["zeroed_filters"] > 0
+    assert zeroed[0][2], "SFP must not mask during the pruning window"
+    assert checks, "no training step after the soft zeroing"
+    w, g = checks[0]["w"], checks[0]["g"]
+    # not masked: the zeroed filters still get gradient (all but those whose constant BN output
+    # beta <= 0 is cut by the ReLU after it, an inherent SFP + BN + ReLU effect) and are non-zero
+    # again after the next optimizer step
+    assert int((g > 0).sum()) >= 0.2 * g.numel(), "zeroed filters must still receive gradient"
+    assert bool((w > 0).all()), "zeroed filters must be updated by the next step"
+    # the final model meets the budget and its pruned classes are gone after slimming
+    assert s["meets_budget"] and s["final_cost"] <= s["budget"] * (1 + 1e-9)
+    sl = pipeline.slim(tiny_recipe("prune.method=sfp"), tmp_path)
+    assert sl["max_abs_diff"] <= 1e-4 and sl["flops"] / sl["flops_full"] < 0.6
+
+
+# --------------------------------------------------------------------------------------------------
+# every method meets the budget
+
+
+@pytest.mark.parametrize("method", ["smcp", "halp", "l1", "sfp", "uniform"])
+def test_every_method_meets_budget(method, tmp_path):
+    recipe = tiny_recipe(f"prune.method={method}", "prune.target.flops_ratio=0.45")
+    s = pipeline.prune(recipe, tmp_path)
+    assert s["meets_budget"] and s["final_cost"] <= s["budget"] * (1 + 1e-9)
+    assert s["flops_ratio"] <= 0.45
+    keep = torch.load(tmp_path / "prune" / "pruned.pt", weights_only=True)["keep"]
+    graph = pipeline.build_graph(recipe, pipeline.build_model(recipe, load_weights=False))
+    assert CostModel(graph, "flops").total(keep) == pytest.approx(s["final_cost"])
+
+
+def test_l1_iterative_is_monotone(monkeypatch, tmp_path):
+    keeps = []
+    orig = Masker.set_keep
+    monkeypatch.setattr(Masker, "set_keep", lambda self, k: (orig(self, k), keeps.append(self.keep().cpu().clone()))[0])
+    s = pipeline.prune(tiny_recipe("prune.method=l1", "prune.update_interval_samples=32"), tmp_path)
+    assert s["meets_budget"] and len(keeps) >= 3
+    assert all(bool((b <= a).all()) for a, b in zip(keeps, keeps[1:]))
+
+
+# --------------------------------------------------------------------------------------------------
+# smcp compare
+
+
+def _smcp(*args: str, cwd: Path, timeout: float = 110) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("SMCP_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "smcp_cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _sets(items):
+    out = []
+    for s in items:
+        out += ["--set", s]
+    return out
+
+
+def test_compare_end_to_end(tmp_path):
+    out = tmp_path / "cmp"
+    proc = _smcp("compare", "--methods", "smcp,uniform,l1", "--out", str(out), "--json",
+                 *_sets(TINY + ["export.min_runs=5", "export.max_seconds=10", "export.batch_size=8"]), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] is True
+    on_disk = json.loads((out / "compare.json").read_text())
+    assert on_disk["dense"]["latency_ms"] == doc["dense"]["latency_ms"] > 0
+    assert [r["method"] for r in on_disk["rows"]] == ["smcp", "uniform", "l1"]
+    for r in on_disk["rows"]:
+        assert "error" not in r, r
+        assert r["latency_ms"] > 0 and r["latency_stats"]["n"] >= 1
+        assert r["speedup"] == pytest.approx(on_disk["dense"]["latency_ms"] / r["latency_ms"])
+        assert r["flops_ratio"] < 0.6 and r["params"] < on_disk["dense"]["params"]
+        assert r["top1"] is not None and r["seconds"] > 0 and r["meets_budget"]
+        assert (out / r["method"] / "slim" / "weights.pt").exists()
+    # all models in the same interleaved loop: same number of timed runs
+    ns = {r["latency_stats"]["n"] for r in on_disk["rows"]} | {on_disk["dense"]["latency_stats"]["n"]}
+    assert len(ns) == 1
+    md = (out / "compare.md").read_text()
+    for name in ("dense", "smcp", "uniform", "l1"):
+        assert f"| {name} | " in md
+    assert "measured speed-up" in md and "interleaved" in md
+
+
+def test_compare_bad_input_is_one_line(tmp_path):
+    for args, words in ((["--methods", "smcp,l2"], "unknown method 'l2'"),
+                        (["--methods", "halp", "--set", "prune.masking=soft"], "needs masking = permanent")):
+        proc = _smcp("compare", *args, "--out", str(tmp_path / "x"), cwd=tmp_path, timeout=60)
+        assert proc.returncode == 1, proc.stderr
+        lines = [l for l in proc.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], proc.stderr
+    assert not (tmp_path / "x" / "halp").exists()  # nothing was trained
