@@ -7,6 +7,9 @@ that need it are skipped with a clear reason when it is absent (it is never part
 
 from __future__ import annotations
 
+import io
+from contextlib import redirect_stderr, redirect_stdout
+
 import os
 import sys
 from pathlib import Path
@@ -59,3 +62,35 @@ def torch_single_thread():
         yield
     finally:
         torch.set_num_threads(old)
+
+
+# a tiny quickstart variant (digits, ResNet-20, FLOPs target: no latency table needed)
+TINY = [
+    "data.source=digits",
+    "data.train_subset=128",
+    "data.val_subset=64",
+    "data.batch_size=32",
+    "prune.epochs=4",
+    "prune.warmup_epochs=1",
+    "prune.ramp_epochs=2",
+    "prune.cooldown_epochs=1",
+    "prune.max_steps=2",
+    "prune.update_interval_samples=64",
+    "prune.target.flops_ratio=0.6",
+    "model.source=cifar/resnet20",
+    "model.kwargs={in_channels: 1}",
+]
+
+
+def cli(*argv) -> tuple[int, str, str]:
+    """Run `smcp` in this process: (exit code, stdout, stderr)."""
+    from smcp_cli.app import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main([str(a) for a in argv])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, out.getvalue(), err.getvalue()

@@ -22,6 +22,7 @@ from smcp_core.masking import Masker, dense_state_dict
 from smcp_core.models import build_model
 from smcp_core.pruner import Allocator, CostModel, PruneConfigLite
 from smcp_core.recipe import load_recipe
+from conftest import TINY
 from smcp_core.train import CHECKPOINT, Reporter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -32,21 +33,6 @@ def _one_torch_thread(torch_single_thread):
     yield
 
 
-TINY = [
-    "data.source=digits",
-    "data.train_subset=128",
-    "data.val_subset=64",
-    "data.batch_size=32",
-    "prune.epochs=4",
-    "prune.warmup_epochs=1",
-    "prune.ramp_epochs=2",
-    "prune.cooldown_epochs=1",
-    "prune.max_steps=2",
-    "prune.update_interval_samples=64",
-    "prune.target.flops_ratio=0.6",
-    "model.source=cifar/resnet20",
-    "model.kwargs={in_channels: 1}",
-]
 
 
 def tiny_recipe(*extra: str):

@@ -7,7 +7,6 @@ kill test needs real processes."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import random
@@ -16,10 +15,11 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+
+from conftest import cli
 import torch
 
 from smcp_core.fsutil import CHECKSUMS, load_torch, run_lock, verify_artifact
@@ -39,18 +39,6 @@ def sets(items: list[str]) -> list[str]:
     return out
 
 
-def cli(*argv) -> tuple[int, str, str]:
-    """Run `smcp` in this process: (exit code, stdout, stderr)."""
-    from smcp_cli.app import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            main([str(a) for a in argv])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 def one_error_line(err: str) -> str:

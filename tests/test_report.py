@@ -4,13 +4,13 @@ The same command on a real (tiny) run is exercised in test_reliability.py."""
 
 from __future__ import annotations
 
-import io
 import json
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+
+from conftest import cli
 
 from smcp_core.fsutil import atomic_write_json
 from smcp_core.report import METRICS_COLUMNS, metrics_csv_text, metrics_rows, read_metrics_csv, write_metrics_csv
@@ -18,18 +18,6 @@ from smcp_core.report import METRICS_COLUMNS, metrics_csv_text, metrics_rows, re
 pytest.importorskip("matplotlib")
 
 
-def cli(*argv: str) -> tuple[int, str, str]:
-    """Run `smcp` in this process: (exit code, stdout, stderr)."""
-    from smcp_cli.app import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            main([str(a) for a in argv])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 def one_error_line(err: str) -> str:

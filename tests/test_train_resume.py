@@ -11,6 +11,7 @@ import torch
 from smcp_core import pipeline
 from smcp_core.errors import SmcpError
 from smcp_core.recipe import load_recipe
+from conftest import TINY
 from smcp_core.train import CHECKPOINT, Reporter
 
 
@@ -19,21 +20,6 @@ from smcp_core.train import CHECKPOINT, Reporter
 def _one_torch_thread(torch_single_thread):
     yield
 
-TINY = [
-    "data.source=digits",
-    "data.train_subset=128",
-    "data.val_subset=64",
-    "data.batch_size=32",
-    "prune.epochs=4",
-    "prune.warmup_epochs=1",
-    "prune.ramp_epochs=2",
-    "prune.cooldown_epochs=1",
-    "prune.max_steps=2",
-    "prune.update_interval_samples=64",
-    "prune.target.flops_ratio=0.6",
-    "model.source=cifar/resnet20",
-    "model.kwargs={in_channels: 1}",
-]
 
 
 def tiny_recipe(*extra: str):
