@@ -55,6 +55,23 @@ def parse_methods(spec: str | Sequence[str] | None) -> list[str]:
     return out
 
 
+def parse_method_sets(specs: Sequence[str] | None, methods: Sequence[str]) -> dict[str, list[str]]:
+    """``["l1,uniform:prune.target_margin=0.05"]`` -> ``{"l1": [...], "uniform": [...]}``: recipe
+    overrides for some methods only (applied after the shared ``--set`` values)."""
+    out: dict[str, list[str]] = {}
+    for raw in specs or ():
+        head, sep, assignment = str(raw).partition(":")
+        if not sep or "=" not in assignment or not head.strip():
+            raise SmcpError(f"--set-for {raw!r}: expected METHOD[,METHOD]:KEY=VALUE, "
+                            "e.g. --set-for uniform:prune.target_margin=0.05")
+        for m in head.split(","):
+            m = m.strip().lower()
+            if m not in methods:
+                raise SmcpError(f"--set-for {raw!r}: method {m!r} is not among --methods ({','.join(methods)})")
+            out.setdefault(m, []).append(assignment.strip())
+    return out
+
+
 def _copy_table(src: Path, dst_dir: Path) -> None:
     from .fsutil import forget_checksum, record_checksum
 
@@ -92,10 +109,11 @@ def _dense_top1(base, first_summary: dict | None) -> tuple[float | None, str]:
 
 def compare(spec, overrides: Sequence[str], methods: Sequence[str], out: Path, *,
             reporter: Reporter | None = None, force: bool = False, force_table: bool = False,
-            env: Any = None) -> dict:
+            env: Any = None, method_overrides: dict[str, list[str]] | None = None) -> dict:
     """Prune + slim the recipe ``spec`` (with ``overrides``) once per method into ``out/<method>``,
     then time the dense model and every slim model interleaved; writes ``compare.json`` and
-    ``compare.md`` and returns the same dict."""
+    ``compare.md`` and returns the same dict.  ``method_overrides`` (see :func:`parse_method_sets`)
+    adds recipe overrides for single methods; they are recorded in each row."""
     from . import pipeline
     from .bench import environment_report
     from .fsutil import atomic_write_json, atomic_write_text, read_json
@@ -107,7 +125,8 @@ def compare(spec, overrides: Sequence[str], methods: Sequence[str], out: Path, *
     overrides = list(overrides or [])
     base = load_recipe(spec, overrides, env=env)
     # every method's recipe first: an invalid combination stops before any work
-    recipes = {m: load_recipe(spec, overrides + [f"prune.method={m}"], env=env) for m in methods}
+    per = {m: list((method_overrides or {}).get(m, [])) for m in methods}
+    recipes = {m: load_recipe(spec, overrides + [f"prune.method={m}"] + per[m], env=env) for m in methods}
     dense_model = pipeline.build_model(base)  # a missing checkpoint fails here, before any work
     out.mkdir(parents=True, exist_ok=True)
     pipeline.write_resolved(base, out)
@@ -130,6 +149,8 @@ def compare(spec, overrides: Sequence[str], methods: Sequence[str], out: Path, *
         mdir.mkdir(parents=True, exist_ok=True)
         pipeline.write_resolved(r, mdir)
         row: dict[str, Any] = {"method": m, "dir": str(mdir)}
+        if per[m]:
+            row["overrides"] = per[m]
         t0 = time.perf_counter()
         try:
             if kind != "flops_ratio":
@@ -211,6 +232,7 @@ def compare(spec, overrides: Sequence[str], methods: Sequence[str], out: Path, *
         "recipe": base.name,
         "source": base.source,
         "overrides": overrides,
+        "method_overrides": {m: v for m, v in per.items() if v},
         "methods": methods,
         "target": {"kind": kind, "value": base.target_value(), **({k: v for k, v in tdesc.items()
                                                                    if k in ("baseline_ms", "target_ms", "margin")})},
@@ -282,6 +304,10 @@ def markdown(result: dict) -> str:
     if d.get("top1_from") and d["top1_from"] != "checkpoint":
         notes.append(f"dense top-1: {d['top1_from']}")
     for r in result["rows"]:
+        if r.get("overrides"):
+            notes.append(f"{r['method']}: " + ", ".join(f"`{o}`" for o in r["overrides"]))
+        if r["method"] == "none":
+            notes.append("none: the unpruned model fine-tuned with the same schedule (the accuracy reference)")
         if "error" in r:
             notes.append(f"{r['method']}: {r['error']}")
         elif r.get("meets_budget") is False:

@@ -46,6 +46,9 @@ pruned weights.
 ``uniform``: the same kept fraction in every prunable group (found by bisection against the true
     cost), channels within a group ranked by the configured importance (Taylor by default);
     masking and schedule as configured (with soft masks channels can come back).
+
+``none``: the reference every comparison needs, the unpruned model fine-tuned with the same
+    schedule, data and optimizer (no mask is ever set; the target is ignored).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("smcp", "halp", "l1", "sfp", "uniform")
+METHODS = ("smcp", "halp", "l1", "sfp", "uniform", "none")
 
 # forced: the method is defined by these values (a conflicting explicit value is an error);
 # defaults: applied where the recipe leaves the key at its schema default and --set did not name it
@@ -65,6 +68,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "l1": {"forced": {"masking": "permanent", "importance.type": "l1_filter"}, "defaults": {}},
     "sfp": {"forced": {"masking": "permanent", "importance.type": "l2_filter"}, "defaults": {}},
     "uniform": {"forced": {}, "defaults": {}},
+    "none": {"forced": {}, "defaults": {}},
 }
 
 FILTER_KINDS = {"l1_filter": 1, "l2_filter": 2}
@@ -73,7 +77,7 @@ FILTER_KINDS = {"l1_filter": 1, "l2_filter": 2}
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    allocation: str  # "knapsack" or "uniform"
+    allocation: str  # "knapsack", "uniform" or "none" (nothing is pruned)
     monotone: bool  # a pruned class never comes back
     rezero: bool  # re-zero pruned (masked) weights after every optimizer step
     soft_filter: bool  # SFP: zero producers' filters at epoch ends instead of masking
@@ -85,6 +89,7 @@ SPECS = {
     "l1": MethodSpec("l1", "uniform", True, True, False),
     "sfp": MethodSpec("sfp", "uniform", False, True, True),
     "uniform": MethodSpec("uniform", "uniform", False, False, False),
+    "none": MethodSpec("none", "none", False, False, False),
 }
 
 

@@ -416,8 +416,12 @@ def prune(recipe, out: Path, *, reporter: Reporter | None = None, resume: bool =
                                                    cost_weight=pc.cost_weight))
     from .errors import InfeasibleTarget
 
+    if pc.method == "none":  # the unpruned reference: the full model is the budget, nothing is masked
+        budget = cost.total(graph.full_keep())
+        tdesc = {**tdesc, "method": "none", "note": "method none: target ignored, nothing pruned"}
     try:  # feasibility up front, with the real solver (importance not known yet: all zero)
-        alloc.solve(torch.zeros(graph.n_classes), budget, graph.full_keep(), rounds=1, inner=2)
+        if pc.method != "none":
+            alloc.solve(torch.zeros(graph.n_classes), budget, graph.full_keep(), rounds=1, inner=2)
         feasible = True
     except InfeasibleTarget:
         feasible = False

@@ -287,8 +287,9 @@ class PruneConfig(_Section):
     """The SMCP schedule and the fine-tuning that goes with it."""
 
     # smcp (default), or a classic baseline through the same graph/cost/slim/export: halp, l1, sfp,
-    # uniform (smcp_core.methods; a method's preset replaces keys left at their schema default)
-    method: Literal["smcp", "halp", "l1", "sfp", "uniform"] = "smcp"
+    # uniform, or none (fine-tune only: the unpruned reference) (smcp_core.methods; a method's preset
+    # replaces keys left at their schema default)
+    method: Literal["smcp", "halp", "l1", "sfp", "uniform", "none"] = "smcp"
     target: TargetConfig = Field(default_factory=_default_target)
     # aim this fraction below the target latency (or FLOPs) to absorb the table's prediction error
     target_margin: Annotated[Float, Field(ge=0, lt=0.5)] = 0.03

@@ -203,8 +203,8 @@ def prune_train(
     val_loader = make_loader(val_set, batch_size=max(bs, 64), shuffle=False, seed=recipe.seed) if val_set is not None else None
 
     full = alloc.full_cost
-    if target_cost > full:
-        rep.log(f"target cost {target_cost:.4g} {cost.unit} is above the full model's {full:.4g}: nothing to prune")
+    if target_cost >= full:
+        rep.log(f"target cost {target_cost:.4g} {cost.unit} is not below the full model's {full:.4g}: nothing to prune")
     elif method.allocation == "uniform":  # reachable with one fraction everywhere? (fails before any epoch)
         alloc.solve_uniform(torch.zeros(graph.n_classes), target_cost)
     history: list[dict] = []

@@ -342,6 +342,18 @@ def test_every_method_meets_budget(method, tmp_path):
     assert CostModel(graph, "flops").total(keep) == pytest.approx(s["final_cost"])
 
 
+def test_method_none_fine_tunes_without_pruning(tmp_path):
+    recipe = tiny_recipe("prune.method=none", "prune.target.flops_ratio=0.3")
+    dense = {k: v.clone() for k, v in pipeline.build_model(recipe).state_dict().items()}
+    s = pipeline.prune(recipe, tmp_path)
+    ck = torch.load(tmp_path / "prune" / "pruned.pt", weights_only=True)
+    assert bool(ck["keep"].all()) and s["flops_ratio"] == 1.0 and s["params_ratio"] == 1.0
+    assert not any(r.get("event") == "mask_update" for r in s["history"])
+    assert s["target"]["method"] == "none" and s["meets_budget"]
+    # it did train: the weights moved
+    assert any(not torch.equal(dense[k], v) for k, v in ck["state_dict"].items() if v.is_floating_point())
+
+
 def test_l1_iterative_is_monotone(monkeypatch, tmp_path):
     keeps = []
     orig = Masker.set_keep
@@ -397,8 +409,25 @@ def test_compare_end_to_end(tmp_path):
     assert "measured speed-up" in md and "interleaved" in md
 
 
+def test_compare_set_for_applies_to_one_method_only(tmp_path):
+    from smcp_core.compare import compare
+
+    out = tmp_path / "cmp"
+    res = compare(None, TINY + ["export.min_runs=3", "export.max_seconds=5", "export.batch_size=4"],
+                  ["uniform", "none"], out, method_overrides={"uniform": ["prune.target.flops_ratio=0.4"]})
+    rows = {r["method"]: r for r in res["rows"]}
+    assert rows["uniform"]["overrides"] == ["prune.target.flops_ratio=0.4"] and "overrides" not in rows["none"]
+    assert rows["uniform"]["flops_ratio"] <= 0.4 < 0.6
+    assert rows["none"]["flops_ratio"] == 1.0 and rows["none"]["top1"] is not None
+    assert res["method_overrides"] == {"uniform": ["prune.target.flops_ratio=0.4"]}
+    assert "`prune.target.flops_ratio=0.4`" in (out / "compare.md").read_text()
+
+
 def test_compare_bad_input_is_one_line(tmp_path):
     for args, words in ((["--methods", "smcp,l2"], "unknown method 'l2'"),
+                        (["--methods", "smcp", "--set-for", "uniform:prune.epochs=2"], "not among --methods"),
+                        (["--methods", "smcp", "--set-for", "smcp=prune.epochs"], "expected METHOD"),
+                        (["--methods", "smcp", "--set-for", "smcp:prune.epochs=-1"], "prune.epochs"),
                         (["--methods", "halp", "--set", "prune.masking=soft"], "needs masking = permanent")):
         proc = _smcp("compare", *args, "--out", str(tmp_path / "x"), cwd=tmp_path, timeout=60)
         assert proc.returncode == 1, proc.stderr

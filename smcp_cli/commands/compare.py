@@ -36,7 +36,11 @@ def compare(
     recipe: Optional[str] = RecipeOpt,
     set_: Optional[list[str]] = SetOpt,
     methods: str = typer.Option("smcp,halp,l1,uniform", "--methods", "-m",
-                                help="Comma-separated methods: smcp, halp, l1, sfp, uniform."),
+                                help="Comma-separated methods: smcp, halp, l1, sfp, uniform, none "
+                                     "(none = the unpruned model fine-tuned the same way)."),
+    set_for: Optional[list[str]] = typer.Option(None, "--set-for", metavar="METHOD[,METHOD]:KEY=VALUE",
+                                                help="A recipe override for some methods only (repeatable), "
+                                                     "e.g. uniform,l1:prune.target_margin=0.05."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: runs/<recipe name>/compare)."),
     force: bool = typer.Option(False, "--force", help="Re-profile and re-train every method even if up to date."),
     force_table: bool = typer.Option(False, "--force-table", help="Use a latency table measured on another device/setting."),
@@ -48,14 +52,20 @@ def compare(
     with guarded(as_json):
         from smcp_core.compare import parse_methods
 
+        from smcp_core.compare import parse_method_sets
+
         ms = parse_methods(methods)
+        per = parse_method_sets(set_for, ms)
         r = load(recipe, set_)  # bad recipe or --set: exit 1 before anything is written
+        for m, extra in per.items():  # every per-method override must validate too, before any work
+            load(recipe, list(set_ or []) + [f"prune.method={m}"] + extra)
         o = Path(out) if out else Path("runs") / r.name / "compare"
         with locked(o, "compare"):
             from smcp_core.compare import compare as run_compare
 
             with RichReporter(quiet) as rep:
-                res = run_compare(recipe, list(set_ or []), ms, o, reporter=rep, force=force, force_table=force_table)
+                res = run_compare(recipe, list(set_ or []), ms, o, reporter=rep, force=force, force_table=force_table,
+                                  method_overrides=per)
             if not quiet:
                 print_compare(res)
                 console.print(f"report: {o / 'compare.md'} (json: {o / 'compare.json'})")
