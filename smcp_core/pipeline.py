@@ -260,6 +260,43 @@ def _uniform_keep(graph: ChannelGraph, frac: float) -> torch.Tensor:
     return keep
 
 
+def _removal_keep(graph: ChannelGraph, frac: float) -> torch.Tensor | None:
+    """Every other removable group (layer pruning) removed, the rest uniformly thinned to ``frac``;
+    None when the graph has no removable group."""
+    removable = [g for g in graph.groups if g.prunable and g.removable and g.n_frozen == 0]
+    if not removable:
+        return None
+    keep = _uniform_keep(graph, frac)
+    for g in removable[::2]:
+        keep[g.classes] = False
+    return keep
+
+
+def _removed_layers(graph: ChannelGraph, keep: torch.Tensor) -> int:
+    return sum(1 for ci, co in graph.widths(keep) if ci == 0 or co == 0)
+
+
+def fit_calibration(points: list[tuple[float, int, float]]) -> tuple[float, float]:
+    """``(layer_sum, removed_layers, measured_ms)`` points -> ``(scale, removed_ms)`` with
+    measured ~= scale * (layer_sum + removed_ms * removed_layers), both >= 0 (least squares; a
+    proportional fit when no point removes a layer or the fitted residual is negative)."""
+    xs = torch.tensor([p[0] for p in points], dtype=torch.float64)
+    ns = torch.tensor([float(p[1]) for p in points], dtype=torch.float64)
+    ys = torch.tensor([p[2] for p in points], dtype=torch.float64)
+
+    def proportional() -> float:
+        sc = float((xs * ys).sum() / (xs * xs).sum())
+        return sc if sc > 0 else float(ys[0] / xs[0])
+
+    if not bool((ns > 0).any()):
+        return proportional(), 0.0
+    sol = torch.linalg.lstsq(torch.stack([xs, ns], 1), ys.view(-1, 1)).solution.view(-1)
+    a, b = float(sol[0]), float(sol[1])
+    if not (a > 0) or b < 0:
+        return proportional(), 0.0
+    return a, b / a
+
+
 def profile(recipe, out: Path, *, reporter: Reporter | None = None, force: bool = False) -> dict:
     """Measure the latency table of the recipe's model and the whole-model calibration."""
     from .cost import LatencyTable, measure_table
@@ -290,19 +327,27 @@ def profile(recipe, out: Path, *, reporter: Reporter | None = None, force: bool 
         progress=lambda d, t, k: rep.progress("profile", d, t, k),
     )
     t_layers = time.perf_counter() - t0
-    # whole-model latency of the baseline and two uniformly thinned variants -> calibration
-    rep.log("measuring whole-model latency (baseline and 2 thinned variants) for calibration")
-    cost = CostModel(graph, "latency", table)
+    # whole-model latency of the baseline, two uniformly thinned variants and (when layers can be
+    # removed) two variants with every other removable group removed -> calibration
+    cost = CostModel(graph, "latency", table)  # not calibrated yet: removed layers cost 0 here
+    keeps = {"baseline": graph.full_keep(), "uniform75": _uniform_keep(graph, 0.75),
+             "uniform50": _uniform_keep(graph, 0.5)}
+    for name, frac in (("removed", 1.0), ("removed_uniform75", 0.75)):
+        k = _removal_keep(graph, frac)
+        if k is not None:
+            keeps[name] = k
+    rep.log(f"measuring whole-model latency ({', '.join(keeps)}) for calibration")
     variants = {"baseline": model}
-    sums = {"baseline": cost.total(graph.full_keep())}
-    for frac in (0.75, 0.5):
-        keep = _uniform_keep(graph, frac)
+    sums = {k: cost.total(v) for k, v in keeps.items()}
+    removed = {k: _removed_layers(graph, v) for k, v in keeps.items()}
+    for name, keep in keeps.items():
+        if name == "baseline":
+            continue
         m = build_model(recipe, load_weights=False)
         mk = Masker(m, graph)
         mk.set_keep(keep)
         mk.remove(bake=True)
-        variants[f"uniform{int(frac * 100)}"] = slim_model(m, graph, keep)
-        sums[f"uniform{int(frac * 100)}"] = cost.total(keep)
+        variants[name] = slim_model(m, graph, keep)
     tmp = out / ".profile_tmp"
     tmp.mkdir(exist_ok=True)
     try:
@@ -322,18 +367,18 @@ def profile(recipe, out: Path, *, reporter: Reporter | None = None, force: bool 
         for f in tmp.glob("*"):
             f.unlink()
         tmp.rmdir()
-    pts = [(sums[k], meas["stats"][k]["median_ms"]) for k in variants]
-    xs = torch.tensor([p[0] for p in pts], dtype=torch.float64)
-    ys = torch.tensor([p[1] for p in pts], dtype=torch.float64)
-    # proportional fit, measured ~= scale * sum(layer latencies): the work outside conv/linear
-    # layers (activations, adds, pooling, per-op overhead) shrinks with the layers, so a constant
-    # offset would be wrong for strongly pruned models (seen on onnxruntime CPU: a fitted offset
-    # made a 2x target demand a 4x cut of the layer time)
-    scale = float((xs * ys).sum() / (xs * xs).sum())
+    names = list(variants)
+    ms = [meas["stats"][k]["median_ms"] for k in names]
+    # proportional fit, measured ~= scale * (sum of layer latencies + removed_ms * removed layers):
+    # the work outside conv/linear layers (activations, adds, pooling, per-op overhead) shrinks with
+    # the layers, so a constant offset would be wrong for strongly pruned models (seen on onnxruntime
+    # CPU: a fitted offset made a 2x target demand a 4x cut of the layer time); a removed layer
+    # leaves its residual join behind, hence the per-removed-layer term
+    scale, removed_ms = fit_calibration([(sums[k], removed[k], m_) for k, m_ in zip(names, ms)])
     offset = 0.0
-    if not scale > 0:
-        scale = float(ys[0] / xs[0])
-    pred = (scale * xs + offset).tolist()
+    pred = [scale * (sums[k] + removed_ms * removed[k]) + offset for k in names]
+    xs = torch.tensor([sums[k] for k in names], dtype=torch.float64)
+    ys = torch.tensor(ms, dtype=torch.float64)
     table.model = {
         "stamp": stamp(recipe, "profile"),
         "model_source": recipe.model.source,
@@ -341,9 +386,10 @@ def profile(recipe, out: Path, *, reporter: Reporter | None = None, force: bool 
         "measured_ms": float(ys[0]),
         "layer_sum_ms": float(xs[0]),
         "calibration": {
-            "scale": scale, "offset_ms": offset,
-            "points": [{"name": k, "layer_sum_ms": float(s), "measured_ms": float(m), "predicted_ms": float(p)}
-                       for k, s, m, p in zip(variants, xs.tolist(), ys.tolist(), pred)],
+            "scale": scale, "offset_ms": offset, "removed_layer_ms": removed_ms,
+            "points": [{"name": k, "layer_sum_ms": float(s), "removed_layers": removed[k], "measured_ms": float(m),
+                        "predicted_ms": float(p)}
+                       for k, s, m, p in zip(names, xs.tolist(), ys.tolist(), pred)],
         },
         "seconds": {"layers": t_layers, "total": time.perf_counter() - t0},
         "stats": meas["stats"],
@@ -351,7 +397,7 @@ def profile(recipe, out: Path, *, reporter: Reporter | None = None, force: bool 
     atomic_write_json(path, table.to_dict(), indent=1, checksum=True)
     table.path = path
     return {"path": str(path), "layers": len(table), "baseline_ms": float(ys[0]), "scale": scale,
-            "offset_ms": offset, "seconds": time.perf_counter() - t0,
+            "offset_ms": offset, "removed_layer_ms": removed_ms, "seconds": time.perf_counter() - t0,
             "calibration": table.model["calibration"]["points"]}
 
 

@@ -28,6 +28,12 @@ class CostModel:
     ``kind``: ``latency`` (from a :class:`~smcp_core.cost.LatencyTable`), ``flops`` (MACs) or
     ``params``.  The model-level prediction is ``scale * sum(layer costs) + offset`` where the
     calibration (``scale``, ``offset``) comes from the table's whole-model measurements.
+
+    A layer removed by layer pruning (input or output width 0) costs ``removed_cost`` (latency only,
+    fitted by ``smcp profile``): slimming a removed residual branch leaves its join behind (the add of
+    the branch's constant output and the activation after it), work the layer table does not see.
+    Counting a removed layer as free made block removal look ~35% faster than measured on
+    onnxruntime CPU (ResNet-56).
     """
 
     def __init__(self, graph: ChannelGraph, kind: str = "latency", table=None) -> None:
@@ -40,6 +46,7 @@ class CostModel:
         cal = (table.model or {}).get("calibration", {}) if (table is not None and kind == "latency") else {}
         self.scale = float(cal.get("scale", 1.0))
         self.offset = float(cal.get("offset_ms", 0.0))
+        self.removed_cost = max(0.0, float(cal.get("removed_layer_ms", 0.0)))
         self._prepare()
 
     def _prepare(self) -> None:
@@ -58,7 +65,7 @@ class CostModel:
         if self.kind == "latency":
             out = self.table.latency_many(s, cin, cout_t)
             out = torch.as_tensor(out, dtype=torch.float64)
-            return torch.where((cin == 0) | (cout_t == 0), torch.zeros_like(out), out)
+            return torch.where((cin == 0) | (cout_t == 0), torch.full_like(out, self.removed_cost), out)
         cin_f, cout_f = cin.to(torch.float64), cout_t.to(torch.float64)
         if self.kind == "params":
             return params(s, cin_f, cout_f) / 1e6

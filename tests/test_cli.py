@@ -233,6 +233,12 @@ def test_e2e_run(e2e):
     assert weights and all(isinstance(v, torch.Tensor) for v in weights.values())
     summary = json.loads((out / "prune" / "summary.json").read_text())
     assert summary["meets_budget"] is True and summary["predicted_speedup"] >= 1.2
+    # the calibration measured variants with removed residual blocks and fitted their residual cost
+    cal = json.loads((out / "latency.json").read_text())["model"]["calibration"]
+    pts = {p["name"]: p for p in cal["points"]}
+    assert set(pts) == {"baseline", "uniform75", "uniform50", "removed", "removed_uniform75"}
+    assert pts["baseline"]["removed_layers"] == 0 and pts["removed"]["removed_layers"] > 0
+    assert cal["scale"] > 0 and cal["removed_layer_ms"] >= 0
     # the resolved recipe reloads to the same settings
     from smcp_core.recipe import load_recipe
 

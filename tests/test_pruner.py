@@ -650,3 +650,42 @@ def test_bn_taylor_importance_matches_formula(tiny):
         lab = graph.layer(conv).out_labels
         assert torch.allclose(s[lab], expect, rtol=1e-5, atol=1e-12), conv
     assert float(s.abs().sum()) > 0
+
+
+def test_removed_layer_costs_the_fitted_residual(r20):
+    """A layer removed by layer pruning costs the calibration's removed_layer_ms (the residual join it
+    leaves behind), in the knapsack's options and in the model's total alike."""
+    graph = r20
+    table = fake_table(graph)
+    table.model["calibration"]["removed_layer_ms"] = 0.004
+    cost = CostModel(graph, "latency", table)
+    cfg = PruneConfigLite(8, 8, True)
+    alloc = Allocator(graph, cost, cfg)
+    scores = random_scores(graph, 5)
+    res = alloc.solve(scores, 0.35 * alloc.full_cost, graph.full_keep())
+    widths = graph.widths(res.keep)
+    removed = [i for i, (ci, co) in enumerate(widths) if ci == 0 or co == 0]
+    assert removed, "the budget should remove at least one block"
+    lc = cost.layer_costs(res.keep)
+    for i, (l, (ci, co)) in enumerate(zip(graph.layers, widths)):
+        expect = 0.004 if i in removed else table.latency(l.sig, ci, co)
+        assert float(lc[i]) == pytest.approx(expect, rel=1e-9)
+    assert res.cost == pytest.approx(float(lc.sum())) and res.cost <= 0.35 * alloc.full_cost * (1 + 1e-9)
+    # the same solve without the residual would remove as much or more: removal is dearer now
+    free = CostModel(graph, "latency", fake_table(graph))
+    res0 = Allocator(graph, free, cfg).solve(scores, 0.35 * alloc.full_cost, graph.full_keep())
+    assert len(removed) <= sum(1 for ci, co in graph.widths(res0.keep) if ci == 0 or co == 0)
+
+
+def test_fit_calibration_recovers_scale_and_removed_layer_cost():
+    from smcp_core.pipeline import fit_calibration
+
+    pts = [(s, n, 1.3 * (s + 0.01 * n)) for s, n in ((2.0, 0), (1.5, 0), (1.0, 0), (1.6, 18), (1.2, 18))]
+    scale, removed = fit_calibration(pts)
+    assert scale == pytest.approx(1.3) and removed == pytest.approx(0.01)
+    # no removal point: proportional fit, no residual
+    scale, removed = fit_calibration([(2.0, 0, 2.4), (1.0, 0, 1.2)])
+    assert scale == pytest.approx(1.2) and removed == 0.0
+    # removal measured *faster* than its layer sum suggests: a negative residual is never used
+    scale, removed = fit_calibration([(2.0, 0, 2.0), (1.0, 0, 1.0), (1.5, 10, 1.2)])
+    assert removed == 0.0 and scale > 0

@@ -46,9 +46,10 @@ def profile(
                 console.print(
                     f"[green]latency table[/green] {res['path']}: {res['layers']} layer shapes, baseline "
                     f"{res['baseline_ms']:.3f} ms on {r.profile.backend}/{r.profile.device} batch {r.profile.batch_size}; "
-                    f"calibration: measured = {res['scale']:.3f} x table + {res['offset_ms']:.3f} ms ({res['seconds']:.0f}s)"
+                    f"calibration: measured = {res['scale']:.3f} x (table + {res['removed_layer_ms']:.4f} ms per "
+                    f"removed layer) + {res['offset_ms']:.3f} ms ({res['seconds']:.0f}s)"
                 )
                 for p in res["calibration"]:
                     err = 100 * (p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"]
-                    console.print(f"  {p['name']:<10} measured {p['measured_ms']:.3f} ms  predicted {p['predicted_ms']:.3f} ms ({err:+.1f}%)")
+                    console.print(f"  {p['name']:<18} measured {p['measured_ms']:.3f} ms  predicted {p['predicted_ms']:.3f} ms ({err:+.1f}%)")
             emit({"ok": True, **res}, as_json)
