@@ -49,6 +49,14 @@ pruned weights.
 
 ``none``: the reference every comparison needs, the unpruned model fine-tuned with the same
     schedule, data and optimizer (no mask is ever set; the target is ignored).
+
+``snip`` / ``magnitude`` (unstructured, :mod:`smcp_core.unstructured`): ``prune.sparsity`` of the
+    conv/linear weights (all of them except ``model.unpruned``) are set to zero once, before the
+    first training step, and kept at zero after every optimizer step while the model fine-tunes.
+    ``snip`` scores ``|w * dL/dw|`` from one training batch (SNIP, Lee et al., ICLR 2019: decided
+    once); ``magnitude`` keeps the globally largest ``|w|`` (one-shot magnitude pruning, Han et al.
+    2015).  No channel is removed, so slim and export run the same dense shapes: a dense runtime
+    gains no speed, and ``smcp export`` measures and reports exactly that.
 """
 
 from __future__ import annotations
@@ -56,7 +64,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("smcp", "halp", "l1", "sfp", "uniform", "none")
+METHODS = ("smcp", "halp", "l1", "sfp", "uniform", "none", "snip", "magnitude")
+UNSTRUCTURED = ("snip", "magnitude")
 
 # forced: the method is defined by these values (a conflicting explicit value is an error);
 # defaults: applied where the recipe leaves the key at its schema default and --set did not name it
@@ -69,6 +78,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "sfp": {"forced": {"masking": "permanent", "importance.type": "l2_filter"}, "defaults": {}},
     "uniform": {"forced": {}, "defaults": {}},
     "none": {"forced": {}, "defaults": {}},
+    "snip": {"forced": {}, "defaults": {}},
+    "magnitude": {"forced": {}, "defaults": {}},
 }
 
 FILTER_KINDS = {"l1_filter": 1, "l2_filter": 2}
@@ -90,6 +101,8 @@ SPECS = {
     "sfp": MethodSpec("sfp", "uniform", False, True, True),
     "uniform": MethodSpec("uniform", "uniform", False, False, False),
     "none": MethodSpec("none", "none", False, False, False),
+    "snip": MethodSpec("snip", "none", False, False, False),
+    "magnitude": MethodSpec("magnitude", "none", False, False, False),
 }
 
 
@@ -222,3 +235,50 @@ def zero_filters_(masker, keep) -> int:
                 b[dead.to(b.device)] = 0
             n += int(dead.sum())
     return n
+
+
+# --------------------------------------------------------------------------------------------------
+# unstructured methods (snip, magnitude)
+
+
+def unstructured_masks(method: str, model, sparsity: float, batch, *, exclude=(), label_smoothing: float = 0.0):
+    """``{module name: bool mask}`` for ``snip`` (from ``batch``) or ``magnitude`` over every
+    conv/linear layer of ``model`` except the names in ``exclude``."""
+    import torch.nn.functional as F
+
+    from . import unstructured as U
+
+    layers = [n for n in U.prunable_layers(model) if not any(n == e or n.startswith(e + ".") for e in exclude)]
+    if not layers:
+        from .errors import SmcpError
+
+        raise SmcpError(f"prune.method {method}: every conv/linear layer is in model.unpruned; nothing to prune")
+    if method == "snip":
+        return U.snip_masks(model, lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing),
+                            batch, sparsity, layers=layers)
+    return U.magnitude_masks(model, sparsity, layers=layers)
+
+
+class WeightZeroer:
+    """Keeps the masked-out weights of an unstructured mask at exactly zero: call after every
+    optimizer step (momentum and weight decay would move them otherwise).  Works on the dense
+    weight under smcp's channel-mask parametrisation as well as on a plain ``weight``."""
+
+    def __init__(self, model, masks, device) -> None:
+        self.items = []
+        for name, m in masks.items():
+            mod = model.get_submodule(name)
+            self.items.append((mod, m.to(device=device)))
+
+    @staticmethod
+    def _weight(mod):
+        par = getattr(mod, "parametrizations", None)
+        return par.weight.original if par is not None and "weight" in par else mod.weight
+
+    def __call__(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for mod, m in self.items:
+                w = self._weight(mod)
+                w.mul_(m.to(w.dtype))

@@ -462,11 +462,17 @@ def prune(recipe, out: Path, *, reporter: Reporter | None = None, resume: bool =
                                                    cost_weight=pc.cost_weight))
     from .errors import InfeasibleTarget
 
-    if pc.method == "none":  # the unpruned reference: the full model is the budget, nothing is masked
+    from .methods import UNSTRUCTURED
+
+    no_channels = pc.method == "none" or pc.method in UNSTRUCTURED
+    if no_channels:  # the full model is the channel budget: no channel is masked
         budget = cost.total(graph.full_keep())
-        tdesc = {**tdesc, "method": "none", "note": "method none: target ignored, nothing pruned"}
+        note = ("target ignored, nothing pruned" if pc.method == "none" else
+                f"unstructured: {pc.sparsity:g} of the conv/linear weights zeroed, no channel removed; "
+                "the channel target is ignored")
+        tdesc = {**tdesc, "method": pc.method, "note": note}
     try:  # feasibility up front, with the real solver (importance not known yet: all zero)
-        if pc.method != "none":
+        if not no_channels:
             alloc.solve(torch.zeros(graph.n_classes), budget, graph.full_keep(), rounds=1, inner=2)
         feasible = True
     except InfeasibleTarget:
@@ -484,11 +490,14 @@ def prune(recipe, out: Path, *, reporter: Reporter | None = None, resume: bool =
     if not resume and D.is_main():  # a fresh run, past every input check: the previous run's checkpoint and metrics go
         remove_artifact(pdir / "checkpoint.pt")
         remove_artifact(pdir / "metrics.csv")
+        remove_artifact(pdir / "weight_masks.pt")
     D.barrier()
+    weight_masks = _weight_masks(recipe, model, bundle, pdir, rep) if pc.method in UNSTRUCTURED else None
     t0 = time.perf_counter()
     res = prune_train(recipe=recipe, model=model, graph=graph, cost=cost, target_cost=budget,
                       train_set=bundle.train, val_set=bundle.val, out_dir=pdir, resume=resume, reporter=rep,
-                      make_loader=lambda ds, **kw: make_loader(ds, workers=recipe.data.workers, **kw))
+                      make_loader=lambda ds, **kw: make_loader(ds, workers=recipe.data.workers, **kw),
+                      weight_masks=weight_masks)
     flops_full, params_full = graph.flops_params()
     flops_kept, params_kept = graph.flops_params(res.keep)
     groups = [{"group": g.index, "kept": int(res.keep[g.classes].sum()), "channels": g.size,
@@ -518,12 +527,51 @@ def prune(recipe, out: Path, *, reporter: Reporter | None = None, resume: bool =
         "history": res.history,
         "world_size": D.world(),
     }
+    if weight_masks is not None:
+        from .unstructured import unstructured_speed_note
+
+        zeros = sum(int((res.state_dict[f"{n}.weight"] == 0).sum()) for n in weight_masks)
+        total = sum(int(m.numel()) for m in weight_masks.values())
+        summary["unstructured"] = {"method": pc.method, "sparsity_target": pc.sparsity,
+                                   "sparsity": zeros / total, "weights": total, "layers": len(weight_masks),
+                                   "note": unstructured_speed_note(zeros / total)}
     if D.is_main():
         atomic_write_json(pdir / "summary.json", summary, checksum=True)
     D.barrier()
     if return_result:
         summary = dict(summary, result=res)
     return summary
+
+
+def _weight_masks(recipe, model, bundle, pdir: Path, rep) -> dict:
+    """The unstructured method's weight masks: decided once (before the first step) and stored in
+    ``prune/weight_masks.pt``, so a resumed run keeps them."""
+    from . import dist as D
+    from .data import make_loader
+    from .methods import unstructured_masks
+
+    path = pdir / "weight_masks.pt"
+    pc = recipe.prune
+    if path.exists():
+        ck = load_torch(path, "weight masks", "delete it (and prune/checkpoint.pt) to start over", keys=("masks",))
+        if ck.get("method") == pc.method and ck.get("sparsity") == pc.sparsity:
+            rep.log(f"{pc.method}: weight masks from {path}")
+            return {k: v.to(torch.bool) for k, v in ck["masks"].items()}
+    batch = None
+    if pc.method == "snip":
+        loader = make_loader(bundle.train, batch_size=recipe.data.batch_size, shuffle=True, seed=recipe.seed)
+        batch = next(iter(loader))
+        model.train()
+    masks = unstructured_masks(pc.method, model, pc.sparsity, batch, exclude=tuple(recipe.model.unpruned or ()),
+                               label_smoothing=pc.label_smoothing)
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(int(m.numel()) for m in masks.values())
+    rep.log(f"{pc.method}: {total - kept}/{total} weights of {len(masks)} layers set to zero "
+            f"(sparsity {1 - kept / total:.3f}); they stay zero while fine-tuning")
+    if D.is_main():
+        atomic_torch_save({"masks": {k: v.cpu() for k, v in masks.items()}, "method": pc.method,
+                           "sparsity": pc.sparsity}, path, checksum=True)
+    return masks
 
 
 # --------------------------------------------------------------------------------------------------

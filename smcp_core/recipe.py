@@ -289,7 +289,9 @@ class PruneConfig(_Section):
     # smcp (default), or a classic baseline through the same graph/cost/slim/export: halp, l1, sfp,
     # uniform, or none (fine-tune only: the unpruned reference) (smcp_core.methods; a method's preset
     # replaces keys left at their schema default)
-    method: Literal["smcp", "halp", "l1", "sfp", "uniform", "none"] = "smcp"
+    method: Literal["smcp", "halp", "l1", "sfp", "uniform", "none", "snip", "magnitude"] = "smcp"
+    # snip / magnitude (unstructured): the fraction of conv/linear weights set to zero
+    sparsity: Annotated[Float, Field(gt=0, lt=1)] | None = None
     target: TargetConfig = Field(default_factory=_default_target)
     # aim this fraction below the target latency (or FLOPs) to absorb the table's prediction error
     target_margin: Annotated[Float, Field(ge=0, lt=0.5)] = 0.03
@@ -344,6 +346,14 @@ class PruneConfig(_Section):
             raise PydanticCustomError(
                 _REL_ERR, "lr_schedule.warmup_epochs = {w} exceeds epochs = {e}",
                 {"w": self.lr_schedule.warmup_epochs, "e": self.epochs})
+        if self.method in ("snip", "magnitude") and self.sparsity is None:
+            raise PydanticCustomError(
+                _REL_ERR, "method {m} needs prune.sparsity (the fraction of conv/linear weights to zero, e.g. 0.9)",
+                {"m": self.method})
+        if self.sparsity is not None and self.method not in ("snip", "magnitude"):
+            raise PydanticCustomError(
+                _REL_ERR, "prune.sparsity applies to the unstructured methods snip and magnitude only; "
+                "remove it or set prune.method", {})
         if self.lr_schedule.min_lr > self.optimizer.lr:
             raise PydanticCustomError(
                 _REL_ERR, "lr_schedule.min_lr = {m} is above optimizer.lr = {lr}",

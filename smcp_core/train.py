@@ -147,9 +147,12 @@ def prune_train(
     resume: bool = False,
     reporter: Reporter | None = None,
     make_loader: Callable[..., Any],
+    weight_masks: dict | None = None,
 ) -> TrainResult:
     """Run SMCP on ``model`` (modified in place: masks are registered on it) and return the final
-    keep-mask.  ``target_cost`` is the layer-sum budget the final masks must meet."""
+    keep-mask.  ``target_cost`` is the layer-sum budget the final masks must meet.
+    ``weight_masks`` (unstructured methods): ``{module name: bool mask}`` of weights held at zero
+    from the first step on."""
     rep = reporter or Reporter()
     pc = recipe.prune
     dc = recipe.data
@@ -174,6 +177,9 @@ def prune_train(
     masker = Masker(model, graph, mode=pc.masking)
     masker.to(device)
     bn_scaler = BNScaler(model, graph, pc.bn_rescaling).to(device)
+    zero_weights = M.WeightZeroer(model, weight_masks, device) if weight_masks else None
+    if zero_weights is not None:
+        zero_weights()
     tracker = ImportanceTracker(masker, kind=pc.importance.type, accumulate=pc.importance.accumulate,
                                 momentum=pc.importance.momentum)
     alloc = Allocator(graph, cost, PruneConfigLite(pc.channel_round, pc.min_channels, pc.layer_pruning, pc.stickiness,
@@ -357,6 +363,8 @@ def prune_train(
             scaler.update()
             if method.rezero and masker.mode == "permanent" and masked_any[0]:
                 M.rezero_pruned_(masker)  # pruned weights stay exactly zero (HALP re-zeroes every step)
+            if zero_weights is not None:
+                zero_weights()  # unstructured: the zeroed weights stay zero
             if pruning and not method.soft_filter:
                 since_update += 1
                 prog = plan.progress(epoch, step)

@@ -434,3 +434,52 @@ def test_compare_bad_input_is_one_line(tmp_path):
         lines = [l for l in proc.stderr.splitlines() if l.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], proc.stderr
     assert not (tmp_path / "x" / "halp").exists()  # nothing was trained
+
+
+# --------------------------------------------------------------------------------------------------
+# unstructured methods through the pipeline
+
+
+def test_snip_method_decides_once_and_keeps_zeros(monkeypatch, tmp_path):
+    from smcp_core import unstructured as U
+
+    calls = []
+    orig = U.snip_scores
+    monkeypatch.setattr(U, "snip_scores", lambda *a, **k: (calls.append(1), orig(*a, **k))[1])
+    recipe = tiny_recipe("prune.method=snip", "prune.sparsity=0.8")
+    start = {k: v.clone() for k, v in pipeline.build_model(recipe).state_dict().items()}
+    s = pipeline.prune(recipe, tmp_path)
+    assert len(calls) == 1, "SNIP scores once, before the first step"
+    masks = torch.load(tmp_path / "prune" / "weight_masks.pt", weights_only=True)["masks"]
+    sd = torch.load(tmp_path / "prune" / "pruned.pt", weights_only=True)["state_dict"]
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.2 * total)
+    for name, m in masks.items():
+        w = sd[f"{name}.weight"]
+        assert bool((w[~m] == 0).all()), f"{name}: a pruned weight moved during fine-tuning"
+        assert not torch.equal(w[m], start[f"{name}.weight"][m]), f"{name}: kept weights must train"
+    u = s["unstructured"]
+    assert u["sparsity"] == pytest.approx(0.8, abs=1e-4) and u["sparsity_target"] == 0.8 and "no speed-up" in u["note"]
+    assert s["flops_ratio"] == 1.0 and not any(r.get("event") == "mask_update" for r in s["history"])
+    sl = pipeline.slim(recipe, tmp_path)  # nothing to remove: same shapes, same outputs
+    assert sl["flops"] == sl["flops_full"] and sl["max_abs_diff"] <= 1e-5
+
+
+def test_magnitude_method_keeps_the_largest_weights(tmp_path):
+    from smcp_core import unstructured as U
+
+    recipe = tiny_recipe("prune.method=magnitude", "prune.sparsity=0.5")
+    expect = U.magnitude_masks(pipeline.build_model(recipe), 0.5)
+    pipeline.prune(recipe, tmp_path)
+    masks = torch.load(tmp_path / "prune" / "weight_masks.pt", weights_only=True)["masks"]
+    assert masks.keys() == expect.keys() and all(torch.equal(masks[k], expect[k]) for k in masks)
+
+
+@pytest.mark.parametrize("sets,words", [
+    (["prune.method=snip"], "method snip needs prune.sparsity"),
+    (["prune.sparsity=0.9"], "applies to the unstructured methods snip and magnitude only"),
+    (["prune.method=magnitude", "prune.sparsity=1.0"], "prune.sparsity"),
+])
+def test_unstructured_recipe_errors(sets, words):
+    with pytest.raises(SmcpError, match=words):
+        load_recipe(None, TINY + sets)
