@@ -845,6 +845,7 @@ def measure_table(
     max_seconds: float = 600,
     existing: LatencyTable | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    coarse_stride: int = 4,
 ) -> LatencyTable:
     """Measure a :class:`LatencyTable` for the given layer signatures.
 
@@ -859,9 +860,13 @@ def measure_table(
       machine fingerprint -- its grid points are reused instead of re-measured, and its entries for
       other keys are carried over.  An incompatible ``existing`` is ignored.
     * ``progress(done, total, key)`` is called after every point (reused ones included).
-    * ``max_seconds`` bounds the whole measurement.  When it runs out,
-      :class:`TableBudgetExceeded` (an :class:`SmcpError`) is raised; its ``partial`` attribute holds
-      the points measured so far, usable as ``existing=`` to resume.
+    * Coarse to fine: first every layer's coarse sub-grid (every ``coarse_stride``-th grid point
+      along each axis plus both ends), then the remaining points.
+    * ``max_seconds`` bounds the whole measurement.  When it runs out after the coarse sub-grids
+      are measured, the points not measured yet are interpolated (bilinearly, in channel counts)
+      from the coarse sub-grid and counted in ``meta.measure.interpolated_points``; when it runs out
+      earlier, :class:`TableBudgetExceeded` (an :class:`SmcpError`) is raised; its ``partial``
+      attribute holds the points measured so far, usable as ``existing=`` to resume.
     """
     from . import __version__, bench
 
@@ -960,46 +965,68 @@ def measure_table(
 
         old_threads = torch.get_num_threads()
         torch.set_num_threads(int(threads))
+    olds = {e.key: (existing.entries.get(e.key) if reuse and existing is not None else None) for e in plan}
+    # points an earlier run interpolated (budget ran out) are measured now, never reused as if measured
+    was_interp = {k: {tuple(x) for x in v}
+                  for k, v in ((existing.meta.get("measure") or {}).get("interpolated") or {}).items()} \
+        if reuse and existing is not None else {}
+    coarse = {e.key: _coarse_indices(e, coarse_stride) for e in plan}
+    for e in plan:  # reuse first, so that an interpolation never overwrites a reusable point
+        old = olds[e.key]
+        if old is None:
+            continue
+        for ci, co, _ in e.points():
+            prev = old.get(ci, co)
+            if prev is not None and (ci, co) not in was_interp.get(e.key, ()):
+                e.set(ci, co, prev)
+                reused += 1
+    order = [(lvl, e, ci, co) for lvl in (0, 1) for e in plan for ci, co, v in e.points()
+             if v is None and _is_coarse(e, ci, co, coarse[e.key]) == (lvl == 0)]
+    done = reused
+    interpolated: dict[str, list[list[int]]] = {}
     try:
-        for e in plan:
-            old = existing.entries.get(e.key) if reuse and existing is not None else None
-            for ci, co, _ in e.points():
-                prev = old.get(ci, co) if old is not None else None
-                if prev is not None:
-                    e.set(ci, co, prev)
-                    reused += 1
-                else:
-                    remaining = deadline - time.perf_counter()
-                    if remaining <= 0:
-                        table.meta["measure"].update(
-                            measured_points=measured, reused_points=reused, seconds=round(time.perf_counter() - t0, 3)
-                        )
-                        raise TableBudgetExceeded(
-                            f"latency profiling ran out of its {max_seconds:g} s budget after {done} of {total} "
-                            f"points ({len(plan)} layer shapes, channel step {channel_step}): raise the time budget "
-                            "or use a larger channel step; the points measured so far are kept and reused on the "
-                            "next run",
-                            partial=table,
-                            done=done,
-                            total=total,
-                        )
-                    ms = _measure_point(
-                        e.sig,
-                        ci,
-                        co,
-                        backend=backend,
-                        batch_size=batch_size,
-                        dtype=dtype,
-                        layout=layout,
-                        device=device,
-                        threads=threads,
-                        timing={**timing, "max_seconds": min(float(point_max_seconds), remaining)},
-                    )
-                    e.set(ci, co, ms)
-                    measured += 1
-                done += 1
+        for lvl, e, ci, co in order:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0 and lvl == 1:
+                # every coarse sub-grid is measured: interpolate the remaining points, stop measuring
+                for e2 in plan:
+                    pts = _fill_from_coarse(e2, coarse[e2.key])
+                    if pts:
+                        interpolated[e2.key] = pts
+                done = total
                 if progress is not None:
-                    progress(done, total, e.key)
+                    progress(done, total, "interpolated")
+                break
+            if remaining <= 0:
+                table.meta["measure"].update(
+                    measured_points=measured, reused_points=reused, seconds=round(time.perf_counter() - t0, 3)
+                )
+                raise TableBudgetExceeded(
+                    f"latency profiling ran out of its {max_seconds:g} s budget after {done} of {total} "
+                    f"points ({len(plan)} layer shapes, channel step {channel_step}) before the coarse grid was "
+                    "complete: raise the time budget (--budget-minutes) or use a larger channel step; the "
+                    "points measured so far are kept and reused on the next run",
+                    partial=table,
+                    done=done,
+                    total=total,
+                )
+            ms = _measure_point(
+                e.sig,
+                ci,
+                co,
+                backend=backend,
+                batch_size=batch_size,
+                dtype=dtype,
+                layout=layout,
+                device=device,
+                threads=threads,
+                timing={**timing, "max_seconds": min(float(point_max_seconds), remaining)},
+            )
+            e.set(ci, co, ms)
+            measured += 1
+            done += 1
+            if progress is not None:
+                progress(done, total, e.key)
     finally:
         if old_threads is not None:
             import torch
@@ -1007,6 +1034,52 @@ def measure_table(
             torch.set_num_threads(old_threads)
     table.meta["complete"] = table.complete
     table.meta["measure"].update(
-        measured_points=measured, reused_points=reused, seconds=round(time.perf_counter() - t0, 3)
+        measured_points=measured, reused_points=reused,
+        interpolated_points=sum(len(v) for v in interpolated.values()), interpolated=interpolated,
+        seconds=round(time.perf_counter() - t0, 3)
     )
     return table
+
+
+def _coarse_indices(e: _Entry, stride: int) -> tuple[set[int], set[int] | None]:
+    """Indices of the coarse sub-grid along each axis: every ``stride``-th point plus both ends."""
+    def axis(n: int) -> set[int]:
+        return set(range(0, n, max(1, int(stride)))) | {n - 1}
+
+    return axis(len(e.cin_grid)), (None if e.cout_grid is None else axis(len(e.cout_grid)))
+
+
+def _is_coarse(e: _Entry, ci: int, co: int, idx: tuple[set[int], set[int] | None]) -> bool:
+    i = e.cin_grid.index(ci)
+    if e.cout_grid is None:
+        return i in idx[0]
+    return i in idx[0] and e.cout_grid.index(co) in idx[1]
+
+
+def _fill_from_coarse(e: _Entry, idx: tuple[set[int], set[int] | None]) -> list[list[int]]:
+    """Set every unmeasured point of ``e`` by linear (1-D) / bilinear (2-D) interpolation, in
+    channel counts, between the measured coarse points around it; returns the points set."""
+    def bracket(grid: list[int], coarse: set[int], i: int) -> tuple[int, int, float]:
+        lo = max(k for k in coarse if k <= i)
+        hi = min(k for k in coarse if k >= i)
+        t = 0.0 if hi == lo else (grid[i] - grid[lo]) / (grid[hi] - grid[lo])
+        return lo, hi, t
+
+    n: list[list[int]] = []
+    if e.cout_grid is None:
+        for i, v in enumerate(e.values):
+            if v is None:
+                lo, hi, t = bracket(e.cin_grid, idx[0], i)
+                e.values[i] = (1 - t) * e.values[lo] + t * e.values[hi]
+                n.append([e.cin_grid[i], e.cin_grid[i]])
+    else:
+        for i, row in enumerate(e.values):
+            for j, v in enumerate(row):
+                if v is None:
+                    a, b, t = bracket(e.cin_grid, idx[0], i)
+                    c, d, u = bracket(e.cout_grid, idx[1], j)
+                    vv = e.values
+                    row[j] = ((1 - t) * ((1 - u) * vv[a][c] + u * vv[a][d]) + t * ((1 - u) * vv[b][c] + u * vv[b][d]))
+                    n.append([e.cin_grid[i], e.cout_grid[j]])
+    e._compiled = None
+    return n

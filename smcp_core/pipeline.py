@@ -398,6 +398,7 @@ def profile(recipe, out: Path, *, reporter: Reporter | None = None, force: bool 
     table.path = path
     return {"path": str(path), "layers": len(table), "baseline_ms": float(ys[0]), "scale": scale,
             "offset_ms": offset, "removed_layer_ms": removed_ms, "seconds": time.perf_counter() - t0,
+            "interpolated_points": int(table.meta.get("measure", {}).get("interpolated_points", 0) or 0),
             "calibration": table.model["calibration"]["points"]}
 
 

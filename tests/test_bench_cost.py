@@ -451,3 +451,40 @@ def test_grouped_conv_cost_layer_has_the_real_shape(group_size):
         m = single_layer_module(sig, c, c)
         assert m.groups == c // group_size and m.in_channels == c and m.out_channels == c
         assert params(sig, c, c) == sum(p.numel() for p in m.parameters())
+
+
+def test_budget_after_the_coarse_grid_interpolates_the_rest(monkeypatch, tmp_path):
+    """Coarse sub-grids first; when the budget runs out after them, the other points are
+    interpolated (exact for a bilinear cost), flagged, and measured (not reused) on the next run."""
+    import types
+
+    clock = [0.0]
+    monkeypatch.setattr(cost, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def f(ci, co):
+        return 0.5 + 0.01 * ci + 0.02 * co + 0.001 * ci * co
+
+    seen = []
+
+    def fake_point(sig, ci, co, **kw):
+        clock[0] += 1.0
+        seen.append((sig.key(), ci, co))
+        return f(ci, co)
+
+    monkeypatch.setattr(cost, "_measure_point", fake_point)
+    n_coarse = 4 + 2 + 6  # conv 2x2, depthwise 2, linear 3x2 (every 4th grid point plus both ends)
+    t = measure_table(SIGS, backend="torch", channel_step=8, max_seconds=n_coarse + 1, **FAST)
+    assert len(seen) == n_coarse + 1 and t.complete
+    m = t.meta["measure"]
+    assert m["interpolated_points"] == N_POINTS - n_coarse - 1 and m["measured_points"] == n_coarse + 1
+    for key, (gi, go) in EXPECTED_GRIDS.items():
+        e = t.entries[key]
+        for ci, co, v in e.points():
+            assert v == pytest.approx(f(ci, co), rel=1e-12), (key, ci, co)
+    # the next run measures exactly the interpolated points
+    again = LatencyTable.load(t.save(tmp_path / "t.json"))
+    seen.clear()
+    clock[0] = 0.0
+    full = measure_table(SIGS, backend="torch", channel_step=8, existing=again, **FAST)
+    assert len(seen) == N_POINTS - n_coarse - 1 and full.meta["measure"]["interpolated_points"] == 0
+    assert {(k, ci, co) for k, ci, co in seen} == {(k, ci, co) for k, pts in m["interpolated"].items() for ci, co in pts}

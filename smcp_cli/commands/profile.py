@@ -20,6 +20,9 @@ def profile(
     backend: Optional[str] = typer.Option(None, "--backend", help="Overrides profile.backend (onnxruntime, torch, tensorrt)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Overrides profile.batch_size."),
     force: bool = typer.Option(False, "--force", help="Re-measure every point instead of reusing the cached table."),
+    budget_minutes: Optional[float] = typer.Option(
+        None, "--budget-minutes", help="Time bound for the layer measurements (sets profile.max_seconds): every "
+        "layer's coarse grid is measured first; points left when time runs out are interpolated."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -34,6 +37,8 @@ def profile(
             extra.append(f"profile.backend={backend}")
         if batch_size is not None:  # 0 or less: the recipe check says why
             extra.append(f"profile.batch_size={batch_size}")
+        if budget_minutes is not None:  # 0 or less: the recipe check says why
+            extra.append(f"profile.max_seconds={budget_minutes * 60:g}")
         r = load(recipe, set_, extra)
         o = out_dir(r, out)
         with locked(o, "profile"):
@@ -49,6 +54,9 @@ def profile(
                     f"calibration: measured = {res['scale']:.3f} x (table + {res['removed_layer_ms']:.4f} ms per "
                     f"removed layer) + {res['offset_ms']:.3f} ms ({res['seconds']:.0f}s)"
                 )
+                if res.get("interpolated_points"):
+                    console.print(f"[yellow]{res['interpolated_points']} grid points interpolated[/yellow] (time budget "
+                                  "ran out after the coarse grid; the next profile measures them)")
                 for p in res["calibration"]:
                     err = 100 * (p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"]
                     console.print(f"  {p['name']:<18} measured {p['measured_ms']:.3f} ms  predicted {p['predicted_ms']:.3f} ms ({err:+.1f}%)")
