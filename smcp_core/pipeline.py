@@ -494,11 +494,20 @@ def prune(recipe, out: Path, *, reporter: Reporter | None = None, resume: bool =
         remove_artifact(pdir / "weight_masks.pt")
     D.barrier()
     weight_masks = _weight_masks(recipe, model, bundle, pdir, rep) if pc.method in UNSTRUCTURED else None
+    check = None
+    if kind == "latency" and pc.closed_loop > 0 and not no_channels:
+        from .train import LatencyCheck
+
+        cal = (table.model or {}).get("calibration") or {}
+        pts = [(p_["layer_sum_ms"], int(p_.get("removed_layers", 0)), p_["measured_ms"]) for p_ in cal.get("points", [])]
+        check = LatencyCheck(measure=_keep_measurer(recipe, graph, pdir), baseline_ms=float(table.model["measured_ms"]),
+                             target_ms=tdesc["target_ms"], aim_ms=tdesc["aim_ms"], points=pts, rounds=pc.closed_loop)
     t0 = time.perf_counter()
     res = prune_train(recipe=recipe, model=model, graph=graph, cost=cost, target_cost=budget,
                       train_set=bundle.train, val_set=bundle.val, out_dir=pdir, resume=resume, reporter=rep,
                       make_loader=lambda ds, **kw: make_loader(ds, workers=recipe.data.workers, **kw),
-                      weight_masks=weight_masks)
+                      weight_masks=weight_masks, latency_check=check)
+    budget = res.target_cost  # the closed loop may have tightened it
     flops_full, params_full = graph.flops_params()
     flops_kept, params_kept = graph.flops_params(res.keep)
     groups = [{"group": g.index, "kept": int(res.keep[g.classes].sum()), "channels": g.size,
@@ -542,6 +551,36 @@ def prune(recipe, out: Path, *, reporter: Reporter | None = None, resume: bool =
     if return_result:
         summary = dict(summary, result=res)
     return summary
+
+
+def _keep_measurer(recipe, graph: ChannelGraph, workdir: Path):
+    """``measure(keep) -> (dense_ms, slim_ms)``: the dense model and the model slimmed to ``keep``
+    (random weights: latency does not depend on them) timed interleaved on the profile backend."""
+    from .masking import Masker
+    from .slim import slim_model
+
+    dense = build_model(recipe, load_weights=False)
+    prof = recipe.profile
+
+    def measure(keep: torch.Tensor) -> tuple[float, float]:
+        m = build_model(recipe, load_weights=False)
+        mk = Masker(m, graph)
+        mk.set_keep(keep)
+        mk.remove(bake=True)
+        slim = slim_model(m, graph, keep)
+        tmp = workdir / ".closed_loop_tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            st = measure_models({"dense": dense, "slim": slim}, recipe, batch=prof.batch_size, backend=prof.backend,
+                                workdir=tmp, min_runs=max(20, prof.min_runs),
+                                max_seconds=min(60.0, prof.max_seconds / 2))["stats"]
+        finally:
+            for f in tmp.glob("*"):
+                f.unlink()
+            tmp.rmdir()
+        return st["dense"]["median_ms"], st["slim"]["median_ms"]
+
+    return measure
 
 
 def _weight_masks(recipe, model, bundle, pdir: Path, rep) -> dict:

@@ -316,6 +316,10 @@ class PruneConfig(_Section):
     # re-solved, so a mask update switches structure only for a clear gain (0 = plain SMCP)
     stickiness: NonNegFloat = 0.0
     cost_weight: Annotated[Float, Field(ge=0, le=1)] = 1.0
+    # latency targets: at the end of the pruning window, measure the slimmed model against the dense
+    # one; while it misses the target, re-fit the table's calibration with the measured point and
+    # re-solve (at most this many corrections; 0 = off)
+    closed_loop: NonNegInt = 0
     max_steps: PosInt | None = None
     eval_every: PosInt = 1
     amp: bool = False

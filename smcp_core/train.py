@@ -86,6 +86,24 @@ class TrainResult:
     state_dict: dict = field(default_factory=dict)  # dense weights with the final masks baked in
 
 
+@dataclass
+class LatencyCheck:
+    """Closed-loop check of the latency target at the end of the pruning window (``prune.closed_loop``).
+
+    ``measure(keep) -> (dense_ms, slim_ms)`` times the dense model and the model slimmed to ``keep``
+    interleaved on the profile backend; the ratio, times ``baseline_ms`` (the table's dense
+    latency), is the measured latency in the table's units.  When it is above ``target_ms`` the
+    measured point joins the calibration ``points`` (``(layer_sum, removed_layers, measured_ms)``),
+    the calibration is re-fitted and the masks are re-solved for ``aim_ms``."""
+
+    measure: Callable[[torch.Tensor], tuple[float, float]]
+    baseline_ms: float
+    target_ms: float
+    aim_ms: float
+    points: list = field(default_factory=list)
+    rounds: int = 2
+
+
 def _param_groups(model: nn.Module, weight_decay: float):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -148,6 +166,7 @@ def prune_train(
     reporter: Reporter | None = None,
     make_loader: Callable[..., Any],
     weight_masks: dict | None = None,
+    latency_check: LatencyCheck | None = None,
 ) -> TrainResult:
     """Run SMCP on ``model`` (modified in place: masks are registered on it) and return the final
     keep-mask.  ``target_cost`` is the layer-sum budget the final masks must meet.
@@ -239,6 +258,9 @@ def prune_train(
         if ck.get("scaler") and use_amp:
             scaler.load_state_dict(ck["scaler"])
         rep.log(f"resumed from {ck_path} at epoch {start_epoch}")
+        cl = [r for r in history if r.get("event") == "closed_loop" and "scale" in r]
+        if cl:  # the closed loop re-calibrated the cost model and tightened the budget: keep both
+            cost.scale, cost.removed_cost, target_cost = cl[-1]["scale"], cl[-1]["removed_layer_ms"], cl[-1]["budget"]
 
     def _diverged(what: str, epoch: int, step: int | None) -> SmcpError:
         at = f"epoch {epoch + 1} step {step}" if step is not None else f"the end of epoch {epoch + 1}"
@@ -288,6 +310,47 @@ def prune_train(
                "solve_ms": 1000 * (time.perf_counter() - t0)}
         rep.metrics(row)
         return row
+
+    def closed_loop(epoch: int) -> float:
+        """Measure the slim model at the current masks; while it misses the target, add the point
+        to the calibration, re-fit it and re-solve at the aim.  Returns the (new) budget."""
+        from .pipeline import fit_calibration
+
+        nonlocal target_cost
+        chk = latency_check
+        budget = target_cost
+        for rnd in range(chk.rounds + 1):
+            keep = masker.keep().cpu()
+            vals = torch.zeros(2, dtype=torch.float64)
+            if D.is_main():
+                vals = torch.tensor(chk.measure(keep), dtype=torch.float64)
+            dense_ms, slim_ms = (float(v) for v in D.broadcast_(vals.to(device)).cpu())
+            measured = slim_ms / dense_ms * chk.baseline_ms
+            n_removed = sum(1 for ci, co in graph.widths(keep) if ci == 0 or co == 0)
+            free_sum = cost.total(keep) - cost.removed_cost * n_removed
+            row = {"event": "closed_loop", "epoch": epoch, "round": rnd, "predicted_ms": cost.predict(keep),
+                   "measured_ms": measured, "dense_ms": dense_ms, "slim_ms": slim_ms, "target_ms": chk.target_ms,
+                   "met": measured <= chk.target_ms}
+            if row["met"] or rnd == chk.rounds:
+                history.append(row)
+                rep.metrics(row)
+                if not row["met"]:
+                    rep.log(f"closed loop: still {measured:.4g} ms > target {chk.target_ms:.4g} ms after "
+                            f"{chk.rounds} corrections; raise prune.closed_loop or prune.target_margin")
+                break
+            chk.points.append((free_sum, n_removed, measured))
+            scale, removed = fit_calibration(chk.points)
+            cost.scale, cost.removed_cost = scale, removed
+            budget = cost.budget_for(chk.aim_ms)
+            row.update(scale=scale, removed_layer_ms=removed, budget=budget)
+            history.append(row)
+            rep.metrics(row)
+            rep.log(f"closed loop: measured {measured:.4g} ms > target {chk.target_ms:.4g} ms (predicted "
+                    f"{row['predicted_ms']:.4g}); re-calibrated (scale {scale:.3f}, {removed:.4g} ms per removed "
+                    f"layer) and re-solving for {chk.aim_ms:.4g} ms")
+            target_cost = budget
+            history.append(do_update(1.0, epoch))
+        return budget
 
     # one-shot pruning (no training epochs in the pruning window): importance from a few batches
     if plan.prune_end_epoch <= plan.warmup and start_epoch == 0 and target_cost < full:
@@ -385,6 +448,9 @@ def prune_train(
             history.append(do_update(1.0, epoch))
             last_progress = 1.0
             since_update = 0
+        if (latency_check is not None and pruning and epoch == plan.prune_end_epoch - 1
+                and not any(r.get("event") == "closed_loop" for r in history)):
+            closed_loop(epoch)
         if not all(bool(torch.isfinite(p.detach()).all()) for p in model.parameters()):
             raise _diverged("the weights became non-finite (inf/nan)", epoch, None)
         _sync_buffers(model)  # batch-norm statistics of rank 0 everywhere (no-op in one process)

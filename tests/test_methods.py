@@ -483,3 +483,65 @@ def test_magnitude_method_keeps_the_largest_weights(tmp_path):
 def test_unstructured_recipe_errors(sets, words):
     with pytest.raises(SmcpError, match=words):
         load_recipe(None, TINY + sets)
+
+
+# --------------------------------------------------------------------------------------------------
+# closed loop: measured latency at the end of the pruning window
+
+
+def _write_table(tmp_path, recipe):
+    from test_pruner import fake_table
+
+    graph = pipeline.build_graph(recipe, pipeline.build_model(recipe, load_weights=False))
+    table = fake_table(graph)
+    full = CostModel(graph, "latency", table).total(graph.full_keep())
+    table.model = {"measured_ms": full, "calibration": {
+        "scale": 1.0, "offset_ms": 0.0, "removed_layer_ms": 0.0,
+        "points": [{"name": "baseline", "layer_sum_ms": full, "removed_layers": 0, "measured_ms": full}]}}
+    table.save(tmp_path / "latency.json")
+    return graph, table, full
+
+
+@pytest.mark.parametrize("rounds", [0, 2])
+def test_closed_loop_meets_a_target_the_table_misjudges(monkeypatch, tmp_path, rounds):
+    """In the "true" latency a removed layer still costs R (the table says 0): without the closed loop
+    the 2x target is met by the table but missed when measured; with it, the measured point re-fits
+    the calibration (recovering R), the masks are re-solved and the measured latency meets the target."""
+    recipe = tiny_recipe("prune.target.speedup=2", "prune.target_margin=0", f"prune.closed_loop={rounds}",
+                         "prune.layer_pruning=true")
+    graph, table, full = _write_table(tmp_path, recipe)
+    free = CostModel(graph, "latency", table)
+    R = 0.6 * full / len(graph.layers)
+
+    def n_removed(keep):
+        return sum(1 for ci, co in graph.widths(keep) if ci == 0 or co == 0)
+
+    def true_ms(keep):
+        return free.total(keep) + R * n_removed(keep)
+
+    calls = []
+
+    def fake_measurer(recipe_, graph_, workdir):
+        def measure(keep):
+            calls.append(keep.clone())
+            return full, true_ms(keep)
+        return measure
+
+    monkeypatch.setattr(pipeline, "_keep_measurer", fake_measurer)
+    s = pipeline.prune(recipe, tmp_path, force_table=True)
+    keep = torch.load(tmp_path / "prune" / "pruned.pt", weights_only=True)["keep"]
+    target_ms = full / 2
+    events = [r for r in s["history"] if r.get("event") == "closed_loop"]
+    if rounds == 0:
+        assert not calls and not events
+        assert n_removed(keep) > 0 and true_ms(keep) > target_ms  # what the closed loop is for
+        return
+    assert events[0]["measured_ms"] == pytest.approx(true_ms(calls[0])) and not events[0]["met"]
+    assert events[0]["scale"] == pytest.approx(1.0) and events[0]["removed_layer_ms"] == pytest.approx(R)
+    assert events[-1]["met"] and true_ms(keep) <= target_ms * (1 + 1e-9)
+    assert s["meets_budget"] and s["budget"] < free.budget_for(target_ms)  # the budget was tightened
+    assert s["predicted_ms"] == pytest.approx(true_ms(keep))  # the re-fitted model predicts it
+    # a resumed run (here: after the last epoch) keeps the re-fitted calibration and the tightened budget
+    s2 = pipeline.prune(recipe, tmp_path, force_table=True, resume=True)
+    assert s2["budget"] == pytest.approx(s["budget"]) and s2["predicted_ms"] == pytest.approx(s["predicted_ms"])
+    assert len(calls) == len(events)  # nothing measured again
