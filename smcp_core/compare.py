@@ -64,6 +64,10 @@ def parse_method_sets(specs: Sequence[str] | None, methods: Sequence[str]) -> di
         if not sep or "=" not in assignment or not head.strip():
             raise SmcpError(f"--set-for {raw!r}: expected METHOD[,METHOD]:KEY=VALUE, "
                             "e.g. --set-for uniform:prune.target_margin=0.05")
+        key = assignment.split("=", 1)[0].strip()
+        if key == "prune.method" or key.split(".")[0] in ("profile", "export"):
+            raise SmcpError(f"--set-for {raw!r}: {key} is shared by every method (one latency table, one timing "
+                            "loop, the method named in --methods); set it with --set")
         for m in head.split(","):
             m = m.strip().lower()
             if m not in methods:
@@ -227,7 +231,9 @@ def compare(spec, overrides: Sequence[str], methods: Sequence[str], out: Path, *
     dense = {"method": "dense", "latency_ms": dense_ms, "latency_stats": stats["dense"], "speedup": 1.0,
              "flops": flops_full, "flops_ratio": 1.0, "params": count_params(models["dense"]), "params_ratio": 1.0,
              "top1": dense_top1, "top1_from": top1_from}
-    tdesc = (ok[0].get("target") or {"kind": kind, "value": base.target_value()})
+    # the header describes the base recipe's target: take it from a method without its own overrides
+    plain = [r for r in ok if not r.get("overrides")]
+    tdesc = (plain[0].get("target") if plain else None) or {"kind": kind, "value": base.target_value()}
     result = {
         "recipe": base.name,
         "source": base.source,

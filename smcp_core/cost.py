@@ -859,7 +859,8 @@ def measure_table(
     * ``existing``: a table measured with the same backend/device/batch/dtype/layout and the same
       machine fingerprint -- its grid points are reused instead of re-measured, and its entries for
       other keys are carried over.  An incompatible ``existing`` is ignored.
-    * ``progress(done, total, key)`` is called after every point (reused ones included).
+    * ``progress(done, total, key)`` is called after every measured point (``done`` counts reused
+      points too) and once with key ``"interpolated"`` when the rest is interpolated.
     * Coarse to fine: first every layer's coarse sub-grid (every ``coarse_stride``-th grid point
       along each axis plus both ends), then the remaining points.
     * ``max_seconds`` bounds the whole measurement.  When it runs out after the coarse sub-grids
@@ -951,6 +952,10 @@ def measure_table(
         for k, e in existing.entries.items():
             if k not in groups:
                 table.entries[k] = _Entry.from_dict(k, e.to_dict())
+        carried_interp = {k: v for k, v in ((existing.meta.get("measure") or {}).get("interpolated") or {}).items()
+                          if k not in groups and k in table.entries}
+    else:
+        carried_interp = {}
     for e in plan:
         table.entries[e.key] = e
 
@@ -983,7 +988,7 @@ def measure_table(
     order = [(lvl, e, ci, co) for lvl in (0, 1) for e in plan for ci, co, v in e.points()
              if v is None and _is_coarse(e, ci, co, coarse[e.key]) == (lvl == 0)]
     done = reused
-    interpolated: dict[str, list[list[int]]] = {}
+    interpolated: dict[str, list[list[int]]] = dict(carried_interp)  # other models' entries keep their flag
     try:
         for lvl, e, ci, co in order:
             remaining = deadline - time.perf_counter()

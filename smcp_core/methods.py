@@ -248,7 +248,10 @@ def unstructured_masks(method: str, model, sparsity: float, batch, *, exclude=()
 
     from . import unstructured as U
 
-    layers = [n for n in U.prunable_layers(model) if not any(n == e or n.startswith(e + ".") for e in exclude)]
+    import fnmatch
+
+    layers = [n for n in U.prunable_layers(model)
+              if not any(n == e or n.startswith(e + ".") or fnmatch.fnmatchcase(n, e) for e in exclude)]
     if not layers:
         from .errors import SmcpError
 

@@ -163,6 +163,8 @@ def up_to_date(recipe, out: Path, stage: str) -> bool:
     st = d.get("stamp") or (d.get("model") or {}).get("stamp") if isinstance(d, dict) else None
     if st != stamp(recipe, stage):
         return False
+    if stage == "profile" and ((d.get("meta") or {}).get("measure") or {}).get("interpolated_points"):
+        return False  # the time budget ran out: the next profile measures the interpolated points
     for rel, what in outputs[1:]:
         if not (out / rel).exists():
             return False
@@ -288,7 +290,7 @@ def fit_calibration(points: list[tuple[float, int, float]]) -> tuple[float, floa
         sc = float((xs * ys).sum() / (xs * xs).sum())
         return sc if sc > 0 else float(ys[0] / xs[0])
 
-    if not bool((ns > 0).any()):
+    if len(points) < 2 or not bool((ns > 0).any()) or not bool((ns == 0).any()):
         return proportional(), 0.0
     sol = torch.linalg.lstsq(torch.stack([xs, ns], 1), ys.view(-1, 1)).solution.view(-1)
     a, b = float(sol[0]), float(sol[1])
@@ -329,7 +331,8 @@ def profile(recipe, out: Path, *, reporter: Reporter | None = None, force: bool 
     t_layers = time.perf_counter() - t0
     # whole-model latency of the baseline, two uniformly thinned variants and (when layers can be
     # removed) two variants with every other removable group removed -> calibration
-    cost = CostModel(graph, "latency", table)  # not calibrated yet: removed layers cost 0 here
+    cost = CostModel(graph, "latency", table)
+    cost.removed_cost = 0.0  # plain layer sums (a reused table carries the previous calibration)
     keeps = {"baseline": graph.full_keep(), "uniform75": _uniform_keep(graph, 0.75),
              "uniform50": _uniform_keep(graph, 0.5)}
     for name, frac in (("removed", 1.0), ("removed_uniform75", 0.75)):
@@ -592,10 +595,15 @@ def _weight_masks(recipe, model, bundle, pdir: Path, rep) -> dict:
 
     path = pdir / "weight_masks.pt"
     pc = recipe.prune
+    if D.world() > 1 and not D.is_main():  # rank 0 decides (below) and writes the file; every rank loads it
+        D.barrier()
+        ck = load_torch(path, "weight masks", "delete it (and prune/checkpoint.pt) to start over", keys=("masks",))
+        return {k: v.to(torch.bool) for k, v in ck["masks"].items()}
     if path.exists():
         ck = load_torch(path, "weight masks", "delete it (and prune/checkpoint.pt) to start over", keys=("masks",))
         if ck.get("method") == pc.method and ck.get("sparsity") == pc.sparsity:
             rep.log(f"{pc.method}: weight masks from {path}")
+            D.barrier()
             return {k: v.to(torch.bool) for k, v in ck["masks"].items()}
     batch = None
     if pc.method == "snip":
@@ -608,9 +616,9 @@ def _weight_masks(recipe, model, bundle, pdir: Path, rep) -> dict:
     total = sum(int(m.numel()) for m in masks.values())
     rep.log(f"{pc.method}: {total - kept}/{total} weights of {len(masks)} layers set to zero "
             f"(sparsity {1 - kept / total:.3f}); they stay zero while fine-tuning")
-    if D.is_main():
-        atomic_torch_save({"masks": {k: v.cpu() for k, v in masks.items()}, "method": pc.method,
-                           "sparsity": pc.sparsity}, path, checksum=True)
+    atomic_torch_save({"masks": {k: v.cpu() for k, v in masks.items()}, "method": pc.method,
+                       "sparsity": pc.sparsity}, path, checksum=True)
+    D.barrier()
     return masks
 
 

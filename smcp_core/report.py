@@ -442,7 +442,8 @@ def markdown(d: dict, images: dict[str, Path | None]) -> str:
         L += [f"![predicted vs measured latency]({images['latency'].name})", ""]
     if pts:
         cal = (t.get("model") or {}).get("calibration") or {}
-        L += [f"Table calibration: measured = {_f(cal.get('scale'))} x (sum of layer latencies) + "
+        L += [f"Table calibration: measured = {_f(cal.get('scale'))} x (sum of layer latencies + "
+              f"{_f(cal.get('removed_layer_ms', 0.0))} ms per removed layer) + "
               f"{_f(cal.get('offset_ms'))} ms. Profile points are timed while profiling; export points in the final "
               "check (a separate measurement on a possibly busy machine).", ""]
         L += _md_table(["model", "measured in", "predicted (ms)", "measured (ms)", "p10-p90 (ms)", "error"],

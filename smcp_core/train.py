@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from . import dist as D
 from . import methods as M
 from .bnscale import BNScaler
-from .errors import SmcpError
+from .errors import InfeasibleTarget, SmcpError
 from .fsutil import atomic_torch_save, load_torch
 from .graph import ChannelGraph
 from .importance import ImportanceTracker
@@ -322,9 +322,16 @@ def prune_train(
         for rnd in range(chk.rounds + 1):
             keep = masker.keep().cpu()
             vals = torch.zeros(2, dtype=torch.float64)
+            failure = None
             if D.is_main():
-                vals = torch.tensor(chk.measure(keep), dtype=torch.float64)
+                try:
+                    vals = torch.tensor(chk.measure(keep), dtype=torch.float64)
+                except SmcpError as exc:  # every rank must hear of it, not wait in the broadcast
+                    failure, vals = exc, torch.full((2,), float("nan"), dtype=torch.float64)
             dense_ms, slim_ms = (float(v) for v in D.broadcast_(vals.to(device)).cpu())
+            if failure is not None or not (math.isfinite(dense_ms) and math.isfinite(slim_ms)):
+                raise SmcpError(f"closed loop: measuring the slimmed model failed"
+                                + (f": {failure}" if failure is not None else " on rank 0")) from None
             measured = slim_ms / dense_ms * chk.baseline_ms
             n_removed = sum(1 for ci, co in graph.widths(keep) if ci == 0 or co == 0)
             free_sum = cost.total(keep) - cost.removed_cost * n_removed
@@ -338,18 +345,29 @@ def prune_train(
                     rep.log(f"closed loop: still {measured:.4g} ms > target {chk.target_ms:.4g} ms after "
                             f"{chk.rounds} corrections; raise prune.closed_loop or prune.target_margin")
                 break
+            prev = (cost.scale, cost.removed_cost, target_cost)
             chk.points.append((free_sum, n_removed, measured))
             scale, removed = fit_calibration(chk.points)
             cost.scale, cost.removed_cost = scale, removed
             budget = cost.budget_for(chk.aim_ms)
-            row.update(scale=scale, removed_layer_ms=removed, budget=budget)
-            history.append(row)
-            rep.metrics(row)
             rep.log(f"closed loop: measured {measured:.4g} ms > target {chk.target_ms:.4g} ms (predicted "
                     f"{row['predicted_ms']:.4g}); re-calibrated (scale {scale:.3f}, {removed:.4g} ms per removed "
                     f"layer) and re-solving for {chk.aim_ms:.4g} ms")
             target_cost = budget
-            history.append(do_update(1.0, epoch))
+            try:
+                update = do_update(1.0, epoch)
+            except InfeasibleTarget as exc:  # keep the masks, calibration and budget we have; the run goes on
+                cost.scale, cost.removed_cost, target_cost = prev
+                budget = target_cost
+                row.update(error=str(exc))
+                history.append(row)
+                rep.metrics(row)
+                rep.log(f"closed loop: the re-fitted target is out of reach ({exc}); keeping the current masks")
+                break
+            row.update(scale=scale, removed_layer_ms=removed, budget=budget)
+            history.append(row)
+            rep.metrics(row)
+            history.append(update)
         return budget
 
     # one-shot pruning (no training epochs in the pruning window): importance from a few batches
@@ -370,6 +388,8 @@ def prune_train(
         opt.zero_grad(set_to_none=True)
         history.append(do_update(1.0, 0))
         last_progress = 1.0
+        if latency_check is not None:
+            closed_loop(0)
 
     if method.name != "smcp" and start_epoch == 0 and not any(r.get("event") == "method" for r in history):
         history.append({"event": "method", **M.describe(pc)})

@@ -417,7 +417,7 @@ def test_compare_set_for_applies_to_one_method_only(tmp_path):
                   ["uniform", "none"], out, method_overrides={"uniform": ["prune.target.flops_ratio=0.4"]})
     rows = {r["method"]: r for r in res["rows"]}
     assert rows["uniform"]["overrides"] == ["prune.target.flops_ratio=0.4"] and "overrides" not in rows["none"]
-    assert rows["uniform"]["flops_ratio"] <= 0.4 < 0.6
+    assert rows["uniform"]["flops_ratio"] <= 0.4  # the shared target is 0.6: the override applied
     assert rows["none"]["flops_ratio"] == 1.0 and rows["none"]["top1"] is not None
     assert res["method_overrides"] == {"uniform": ["prune.target.flops_ratio=0.4"]}
     assert "`prune.target.flops_ratio=0.4`" in (out / "compare.md").read_text()
@@ -427,6 +427,7 @@ def test_compare_bad_input_is_one_line(tmp_path):
     for args, words in ((["--methods", "smcp,l2"], "unknown method 'l2'"),
                         (["--methods", "smcp", "--set-for", "uniform:prune.epochs=2"], "not among --methods"),
                         (["--methods", "smcp", "--set-for", "smcp=prune.epochs"], "expected METHOD"),
+                        (["--methods", "smcp", "--set-for", "smcp:export.batch_size=2"], "shared by every method"),
                         (["--methods", "smcp", "--set-for", "smcp:prune.epochs=-1"], "prune.epochs"),
                         (["--methods", "halp", "--set", "prune.masking=soft"], "needs masking = permanent")):
         proc = _smcp("compare", *args, "--out", str(tmp_path / "x"), cwd=tmp_path, timeout=60)
@@ -546,3 +547,33 @@ def test_closed_loop_meets_a_target_the_table_misjudges(monkeypatch, tmp_path, r
     s2 = pipeline.prune(recipe, tmp_path, force_table=True, resume=True)
     assert s2["budget"] == pytest.approx(s["budget"]) and s2["predicted_ms"] == pytest.approx(s["predicted_ms"])
     assert len(calls) == len(events)  # nothing measured again
+
+
+def test_repeat_profile_fits_the_removed_layer_term_on_plain_layer_sums(tmp_path):
+    """A second profile reuses the table's points (and, before the fix, its calibration): the
+    calibration's layer sums must not include the previous removed-layer term."""
+    recipe = tiny_recipe("profile.channel_step=16", "profile.min_runs=3", "profile.warmup=1",
+                         "profile.max_seconds=60", "profile.batch_size=2")
+    first = pipeline.profile(recipe, tmp_path)
+    t = json.loads((tmp_path / "latency.json").read_text())
+    t["model"]["calibration"]["removed_layer_ms"] = 5.0  # as if the first fit had found a large term
+    (tmp_path / "latency.json").write_text(json.dumps(t))
+    from smcp_core.fsutil import record_checksum
+
+    record_checksum(tmp_path / "latency.json")
+    second = pipeline.profile(recipe, tmp_path)
+    a = {p["name"]: p for p in first["calibration"]}
+    b = {p["name"]: p for p in second["calibration"]}
+    assert a.keys() == b.keys() and {"removed", "removed_uniform75"} <= set(a)
+    for name in a:  # same table points, same structures: identical plain layer sums
+        assert b[name]["layer_sum_ms"] == pytest.approx(a[name]["layer_sum_ms"], rel=1e-12), name
+        assert b[name]["removed_layers"] == a[name]["removed_layers"]
+    assert b["removed"]["removed_layers"] > 0 and b["baseline"]["removed_layers"] == 0
+
+
+def test_unstructured_respects_unpruned_globs(tmp_path):
+    recipe = tiny_recipe("prune.method=magnitude", "prune.sparsity=0.5", "model.unpruned=[conv1, 'layer1.*']")
+    pipeline.prune(recipe, tmp_path)
+    masks = torch.load(tmp_path / "prune" / "weight_masks.pt", weights_only=True)["masks"]
+    assert masks and "conv1" not in masks and not any(k.startswith("layer1.") for k in masks)
+    assert any(k.startswith("layer2.") for k in masks)

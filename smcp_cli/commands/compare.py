@@ -37,7 +37,8 @@ def compare(
     set_: Optional[list[str]] = SetOpt,
     methods: str = typer.Option("smcp,halp,l1,uniform", "--methods", "-m",
                                 help="Comma-separated methods: smcp, halp, l1, sfp, uniform, none "
-                                     "(none = the unpruned model fine-tuned the same way)."),
+                                     "(the unpruned model fine-tuned the same way), snip, magnitude (unstructured: "
+                                     "give --set-for snip,magnitude:prune.sparsity=0.9)."),
     set_for: Optional[list[str]] = typer.Option(None, "--set-for", metavar="METHOD[,METHOD]:KEY=VALUE",
                                                 help="A recipe override for some methods only (repeatable), "
                                                      "e.g. uniform,l1:prune.target_margin=0.05."),
