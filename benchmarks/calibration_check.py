@@ -1,0 +1,139 @@
+"""How well does the latency table predict whole slimmed models?  Predicted vs measured latency of
+pruned structures, with the old calibration (proportional to the layer sum, fitted on the baseline
+and two uniformly thinned models) and the current one (plus a per-removed-layer term, fitted with two
+extra variants that remove every other removable residual block).
+
+    python benchmarks/calibration_check.py --table runs/r56/latency.json --runs runs/r56 --random 3
+
+1. ``smcp profile`` for ``--recipe`` into a scratch directory; with ``--table`` the layer points of
+   that table are re-used (same machine fingerprint), so only the whole-model calibration is
+   measured (a few minutes for ResNet-56 on a 2-core CPU).
+2. The structures checked: the keep-masks of the ``--runs`` run directories (``prune/pruned.pt``)
+   and ``--random`` random structures (a random uniform width fraction, then a random subset of the
+   removable residual blocks removed).
+3. The dense model and every structure (random weights: latency does not depend on them) are timed
+   interleaved in one loop, twice; per model the lower median is kept (a busy machine only adds
+   time).  ``measured`` is that median scaled by the table's dense latency over this loop's dense
+   median, so a load change between profiling and this loop cancels out.
+4. Printed and written to ``--out`` (default ``benchmarks/results/calibration_check.json``): layer
+   sum, removed layers, both predictions and their errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from smcp_core import pipeline  # noqa: E402
+from smcp_core.bench import environment_report  # noqa: E402
+from smcp_core.cost import LatencyTable  # noqa: E402
+from smcp_core.fsutil import atomic_write_json, load_torch  # noqa: E402
+from smcp_core.masking import Masker  # noqa: E402
+from smcp_core.pruner import CostModel  # noqa: E402
+from smcp_core.recipe import load_recipe  # noqa: E402
+from smcp_core.slim import slim_model  # noqa: E402
+
+
+def random_keep(graph, rng: random.Random) -> torch.Tensor:
+    keep = pipeline._uniform_keep(graph, rng.uniform(0.4, 1.0))
+    removable = [g for g in graph.groups if g.prunable and g.removable and g.n_frozen == 0]
+    for g in rng.sample(removable, k=rng.randint(1, max(1, len(removable) * 2 // 3))) if removable else []:
+        keep[g.classes] = False
+    return keep
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipe", default="cifar10_resnet56_2x")
+    ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--table", type=Path, help="latency.json whose layer points are re-used")
+    ap.add_argument("--runs", type=Path, nargs="*", default=[], help="run directories with prune/pruned.pt")
+    ap.add_argument("--random", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "calibration_check.json")
+    a = ap.parse_args()
+
+    recipe = load_recipe(a.recipe, a.sets)
+    work = Path(tempfile.mkdtemp(prefix="smcp_calcheck_"))
+    try:
+        if a.table:
+            shutil.copyfile(a.table, work / "latency.json")
+        info = pipeline.profile(recipe, work)
+        table = LatencyTable.load(work / "latency.json")
+        model = pipeline.build_model(recipe, load_weights=False)
+        graph = pipeline.build_graph(recipe, model)
+        cost = CostModel(graph, "latency", table)
+        plain = CostModel(graph, "latency", table)
+        plain.removed_cost = 0.0
+        cal = table.model["calibration"]
+        # the old calibration: proportional, fitted on the baseline and the uniformly thinned models
+        old_scale, _ = pipeline.fit_calibration([(p["layer_sum_ms"], 0, p["measured_ms"]) for p in cal["points"]
+                                                 if not p.get("removed_layers")])
+        keeps = {}
+        for run in a.runs:
+            ck = load_torch(run / "prune" / "pruned.pt", "pruned checkpoint", "", keys=("keep",))
+            keeps[f"run:{run}"] = ck["keep"].to(torch.bool)
+        rng = random.Random(a.seed)
+        for i in range(a.random):
+            keeps[f"random{i}"] = random_keep(graph, rng)
+        models = {"dense": model}
+        for name, keep in keeps.items():
+            m = pipeline.build_model(recipe, load_weights=False)
+            mk = Masker(m, graph)
+            mk.set_keep(keep)
+            mk.remove(bake=True)
+            models[name] = slim_model(m, graph, keep)
+        prof = recipe.profile
+        runs = []
+        onnx_cache: dict = {}
+        for _ in range(2):
+            tmp = work / "t"
+            tmp.mkdir(exist_ok=True)
+            r = pipeline.measure_models(models, recipe, batch=prof.batch_size, backend=prof.backend, workdir=tmp,
+                                        min_runs=max(30, prof.min_runs), max_seconds=90.0, onnx_paths=onnx_cache)
+            onnx_cache = r["onnx"]
+            runs.append(r["stats"])
+        med = {k: min(r[k]["median_ms"] for r in runs) for k in models}
+        base_ms = float(table.model["measured_ms"])
+        norm = base_ms / med["dense"]
+        rows = []
+        for name, keep in keeps.items():
+            s = plain.total(keep)
+            n = sum(1 for ci, co in graph.widths(keep) if ci == 0 or co == 0)
+            meas = med[name] * norm
+            new_pred, old_pred = cost.predict(keep), old_scale * s
+            rows.append({"structure": name, "layer_sum_ms": s, "removed_layers": n, "measured_ms": meas,
+                         "measured_raw_ms": med[name], "predicted_old_ms": old_pred, "predicted_ms": new_pred,
+                         "error_old_pct": 100 * (old_pred - meas) / meas, "error_pct": 100 * (new_pred - meas) / meas})
+        res = {"recipe": recipe.name, "sets": a.sets, "backend": prof.backend, "device": prof.device,
+               "batch_size": prof.batch_size, "calibration": cal, "old_scale": old_scale,
+               "table_dense_ms": base_ms, "loop_dense_ms": med["dense"], "rows": rows,
+               "profile_seconds": info["seconds"],
+               "environment": environment_report(backend=prof.backend, device=prof.device, threads=prof.threads,
+                                                 batch_size=prof.batch_size)}
+        atomic_write_json(a.out, res)
+        print(f"calibration: scale {cal['scale']:.3f}, {cal.get('removed_layer_ms', 0):.4f} ms per removed layer "
+              f"(old: proportional {old_scale:.3f}); dense {base_ms:.3f} ms (table) / {med['dense']:.3f} ms (this loop)")
+        print("| structure | removed layers | measured ms | predicted, old calibration | predicted, with removed-layer term |")
+        print("|---|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['structure']} | {r['removed_layers']} | {r['measured_ms']:.3f} | {r['predicted_old_ms']:.3f} "
+                  f"({r['error_old_pct']:+.1f}%) | {r['predicted_ms']:.3f} ({r['error_pct']:+.1f}%) |")
+        for p in cal["points"]:
+            print(f"  calibration point {p['name']}: measured {p['measured_ms']:.3f} predicted {p['predicted_ms']:.3f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
