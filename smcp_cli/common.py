@@ -94,6 +94,11 @@ class RichReporter:
                 f"epoch {row['epoch']:>3}  loss {row['loss']:.4f}  lr {row['lr']:.4g}{top1}  "
                 f"predicted {row['predicted']:.4g}  ({row['seconds']:.1f}s)"
             )
+        elif row.get("event") == "closed_loop" and "measured_ms" in row:
+            console.print(
+                f"  closed loop: measured {row['measured_ms']:.4g} ms (predicted {row['predicted_ms']:.4g}) vs target "
+                f"{row['target_ms']:.4g} ms: {'met' if row['met'] else 'missed'}"
+            )
         elif row.get("event") == "mask_update":
             console.print(
                 f"[dim]  masks @ {100 * row['progress']:.0f}% of ramp: budget {row['budget']:.4g} -> cost "
