@@ -38,10 +38,8 @@ from smcp_core import pipeline  # noqa: E402
 from smcp_core.bench import environment_report  # noqa: E402
 from smcp_core.cost import LatencyTable  # noqa: E402
 from smcp_core.fsutil import atomic_write_json, load_torch  # noqa: E402
-from smcp_core.masking import Masker  # noqa: E402
 from smcp_core.pruner import CostModel  # noqa: E402
 from smcp_core.recipe import load_recipe  # noqa: E402
-from smcp_core.slim import slim_model  # noqa: E402
 
 
 def random_keep(graph, rng: random.Random) -> torch.Tensor:
@@ -86,24 +84,11 @@ def main() -> None:
         rng = random.Random(a.seed)
         for i in range(a.random):
             keeps[f"random{i}"] = random_keep(graph, rng)
-        models = {"dense": model}
-        for name, keep in keeps.items():
-            m = pipeline.build_model(recipe, load_weights=False)
-            mk = Masker(m, graph)
-            mk.set_keep(keep)
-            mk.remove(bake=True)
-            models[name] = slim_model(m, graph, keep)
+        models = {"dense": model, **{name: pipeline.slim_structure(recipe, graph, keep) for name, keep in keeps.items()}}
         prof = recipe.profile
-        runs = []
-        onnx_cache: dict = {}
-        for _ in range(2):
-            tmp = work / "t"
-            tmp.mkdir(exist_ok=True)
-            r = pipeline.measure_models(models, recipe, batch=prof.batch_size, backend=prof.backend, workdir=tmp,
-                                        min_runs=max(30, prof.min_runs), max_seconds=90.0, onnx_paths=onnx_cache)
-            onnx_cache = r["onnx"]
-            runs.append(r["stats"])
-        med = {k: min(r[k]["median_ms"] for r in runs) for k in models}
+        st = pipeline.measure_lowest(models, recipe, workdir=work / "t", repeats=2, min_runs=max(30, prof.min_runs),
+                                     max_seconds=90.0)["stats"]
+        med = {k: st[k]["median_ms"] for k in models}
         base_ms = float(table.model["measured_ms"])
         norm = base_ms / med["dense"]
         rows = []

@@ -250,6 +250,41 @@ def measure_models(models: dict[str, torch.nn.Module], recipe, *, batch: int, ba
 # profile
 
 
+def slim_structure(recipe, graph: ChannelGraph, keep: torch.Tensor) -> torch.nn.Module:
+    """The recipe's model slimmed to ``keep`` with random weights (latency does not depend on them)."""
+    from .masking import Masker
+    from .slim import slim_model
+
+    m = build_model(recipe, load_weights=False)
+    mk = Masker(m, graph)
+    mk.set_keep(keep)
+    mk.remove(bake=True)
+    return slim_model(m, graph, keep)
+
+
+def measure_lowest(models: dict[str, torch.nn.Module], recipe, *, workdir: Path, repeats: int = 2,
+                   min_runs: int = 30, max_seconds: float = 60.0) -> dict[str, Any]:
+    """:func:`measure_models` ``repeats`` times (ONNX files exported once); per model the run with
+    the lower median is kept: a shared machine's stalls only ever add time, and one stalled loop
+    would skew every ratio.  ``{"stats": {name: stats}, "repeats": [per-loop stats]}``."""
+    prof = recipe.profile
+    workdir.mkdir(parents=True, exist_ok=True)
+    onnx_cache: dict = {}
+    runs = []
+    try:
+        for _ in range(repeats):
+            m_ = measure_models(models, recipe, batch=prof.batch_size, backend=prof.backend, workdir=workdir,
+                                min_runs=min_runs, max_seconds=max_seconds, onnx_paths=onnx_cache)
+            onnx_cache = m_["onnx"]
+            runs.append(m_["stats"])
+    finally:
+        for f in workdir.glob("*"):
+            f.unlink()
+        workdir.rmdir()
+    return {"stats": {k: min((r[k] for r in runs), key=lambda st: st["median_ms"]) for k in models},
+            "repeats": runs}
+
+
 def _uniform_keep(graph: ChannelGraph, frac: float) -> torch.Tensor:
     keep = graph.full_keep()
     for g in graph.groups:
@@ -302,9 +337,7 @@ def fit_calibration(points: list[tuple[float, int, float]]) -> tuple[float, floa
 def profile(recipe, out: Path, *, reporter: Reporter | None = None, force: bool = False) -> dict:
     """Measure the latency table of the recipe's model and the whole-model calibration."""
     from .cost import LatencyTable, measure_table
-    from .masking import Masker
     from .pruner import CostModel
-    from .slim import slim_model
 
     rep = reporter or Reporter()
     prof = recipe.profile
@@ -340,36 +373,13 @@ def profile(recipe, out: Path, *, reporter: Reporter | None = None, force: bool 
         if k is not None:
             keeps[name] = k
     rep.log(f"measuring whole-model latency ({', '.join(keeps)}) for calibration")
-    variants = {"baseline": model}
     sums = {k: cost.total(v) for k, v in keeps.items()}
     removed = {k: _removed_layers(graph, v) for k, v in keeps.items()}
-    for name, keep in keeps.items():
-        if name == "baseline":
-            continue
-        m = build_model(recipe, load_weights=False)
-        mk = Masker(m, graph)
-        mk.set_keep(keep)
-        mk.remove(bake=True)
-        variants[name] = slim_model(m, graph, keep)
-    tmp = out / ".profile_tmp"
-    tmp.mkdir(exist_ok=True)
-    try:
-        # two independent interleaved loops; per model the lower median is kept: a shared machine's
-        # stalls only ever add time, and one stalled loop would skew the whole calibration
-        onnx_cache: dict = {}
-        runs = []
-        for _ in range(2):
-            m_ = measure_models(variants, recipe, batch=prof.batch_size, backend=prof.backend, workdir=tmp,
-                                min_runs=max(20, prof.min_runs), max_seconds=min(60.0, prof.max_seconds / 2),
-                                onnx_paths=onnx_cache)
-            onnx_cache = m_["onnx"]
-            runs.append(m_["stats"])
-        meas = {"stats": {k: min((r[k] for r in runs), key=lambda st: st["median_ms"]) for k in variants},
-                "repeats": runs}
-    finally:
-        for f in tmp.glob("*"):
-            f.unlink()
-        tmp.rmdir()
+    variants = {name: (model if name == "baseline" else slim_structure(recipe, graph, keep))
+                for name, keep in keeps.items()}
+    # two independent interleaved loops, the lower median per model
+    meas = measure_lowest(variants, recipe, workdir=out / ".profile_tmp", repeats=2,
+                          min_runs=max(20, prof.min_runs), max_seconds=min(60.0, prof.max_seconds / 2))
     names = list(variants)
     ms = [meas["stats"][k]["median_ms"] for k in names]
     # proportional fit, measured ~= scale * (sum of layer latencies + removed_ms * removed layers):
@@ -559,28 +569,13 @@ def prune(recipe, out: Path, *, reporter: Reporter | None = None, resume: bool =
 def _keep_measurer(recipe, graph: ChannelGraph, workdir: Path):
     """``measure(keep) -> (dense_ms, slim_ms)``: the dense model and the model slimmed to ``keep``
     (random weights: latency does not depend on them) timed interleaved on the profile backend."""
-    from .masking import Masker
-    from .slim import slim_model
-
     dense = build_model(recipe, load_weights=False)
     prof = recipe.profile
 
     def measure(keep: torch.Tensor) -> tuple[float, float]:
-        m = build_model(recipe, load_weights=False)
-        mk = Masker(m, graph)
-        mk.set_keep(keep)
-        mk.remove(bake=True)
-        slim = slim_model(m, graph, keep)
-        tmp = workdir / ".closed_loop_tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        try:
-            st = measure_models({"dense": dense, "slim": slim}, recipe, batch=prof.batch_size, backend=prof.backend,
-                                workdir=tmp, min_runs=max(20, prof.min_runs),
-                                max_seconds=min(60.0, prof.max_seconds / 2))["stats"]
-        finally:
-            for f in tmp.glob("*"):
-                f.unlink()
-            tmp.rmdir()
+        st = measure_lowest({"dense": dense, "slim": slim_structure(recipe, graph, keep)}, recipe,
+                            workdir=workdir / ".closed_loop_tmp", repeats=1, min_runs=max(20, prof.min_runs),
+                            max_seconds=min(60.0, prof.max_seconds / 2))["stats"]
         return st["dense"]["median_ms"], st["slim"]["median_ms"]
 
     return measure
