@@ -111,19 +111,32 @@ def _h(*parts: Any) -> str:
     return m.hexdigest()[:16]
 
 
+_SIG_CACHE: dict[tuple, list] = {}
+
+
 def _file_sig(path: str | None) -> Any:
+    """What the stamps record of a checkpoint: its size and SHA-256, so a copied, re-downloaded or
+    moved file with the same bytes (new mtime, new path) keeps its runs up to date and a changed one
+    does not.  Hashed once per (path, size, mtime) in a process."""
     if not path:
         return None
     p = Path(path)
-    if not p.exists():
+    if not p.is_file():
         return str(path)
     st = p.stat()
-    return [str(p.resolve()), st.st_size, int(st.st_mtime)]
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SIG_CACHE:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _SIG_CACHE[key] = [st.st_size, h.hexdigest()]
+    return _SIG_CACHE[key]
 
 
 def stamp(recipe, stage: str) -> str:
     r = recipe.model_dump(mode="json")
-    model = {**r["model"], "checkpoint_file": _file_sig(recipe.model.checkpoint)}
+    model = {**r["model"], "checkpoint": _file_sig(recipe.model.checkpoint)}  # its bytes, not its path
     prof = _h(model, r["profile"], r["data"]["source"], r["data"]["image_size"])
     if stage == "profile":
         return prof

@@ -895,3 +895,25 @@ def test_run_lock_is_exclusive_in_one_process_too(tmp_path):
     with run_lock(tmp_path, "smcp run"):
         pass
     assert not (tmp_path / ".smcp.lock.info").exists()
+
+
+def test_stamps_follow_checkpoint_bytes_not_its_mtime_or_path(tmp_path):
+    """Re-provisioned data (same bytes, new mtime, other directory) keeps runs up to date; changed
+    bytes make them stale (a stamp built on mtime re-trained every run after a copy)."""
+    from smcp_core import pipeline
+    from smcp_core.recipe import load_recipe
+
+    a = tmp_path / "a" / "w.pt"
+    a.parent.mkdir()
+    torch.save({"w": torch.arange(10.0)}, a)
+    b = tmp_path / "b" / "w.pt"
+    b.parent.mkdir()
+    shutil.copyfile(a, b)
+    os.utime(b, (1, 1))
+
+    def st(path: Path) -> str:
+        return pipeline.stamp(load_recipe("quickstart", [f"model.checkpoint={path}"]), "prune")
+
+    assert st(a) == st(b)
+    torch.save({"w": torch.arange(10.0) + 1}, b)
+    assert st(a) != st(b)
