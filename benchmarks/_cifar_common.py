@@ -1,0 +1,107 @@
+"""Shared pieces of the CIFAR-10 reproduction scripts (``cifar_resnet18.py``, ``l1_sfp_cifar.py``,
+``efficientnet_cifar.py``): every run goes through the same code a user runs (recipes with
+overrides, :func:`smcp_core.pipeline.prune`, :func:`smcp_core.compare.compare`), and every model
+is evaluated on the two CIFAR-10 test sets of ``../shared/data``.
+
+The base recipe is the built-in ``cifar10_resnet56_2x`` (CIFAR-10 JPEG-75 training images, a fixed
+10k subset per epoch, batch 128, augmentation, onnxruntime CPU at batch 1 for latency); each script
+replaces the model and the schedule with ``--set``-style overrides, which are recorded in its
+results.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from smcp_core import pipeline  # noqa: E402
+from smcp_core.compare import compare  # noqa: E402
+from smcp_core.data import make_loader  # noqa: E402
+from smcp_core.fsutil import atomic_write_json, atomic_write_text  # noqa: E402
+from smcp_core.recipe import load_recipe  # noqa: E402
+from smcp_core.train import Reporter, evaluate  # noqa: E402
+
+BASE = "cifar10_resnet56_2x"
+
+
+class Log(Reporter):
+    def log(self, msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def eval_sets(overrides: list[str]) -> dict:
+    """name -> (images, loader) for the 10k JPEG-75 test images and the 1017 exact test images."""
+    r0 = load_recipe(BASE, overrides)
+    shared = Path(r0.data.val_path).parent
+    sets = {}
+    for name, path in (("jpeg_test", shared / "cifar10_jpeg.npz"), ("exact_test", shared / "cifar10_exact_subset.npz")):
+        r = load_recipe(BASE, overrides + [f"data.val_path={path}", "data.val_subset=null"])
+        bundle = pipeline.build_data(r)
+        sets[name] = (len(bundle.val), make_loader(bundle.val, batch_size=256, shuffle=False, seed=0))
+    return sets
+
+
+def top1s(model: torch.nn.Module, sets: dict) -> dict:
+    with torch.no_grad():
+        return {name: evaluate(model.eval(), loader, torch.device("cpu")) for name, (_, loader) in sets.items()}
+
+
+def train_dense(overrides: list[str], out: Path, rep: Reporter) -> tuple[Path, dict]:
+    """Train (or re-use) the unpruned model with ``prune.method=none``; returns its checkpoint
+    (``OUT/prune/pruned.pt``, loadable as ``model.checkpoint``) and the prune summary."""
+    r = load_recipe(BASE, overrides + ["prune.method=none"])
+    out.mkdir(parents=True, exist_ok=True)
+    if pipeline.up_to_date(r, out, "prune"):
+        rep.log(f"dense: {out} up to date, re-used")
+        from smcp_core.fsutil import read_json
+
+        summary = read_json(out / "prune" / "summary.json", "prune summary")
+    else:
+        rep.log(f"dense: training -> {out}")
+        pipeline.write_resolved(r, out)
+        summary = pipeline.prune(r, out, reporter=rep)
+    return out / "prune" / "pruned.pt", summary
+
+
+def compare_rows(overrides: list[str], methods: list[str], cdir: Path, sets: dict, rep: Reporter,
+                 method_overrides: dict[str, list[str]] | None = None, label: dict | None = None) -> tuple[dict, list[dict]]:
+    """:func:`compare` + top-1 of every slim model on both test sets; returns (compare result, rows)."""
+    mo = method_overrides or {}
+    res = compare(BASE, overrides, methods, cdir, reporter=rep, method_overrides=mo)
+    rows = []
+    for r in res["rows"]:
+        row = {**(label or {}), "method": r["method"], "dir": r["dir"], "error": r.get("error"),
+               "overrides": r.get("overrides")}
+        if not r.get("error"):
+            rr = load_recipe(BASE, overrides + [f"prune.method={r['method']}"] + list(mo.get(r["method"], [])))
+            row.update({
+                "speedup": r["speedup"], "latency_ms": r["latency_ms"], "dense_ms": res["dense"]["latency_ms"],
+                "flops_ratio": r["flops_ratio"], "params_ratio": r["params_ratio"], "train_seconds": r.get("train_seconds"),
+                "kept_widths": r.get("kept_widths"),
+                "top1": top1s(pipeline.load_slim(rr, Path(r["dir"])), sets),
+            })
+        rows.append(row)
+    return res, rows
+
+
+def publish(name: str, out: Path, result: dict, md: str, to_repo: bool) -> None:
+    """``OUT/<name>.json`` and ``.md``; with ``to_repo`` also under ``benchmarks/results/``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for d in [out] + ([REPO / "benchmarks" / "results"] if to_repo else []):
+        atomic_write_json(d / f"{name}.json", result)
+        atomic_write_text(d / f"{name}.md", md)
+    print(md)
+
+
+def fmt_top1(t: dict | None) -> str:
+    return f"{t['jpeg_test']:.2f}% | {t['exact_test']:.2f}%" if t else "n/a | n/a"
+
+
+def now() -> float:
+    return time.perf_counter()
