@@ -55,7 +55,8 @@ def top1s(model: torch.nn.Module, sets: dict) -> dict:
 def train_dense(overrides: list[str], out: Path, rep: Reporter) -> tuple[Path, dict]:
     """Train (or re-use) the unpruned model with ``prune.method=none``; returns its checkpoint
     (``OUT/prune/pruned.pt``, loadable as ``model.checkpoint``) and the prune summary."""
-    r = load_recipe(BASE, overrides + ["prune.method=none"])
+    # method none prunes nothing whatever the target; a FLOPs target needs no latency table
+    r = load_recipe(BASE, overrides + ["prune.method=none", "prune.target.flops_ratio=0.999"])
     out.mkdir(parents=True, exist_ok=True)
     if pipeline.up_to_date(r, out, "prune"):
         rep.log(f"dense: {out} up to date, re-used")
@@ -105,3 +106,66 @@ def fmt_top1(t: dict | None) -> str:
 
 def now() -> float:
     return time.perf_counter()
+
+
+def from_scratch_then_prune(model: list[str], dense: list[str], prune: list[str], targets: list[float],
+                            methods: list[str], out: Path, extra: list[str],
+                            ablations: dict[str, list[str]] | None = None,
+                            method_overrides: dict[str, list[str]] | None = None) -> dict:
+    """Train ``model`` from scratch (``dense`` overrides, method ``none``) into ``OUT/dense``, then for
+    every FLOPs target run ``methods`` (plus ``none``, the dense model fine-tuned with the same
+    ``prune`` schedule, at the first target) from that checkpoint into ``OUT/f<target>``; every
+    ablation (name -> overrides, smcp only, at the middle target) into ``OUT/<name>``."""
+    rep = Log()
+    t0 = now()
+    common = model + list(extra)
+    ckpt, dsum = train_dense(common + dense, out / "dense", rep)
+    sets = eval_sets(common)
+    r_dense = load_recipe(BASE, common + [f"model.checkpoint={ckpt}"])
+    dense_top1 = top1s(pipeline.build_model(r_dense), sets)
+    base = common + prune + [f"model.checkpoint={ckpt}"]
+    rows, none_row = [], None
+    for i, t in enumerate(targets):
+        ms = list(methods) + (["none"] if i == 0 else [])
+        rep.log(f"== flops_ratio {t:g}: {', '.join(ms)}")
+        _, rs = compare_rows(base + [f"prune.target.flops_ratio={t}"], ms, out / f"f{t:g}", sets, rep,
+                             method_overrides=method_overrides, label={"flops_target": t, "variant": "recipe"})
+        for r in rs:
+            if r["method"] == "none":
+                none_row = r
+            else:
+                rows.append(r)
+    mid = targets[len(targets) // 2]
+    for name, ov in (ablations or {}).items():
+        rep.log(f"== ablation {name}: smcp at flops_ratio {mid:g} with {' '.join(ov)}")
+        _, rs = compare_rows(base + [f"prune.target.flops_ratio={mid}"] + list(ov), ["smcp"], out / name, sets, rep,
+                             label={"flops_target": mid, "variant": name, "variant_overrides": list(ov)})
+        rows += rs
+    ref = none_row["top1"] if none_row and none_row.get("top1") else None
+    for row in rows:
+        if ref and row.get("top1"):
+            row["drop_vs_none"] = {k: ref[k] - row["top1"][k] for k in ref}
+    return {"base_recipe": BASE, "model_overrides": common, "dense_overrides": dense, "prune_overrides": prune,
+            "dense_train_seconds": dsum.get("seconds"), "dense_top1": dense_top1, "none": none_row, "rows": rows,
+            "eval_images": {k: n for k, (n, _) in sets.items()}, "seconds": now() - t0}
+
+
+def targets_markdown(title: str, intro: str, res: dict) -> str:
+    lines = [f"# {title}", "", intro, "",
+             f"Top-1: {res['eval_images']['jpeg_test']} JPEG-75 test images | {res['eval_images']['exact_test']} exact "
+             f"test images. Dense model after training from scratch: {fmt_top1(res['dense_top1'])}.", "",
+             "| FLOPs target | method | variant | FLOPs | params | measured speed-up | top-1 JPEG | top-1 exact "
+             "| drop vs fine-tuned unpruned (JPEG / exact) |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    n = res.get("none")
+    if n and not n.get("error"):
+        lines.append(f"| - | none (fine-tuned) | same schedule | 1.00 | 1.00 | {n['speedup']:.2f}x | {fmt_top1(n['top1'])} | - |")
+    for r in res["rows"]:
+        if r.get("error"):
+            lines.append(f"| {r['flops_target']:g} | {r['method']} | {r['variant']} | failed: {r['error']} | | | | | |")
+            continue
+        d = r.get("drop_vs_none")
+        dd = f"{d['jpeg_test']:+.2f} / {d['exact_test']:+.2f}" if d else "n/a"
+        lines.append(f"| {r['flops_target']:g} | {r['method']} | {r['variant']} | {r['flops_ratio']:.3f} | "
+                     f"{r['params_ratio']:.3f} | {r['speedup']:.2f}x | {fmt_top1(r['top1'])} | {dd} |")
+    return "\n".join(lines) + "\n"
