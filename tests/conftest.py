@@ -20,6 +20,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run the tests against this checkout even when not installed
     sys.path.insert(0, str(REPO_ROOT))
 
+from smcp_core.recipe import load_recipe  # noqa: E402
+from smcp_core.train import Reporter  # noqa: E402
+
 
 def shared_data_dir() -> Path:
     """Where the shared data should be (it may not exist)."""
@@ -80,6 +83,26 @@ TINY = [
     "model.source=cifar/resnet20",
     "model.kwargs={in_channels: 1}",
 ]
+
+
+def tiny_recipe(*extra: str):
+    return load_recipe("quickstart", TINY + list(extra))
+
+
+class Recorder(Reporter):
+    """Collects the metrics rows a run reports, and the order of events (mask updates, steps)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.events: list[str] = []
+
+    def metrics(self, row: dict) -> None:
+        self.rows.append(dict(row))
+        self.events.append(row.get("event", ""))
+
+    def progress(self, task: str, done: int, total: int, info: str = "") -> None:
+        if task == "epoch":
+            self.events.append("step")
 
 
 def cli(*argv) -> tuple[int, str, str]:

@@ -13,20 +13,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-TINY = [
-    "data.source=digits",
-    "data.train_subset=256",
-    "data.val_subset=64",
-    "data.batch_size=32",
-    "prune.epochs=4",
-    "prune.warmup_epochs=1",
-    "prune.ramp_epochs=2",
-    "prune.cooldown_epochs=1",
-    "prune.update_interval_samples=128",
-    "prune.target.flops_ratio=0.6",
-    "model.source=cifar/resnet20",
-    "model.kwargs={in_channels: 1}",
-]
+from conftest import TINY as _TINY
+
+# the shared tiny recipe with whole epochs (no step cap) and more samples per rank
+TINY = [o for o in _TINY if not o.startswith(("data.train_subset=", "prune.max_steps=", "prune.update_interval_samples="))] + [
+    "data.train_subset=256", "prune.update_interval_samples=128"]
 
 
 def _free_port() -> int:

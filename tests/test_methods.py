@@ -22,8 +22,8 @@ from smcp_core.masking import Masker, dense_state_dict
 from smcp_core.models import build_model
 from smcp_core.pruner import Allocator, CostModel, PruneConfigLite
 from smcp_core.recipe import load_recipe
-from conftest import TINY
-from smcp_core.train import CHECKPOINT, Reporter
+from conftest import TINY, Recorder, tiny_recipe
+from smcp_core.train import CHECKPOINT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,24 +33,6 @@ def _one_torch_thread(torch_single_thread):
     yield
 
 
-
-
-def tiny_recipe(*extra: str):
-    return load_recipe("quickstart", TINY + list(extra))
-
-
-class Recorder(Reporter):
-    def __init__(self):
-        self.rows: list[dict] = []
-        self.events: list[str] = []
-
-    def metrics(self, row: dict) -> None:
-        self.rows.append(dict(row))
-        self.events.append(row.get("event", ""))
-
-    def progress(self, task: str, done: int, total: int, info: str = "") -> None:
-        if task == "epoch":
-            self.events.append("step")
 
 
 def _updates(rows):

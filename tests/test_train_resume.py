@@ -10,9 +10,8 @@ import torch
 
 from smcp_core import pipeline
 from smcp_core.errors import SmcpError
-from smcp_core.recipe import load_recipe
-from conftest import TINY
-from smcp_core.train import CHECKPOINT, Reporter
+from conftest import Recorder, tiny_recipe
+from smcp_core.train import CHECKPOINT
 
 
 
@@ -20,18 +19,6 @@ from smcp_core.train import CHECKPOINT, Reporter
 def _one_torch_thread(torch_single_thread):
     yield
 
-
-
-def tiny_recipe(*extra: str):
-    return load_recipe("quickstart", TINY + list(extra))
-
-
-class Recorder(Reporter):
-    def __init__(self):
-        self.rows: list[dict] = []
-
-    def metrics(self, row: dict) -> None:
-        self.rows.append(dict(row))
 
 
 class Interrupt(Recorder):
