@@ -66,7 +66,8 @@ def train_dense(overrides: list[str], out: Path, rep: Reporter) -> tuple[Path, d
     else:
         rep.log(f"dense: training -> {out}")
         pipeline.write_resolved(r, out)
-        summary = pipeline.prune(r, out, reporter=rep)
+        # an interrupted run continues from its last epoch
+        summary = pipeline.prune(r, out, reporter=rep, resume=(out / "prune" / "checkpoint.pt").exists())
     return out / "prune" / "pruned.pt", summary
 
 
