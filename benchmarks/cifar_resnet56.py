@@ -30,56 +30,29 @@ re-times and re-evaluates.  Results: ``OUT/cifar_resnet56.json`` and ``.md`` (de
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
-import torch
+from _cifar_common import Log, eval_sets, top1s
+
+from smcp_core import pipeline
+from smcp_core.compare import compare
+from smcp_core.fsutil import atomic_write_json, atomic_write_text
+from smcp_core.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from smcp_core import pipeline  # noqa: E402
-from smcp_core.compare import compare  # noqa: E402
-from smcp_core.data import make_loader  # noqa: E402
-from smcp_core.fsutil import atomic_write_json, atomic_write_text  # noqa: E402
-from smcp_core.recipe import load_recipe  # noqa: E402
-from smcp_core.train import Reporter, evaluate  # noqa: E402
-
 RECIPE = "cifar10_resnet56_2x"
 UNIFORM_SETS = ["prune.target_margin=0.05", "prune.channel_round=4", "prune.min_channels=4"]
-
-
-class _Log(Reporter):
-    def log(self, msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
 
 
 def _fmt_target(t: float) -> str:
     return f"{t:g}x"
 
 
-def eval_sets(recipe) -> dict:
-    """Loaders for the two test sets: 10k JPEG-75 test images and the 1017 exact test images."""
-    shared = Path(recipe.data.val_path).parent
-    sets = {}
-    for name, path in (("jpeg_test", shared / "cifar10_jpeg.npz"), ("exact_test", shared / "cifar10_exact_subset.npz")):
-        r = load_recipe(RECIPE, [f"data.val_path={path}", "data.val_subset=null"])
-        bundle = pipeline.build_data(r)
-        sets[name] = (len(bundle.val), make_loader(bundle.val, batch_size=256, shuffle=False, seed=0))
-    return sets
-
-
-def top1s(model: torch.nn.Module, sets: dict) -> dict:
-    with torch.no_grad():
-        return {name: evaluate(model, loader, torch.device("cpu")) for name, (_, loader) in sets.items()}
-
-
 def run(targets: list[float], out: Path, overrides: list[str]) -> dict:
-    rep = _Log()
+    rep = Log()
     base = load_recipe(RECIPE, overrides)
-    sets = eval_sets(base)
+    sets = eval_sets(overrides)
     rows = []
     t_all = time.perf_counter()
     dense_top1 = top1s(pipeline.build_model(base), sets)
