@@ -170,3 +170,31 @@ def targets_markdown(title: str, intro: str, res: dict) -> str:
         lines.append(f"| {r['flops_target']:g} | {r['method']} | {r['variant']} | {r['flops_ratio']:.3f} | "
                      f"{r['params_ratio']:.3f} | {r['speedup']:.2f}x | {fmt_top1(r['top1'])} | {dd} |")
     return "\n".join(lines) + "\n"
+
+
+def scratch_args(name: str, doc: str, targets: str, out: str):
+    """The command line shared by the from-scratch scripts (``name`` is the results file stem)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--targets", default=targets, help="kept FLOPs fractions")
+    ap.add_argument("--dense-epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=6, help="fine-tune epochs of every pruned run (>= 3)")
+    ap.add_argument("--out", type=Path, default=Path(out))
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="recipe override for every run")
+    ap.add_argument("--publish", action="store_true", help=f"also write benchmarks/results/{name}.{{json,md}}")
+    a = ap.parse_args()
+    a.target_list = [float(x) for x in a.targets.split(",") if x.strip()]
+    return a
+
+
+def scratch_schedules(dense_epochs: int, dense_lr: float, dense_wd: float, epochs: int) -> tuple[list, list, int]:
+    """(dense overrides, prune overrides, ramp epochs): dense training without any pruning window,
+    then ``epochs`` of fine-tuning as 1 warm-up epoch, the ramp, the rest frozen (lr 0.01, margin 0)."""
+    ramp = max(1, (epochs - 1) // 2)
+    dense = [f"prune.epochs={dense_epochs}", "prune.warmup_epochs=0", "prune.ramp_epochs=0",
+             f"prune.cooldown_epochs={dense_epochs}", f"prune.optimizer.lr={dense_lr}",
+             f"prune.optimizer.weight_decay={dense_wd}"]
+    prune = [f"prune.epochs={epochs}", "prune.warmup_epochs=1", f"prune.ramp_epochs={ramp}",
+             f"prune.cooldown_epochs={epochs - 1 - ramp}", "prune.optimizer.lr=0.01", "prune.target_margin=0"]
+    return dense, prune, ramp

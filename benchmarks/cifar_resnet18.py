@@ -27,30 +27,16 @@ hundreds of epochs on the full training set, so absolute accuracies are far lowe
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-from _cifar_common import from_scratch_then_prune, publish, targets_markdown
+from _cifar_common import from_scratch_then_prune, publish, scratch_args, scratch_schedules, targets_markdown
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--targets", default="0.7,0.5,0.3", help="kept FLOPs fractions")
-    ap.add_argument("--dense-epochs", type=int, default=10)
-    ap.add_argument("--epochs", type=int, default=6, help="fine-tune epochs of every pruned run (>= 3)")
-    ap.add_argument("--out", type=Path, default=Path("runs/bench_rn18"))
-    ap.add_argument("--set", dest="sets", action="append", default=[], help="recipe override for every run")
-    ap.add_argument("--publish", action="store_true", help="also write benchmarks/results/cifar_resnet18.{json,md}")
-    a = ap.parse_args()
+    a = scratch_args("cifar_resnet18", __doc__, "0.7,0.5,0.3", "runs/bench_rn18")
     e = a.epochs
-    ramp = max(1, (e - 1) // 2)
     model = ["model.source=torchvision/resnet18", "model.checkpoint=null", "profile.channel_step=32"]
-    dense = [f"prune.epochs={a.dense_epochs}", "prune.warmup_epochs=0", "prune.ramp_epochs=0",
-             f"prune.cooldown_epochs={a.dense_epochs}", "prune.optimizer.lr=0.1", "prune.optimizer.weight_decay=5e-4"]
-    prune = [f"prune.epochs={e}", "prune.warmup_epochs=1", f"prune.ramp_epochs={ramp}",
-             f"prune.cooldown_epochs={e - 1 - ramp}", "prune.optimizer.lr=0.01", "prune.target_margin=0"]
+    dense, prune, ramp = scratch_schedules(a.dense_epochs, 0.1, 5e-4, e)
     ablations = {"no_warmup": ["prune.warmup_epochs=0", f"prune.cooldown_epochs={e - ramp}"]}
-    res = from_scratch_then_prune(model, dense, prune, [float(x) for x in a.targets.split(",") if x.strip()],
+    res = from_scratch_then_prune(model, dense, prune, a.target_list,
                                   ["smcp"], a.out, a.sets, ablations=ablations)
     res.update({"benchmark": "cifar_resnet18", "dense_epochs": a.dense_epochs, "epochs": e})
     intro = (f"torchvision `resnet18` (ImageNet stem) trained from scratch for {a.dense_epochs} epochs of 10k JPEG-75 "

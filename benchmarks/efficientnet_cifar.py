@@ -27,30 +27,16 @@ trained weights for a meaningful accuracy comparison.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-from _cifar_common import from_scratch_then_prune, publish, targets_markdown
+from _cifar_common import from_scratch_then_prune, publish, scratch_args, scratch_schedules, targets_markdown
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--targets", default="0.5", help="kept FLOPs fractions")
-    ap.add_argument("--dense-epochs", type=int, default=10)
-    ap.add_argument("--epochs", type=int, default=6, help="fine-tune epochs of every pruned run (>= 3)")
-    ap.add_argument("--out", type=Path, default=Path("runs/bench_effnet"))
-    ap.add_argument("--set", dest="sets", action="append", default=[], help="recipe override for every run")
-    ap.add_argument("--publish", action="store_true", help="also write benchmarks/results/efficientnet_cifar.{json,md}")
-    a = ap.parse_args()
+    a = scratch_args("efficientnet_cifar", __doc__, "0.5", "runs/bench_effnet")
     e = a.epochs
-    ramp = max(1, (e - 1) // 2)
     model = ["model.source=torchvision/efficientnet_b0", "model.checkpoint=null", "profile.channel_step=32",
              "prune.channel_round=8", "prune.min_channels=8"]
-    dense = [f"prune.epochs={a.dense_epochs}", "prune.warmup_epochs=0", "prune.ramp_epochs=0",
-             f"prune.cooldown_epochs={a.dense_epochs}", "prune.optimizer.lr=0.05", "prune.optimizer.weight_decay=5e-5"]
-    prune = [f"prune.epochs={e}", "prune.warmup_epochs=1", f"prune.ramp_epochs={ramp}",
-             f"prune.cooldown_epochs={e - 1 - ramp}", "prune.optimizer.lr=0.01", "prune.target_margin=0"]
-    res = from_scratch_then_prune(model, dense, prune, [float(x) for x in a.targets.split(",") if x.strip()],
+    dense, prune, ramp = scratch_schedules(a.dense_epochs, 0.05, 5e-5, e)
+    res = from_scratch_then_prune(model, dense, prune, a.target_list,
                                   ["smcp", "uniform"], a.out, a.sets)
     res.update({"benchmark": "efficientnet_cifar", "dense_epochs": a.dense_epochs, "epochs": e})
     intro = (f"torchvision `efficientnet_b0` trained on CIFAR-10 (32x32) from scratch for {a.dense_epochs} epochs of 10k "
