@@ -21,9 +21,10 @@ evaluated on the 10,000 JPEG-75 test images and on the 1,017 exact-pixel test im
                                                               # on a 2-core CPU: ~1h40)
     python benchmarks/cifar_resnet56.py --targets 2           # one target (three training runs)
     python benchmarks/cifar_resnet56.py --set prune.epochs=8  # any recipe override, for every run
+    python benchmarks/cifar_resnet56.py --methods smcp,none   # leave out the uniform runs
 
 A compare directory whose runs are up to date is re-used (nothing is re-trained): re-running only
-re-times and re-evaluates.  Results: ``OUT/cifar_resnet56.json`` and ``.md`` (default OUT
+re-times and re-evaluates.  Results: ``OUT/NAME.json`` and ``.md`` (``--name``, default ``cifar_resnet56``) (default OUT
 ``runs/bench_r56``), and with ``--publish`` a copy in ``benchmarks/results/``.
 """
 
@@ -49,7 +50,8 @@ def _fmt_target(t: float) -> str:
     return f"{t:g}x"
 
 
-def run(targets: list[float], out: Path, overrides: list[str]) -> dict:
+def run(targets: list[float], out: Path, overrides: list[str], methods: list[str] | None = None) -> dict:
+    methods = methods or ["smcp", "uniform", "none"]
     rep = Log()
     base = load_recipe(RECIPE, overrides)
     sets = eval_sets(overrides)
@@ -58,10 +60,10 @@ def run(targets: list[float], out: Path, overrides: list[str]) -> dict:
     dense_top1 = top1s(pipeline.build_model(base), sets)
     none_row = None
     for i, t in enumerate(targets):
-        methods = ["smcp", "uniform"] + (["none"] if i == 0 else [])
+        todo = [m for m in methods if m != "none"] + (["none"] if i == 0 and "none" in methods else [])
         cdir = out / _fmt_target(t)
-        rep.log(f"== target {t}x: {', '.join(methods)} -> {cdir}")
-        res = compare(RECIPE, overrides + [f"prune.target.speedup={t}"], methods, cdir, reporter=rep,
+        rep.log(f"== target {t}x: {', '.join(todo)} -> {cdir}")
+        res = compare(RECIPE, overrides + [f"prune.target.speedup={t}"], todo, cdir, reporter=rep,
                       method_overrides={"uniform": list(UNIFORM_SETS)})
         for r in res["rows"]:
             row = {"target": t, "method": r["method"], "dir": r["dir"], "error": r.get("error")}
@@ -84,7 +86,7 @@ def run(targets: list[float], out: Path, overrides: list[str]) -> dict:
         if ref and row.get("top1"):
             row["drop_vs_none"] = {k: ref[k] - row["top1"][k] for k in ref}
     return {
-        "recipe": RECIPE, "overrides": overrides, "targets": targets,
+        "recipe": RECIPE, "overrides": overrides, "targets": targets, "methods": methods,
         "backend": base.export_backend(), "batch_size": base.export_batch_size(),
         "eval_images": {k: n for k, (n, _) in sets.items()},
         "pretrained_top1": dense_top1, "none": none_row, "rows": rows,
@@ -125,18 +127,22 @@ def markdown(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--targets", default="1.5,2,3", help="comma-separated speed-up targets")
+    ap.add_argument("--methods", default="smcp,uniform,none",
+                    help="comma-separated methods per target (none: first target only)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_r56"))
     ap.add_argument("--set", dest="sets", action="append", default=[], help="recipe override for every run")
-    ap.add_argument("--publish", action="store_true", help="also write benchmarks/results/cifar_resnet56.{json,md}")
+    ap.add_argument("--name", default="cifar_resnet56", help="results file name (NAME.json, NAME.md)")
+    ap.add_argument("--publish", action="store_true", help="also write benchmarks/results/NAME.{json,md}")
     a = ap.parse_args()
     targets = [float(x) for x in a.targets.split(",") if x.strip()]
-    res = run(targets, a.out, a.sets)
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    res = run(targets, a.out, a.sets, methods)
     md = markdown(res)
     a.out.mkdir(parents=True, exist_ok=True)
     dests = [a.out] + ([REPO / "benchmarks" / "results"] if a.publish else [])
     for d in dests:
-        atomic_write_json(d / "cifar_resnet56.json", res)
-        atomic_write_text(d / "cifar_resnet56.md", md)
+        atomic_write_json(d / f"{a.name}.json", res)
+        atomic_write_text(d / f"{a.name}.md", md)
     print(md)
 
 
