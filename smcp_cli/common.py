@@ -12,6 +12,7 @@ from typing import Any, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 # logs and progress go to stderr; stdout carries only the --json document
@@ -73,7 +74,7 @@ class RichReporter:
 
     def log(self, msg: str) -> None:
         if not self.quiet:
-            console.print(f"[dim]·[/dim] {msg}")
+            console.print(f"[dim]·[/dim] {escape(msg)}")
 
     def progress(self, task: str, done: int, total: int, info: str = "") -> None:
         if self._progress is None:

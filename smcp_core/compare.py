@@ -164,7 +164,7 @@ def compare(spec, overrides: Sequence[str], methods: Sequence[str], out: Path, *
                 summary = read_json(mdir / "prune" / "summary.json", "prune summary")
                 row["reused"] = True
             else:
-                rep.log(f"[bold]{m}[/bold]: prune")
+                rep.log(f"{m}: prune")
                 summary = pipeline.prune(r, mdir, reporter=rep, force_table=force_table)
                 row["reused"] = False
             if row["reused"] and pipeline.up_to_date(r, mdir, "slim"):

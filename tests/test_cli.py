@@ -289,3 +289,14 @@ def test_pickled_checkpoint_needs_trust_checkpoint(tmp_path):
     proc = smcp("--trust-checkpoint", "prune", *args, "--out", str(tmp_path / "b"), "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "b" / "prune" / "pruned.pt").exists()
+
+
+def test_reporter_prints_messages_verbatim():
+    """Messages come from the core (paths, layer names, errors): brackets in them are text, not
+    rich markup to be interpreted or dropped."""
+    from smcp_cli.common import RichReporter, console
+
+    msg = "wrote runs/[bold]x[/bold]/table.json for layer1[0].conv1"
+    with console.capture() as cap:
+        RichReporter().log(msg)
+    assert msg in cap.get()

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from smcp_cli.common import JsonOpt, QuietOpt, RecipeOpt, RichReporter, SetOpt, console, emit, guarded, load, locked
 
@@ -26,10 +27,10 @@ def print_compare(res: dict) -> None:
     console.print(table)
     d = res["dense"]
     if d.get("top1_from") and d["top1_from"] != "checkpoint":
-        console.print(f"[dim]dense top-1: {d['top1_from']}[/dim]")
+        console.print(f"[dim]dense top-1: {escape(str(d['top1_from']))}[/dim]")
     for r in res["rows"]:
         if "error" in r:
-            console.print(f"[red]{r['method']}[/red]: {r['error']}", markup=True, highlight=False)
+            console.print(f"[red]{r['method']}[/red]: {escape(str(r['error']))}", markup=True, highlight=False)
 
 
 def compare(
@@ -69,5 +70,5 @@ def compare(
                                   method_overrides=per)
             if not quiet:
                 print_compare(res)
-                console.print(f"report: {o / 'compare.md'} (json: {o / 'compare.json'})")
+                console.print(f"report: {o / 'compare.md'} (json: {o / 'compare.json'})", markup=False)
             emit({"ok": True, **res}, as_json)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from smcp_cli.common import (JsonOpt, OutOpt, QuietOpt, RecipeOpt, RichReporter, SetOpt, console, emit,
                              guarded, load, locked, out_dir)
@@ -31,7 +32,7 @@ def print_report(rep: dict) -> None:
         t.add_row("FLOPs / params ratio", "1 / 1", f"{rep['flops_ratio']:.3f} / {rep['params_ratio']:.3f}")
     console.print(t)
     if acc and acc.get("baseline_from", "checkpoint") != "checkpoint":
-        console.print(f"[dim]* baseline top-1: {acc['baseline_from']}[/dim]")
+        console.print(f"[dim]* baseline top-1: {escape(str(acc['baseline_from']))}[/dim]")
     verdict = "[bold green]PASS[/bold green]" if rep["passed"] else "[bold red]FAIL[/bold red]"
     tgt = rep["target"]
     console.print(

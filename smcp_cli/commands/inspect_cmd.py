@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from smcp_cli.common import JsonOpt, QuietOpt, SetOpt, console, emit, guarded
 
@@ -71,4 +72,4 @@ def inspect(
             tab.add_row(str(gr["group"]), str(gr["channels"]), pr, names, note)
         console.print(tab)
         for spot in s["frozen_spots"]:
-            console.print(f"[yellow]frozen:[/yellow] {spot}")
+            console.print(f"[yellow]frozen:[/yellow] {escape(str(spot))}")

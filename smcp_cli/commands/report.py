@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from smcp_cli.common import JsonOpt, QuietOpt, console, emit, guarded
 
@@ -24,11 +25,11 @@ def report(
 
         res = make_report(run_dir, out, html_report=html)
         if not quiet:
-            console.print(f"[green]report[/green] {res['files']['markdown']}"
+            console.print(f"[green]report[/green] {escape(str(res['files']['markdown']))}"
                           + (f" and {res['files']['html']}" if "html" in res["files"] else ""))
             for k in ("channels", "training", "latency"):
                 if k in res["files"]:
-                    console.print(f"  {k:<9} {res['files'][k]}")
+                    console.print(f"  {k:<9} {escape(str(res['files'][k]))}")
                 else:
                     console.print(f"  {k:<9} [dim]skipped (no data in the run yet)[/dim]")
             console.print(f"  {res['artifacts_checked']} artifacts verified")

@@ -54,7 +54,7 @@ def run(
             report = read_json(o / "export" / "report.json", "export report")
             if not quiet:
                 print_report(report)
-                console.print(f"artifacts in {o}/ (report: {o / 'export' / 'report.json'})")
+                console.print(f"artifacts in {o}/ (report: {o / 'export' / 'report.json'})", markup=False)
             results["report"] = report
             emit({"ok": report["passed"], **results}, as_json)
             pipeline.gate(report)
