@@ -92,9 +92,12 @@ class LatencyCheck:
 
     ``measure(keep) -> (dense_ms, slim_ms)`` times the dense model and the model slimmed to ``keep``
     interleaved on the profile backend; the ratio, times ``baseline_ms`` (the table's dense
-    latency), is the measured latency in the table's units.  When it is above ``target_ms`` the
-    measured point joins the calibration ``points`` (``(layer_sum, removed_layers, measured_ms)``),
-    the calibration is re-fitted and the masks are re-solved for ``aim_ms``."""
+    latency), is the measured latency in the table's units.  When it is above ``target_ms`` (a
+    miss), or more than ``overshoot`` below ``aim_ms`` while a later round can check the result
+    (pruned deeper than asked, which costs accuracy), the measured point joins the calibration
+    ``points`` (``(layer_sum, removed_layers, measured_ms)``), the calibration is re-fitted and the
+    masks are re-solved for ``aim_ms``.  If the last measurement misses the target, the masks of the
+    slowest measured round that met it are restored."""
 
     measure: Callable[[torch.Tensor], tuple[float, float]]
     baseline_ms: float
@@ -102,6 +105,7 @@ class LatencyCheck:
     aim_ms: float
     points: list = field(default_factory=list)
     rounds: int = 2
+    overshoot: float = 0.1
 
 
 def _param_groups(model: nn.Module, weight_decay: float):
@@ -312,13 +316,15 @@ def prune_train(
         return row
 
     def closed_loop(epoch: int) -> float:
-        """Measure the slim model at the current masks; while it misses the target, add the point
-        to the calibration, re-fit it and re-solve at the aim.  Returns the (new) budget."""
+        """Measure the slim model at the current masks; while it misses the target (or lands far
+        below the aim with a round left to check a correction), add the point to the calibration,
+        re-fit it and re-solve at the aim.  Returns the (new) budget."""
         from .pipeline import fit_calibration
 
         nonlocal target_cost
         chk = latency_check
         budget = target_cost
+        best = None  # the slowest measured state that met the target: (measured, round, keep, calibration, budget)
         for rnd in range(chk.rounds + 1):
             keep = masker.keep().cpu()
             vals = torch.zeros(2, dtype=torch.float64)
@@ -335,24 +341,45 @@ def prune_train(
             measured = slim_ms / dense_ms * chk.baseline_ms
             n_removed = sum(1 for ci, co in graph.widths(keep) if ci == 0 or co == 0)
             free_sum = cost.total(keep) - cost.removed_cost * n_removed
+            met = measured <= chk.target_ms
+            # a correction upwards is measured again in the next round; SFP's zeroed filters cannot return
+            over = (met and measured < chk.aim_ms * (1 - chk.overshoot) and rnd < chk.rounds
+                    and not method.soft_filter)
             row = {"event": "closed_loop", "epoch": epoch, "round": rnd, "predicted_ms": cost.predict(keep),
                    "measured_ms": measured, "dense_ms": dense_ms, "slim_ms": slim_ms, "target_ms": chk.target_ms,
-                   "met": measured <= chk.target_ms}
-            if row["met"] or rnd == chk.rounds:
-                history.append(row)
-                rep.metrics(row)
-                if not row["met"]:
+                   "met": met}
+            if met and (best is None or measured > best[0]):
+                best = (measured, rnd, keep.clone(), (cost.scale, cost.removed_cost), target_cost)
+            if (met and not over) or rnd == chk.rounds:
+                if not met and best is not None:  # a correction made it worse: back to what was measured good
+                    _, brnd, bkeep, (cost.scale, cost.removed_cost), target_cost = best
+                    budget = target_cost
+                    masker.set_keep(bkeep)
+                    masked_any[0] = not bool(bkeep.all())
+                    bn_scaler.update(bkeep, tracker.scores())
+                    tracker.reset()
+                    row.update(reverted_to_round=brnd, scale=cost.scale, removed_layer_ms=cost.removed_cost,
+                               budget=budget)
+                    rep.log(f"closed loop: {measured:.4g} ms misses the target {chk.target_ms:.4g} ms; restored "
+                            f"the masks of round {brnd} (measured {best[0]:.4g} ms)")
+                elif not met:
                     rep.log(f"closed loop: still {measured:.4g} ms > target {chk.target_ms:.4g} ms after "
                             f"{chk.rounds} corrections; raise prune.closed_loop or prune.target_margin")
+                history.append(row)
+                rep.metrics(row)
                 break
             prev = (cost.scale, cost.removed_cost, target_cost)
             chk.points.append((free_sum, n_removed, measured))
             scale, removed = fit_calibration(chk.points)
             cost.scale, cost.removed_cost = scale, removed
             budget = cost.budget_for(chk.aim_ms)
-            rep.log(f"closed loop: measured {measured:.4g} ms > target {chk.target_ms:.4g} ms (predicted "
-                    f"{row['predicted_ms']:.4g}); re-calibrated (scale {scale:.3f}, {removed:.4g} ms per removed "
-                    f"layer) and re-solving for {chk.aim_ms:.4g} ms")
+            what = (f"more than {100 * chk.overshoot:.0f} % below the aim {chk.aim_ms:.4g} ms" if over
+                    else f"> target {chk.target_ms:.4g} ms")
+            rep.log(f"closed loop: measured {measured:.4g} ms {what} (predicted {row['predicted_ms']:.4g}); "
+                    f"re-calibrated (scale {scale:.3f}, {removed:.4g} ms per removed layer) and re-solving for "
+                    f"{chk.aim_ms:.4g} ms")
+            if over:
+                row["overshoot"] = True
             target_cost = budget
             try:
                 update = do_update(1.0, epoch)

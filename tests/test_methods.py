@@ -531,6 +531,53 @@ def test_closed_loop_meets_a_target_the_table_misjudges(monkeypatch, tmp_path, r
     assert len(calls) == len(events)  # nothing measured again
 
 
+def _overshooting_setup(monkeypatch, tmp_path, rounds, lie_after=None):
+    """Measured, a model keeping the fraction f of the table's cost runs in f**2 of the dense time
+    (the table is proportional), so the masks solved from the table are much faster than asked.
+    ``lie_after``: from that call on the measurer reports twice the dense latency (a correction
+    that made things worse)."""
+    recipe = tiny_recipe("prune.target.speedup=2", "prune.target_margin=0", f"prune.closed_loop={rounds}")
+    graph, table, full = _write_table(tmp_path, recipe)
+    free = CostModel(graph, "latency", table)
+    calls = []
+
+    def true_ms(keep):
+        return free.total(keep) ** 2 / full
+
+    def fake_measurer(recipe_, graph_, workdir):
+        def measure(keep):
+            calls.append(keep.clone())
+            return full, (2 * full if lie_after is not None and len(calls) > lie_after else true_ms(keep))
+        return measure
+
+    monkeypatch.setattr(pipeline, "_keep_measurer", fake_measurer)
+    return recipe, true_ms, full, calls
+
+
+def test_closed_loop_gives_back_capacity_when_the_table_prunes_too_deep(monkeypatch, tmp_path):
+    recipe, true_ms, full, calls = _overshooting_setup(monkeypatch, tmp_path, rounds=2)
+    s = pipeline.prune(recipe, tmp_path, force_table=True)
+    keep = torch.load(tmp_path / "prune" / "pruned.pt", weights_only=True)["keep"]
+    target_ms = full / 2
+    ev = [r for r in s["history"] if r.get("event") == "closed_loop"]
+    assert ev[0]["met"] and ev[0]["overshoot"] and ev[0]["measured_ms"] < 0.9 * target_ms  # what it is for
+    assert ev[-1]["met"] and not ev[-1].get("overshoot") and len(ev) >= 2
+    assert ev[-1]["measured_ms"] > ev[0]["measured_ms"]  # slower than the first masks: more kept
+    assert int(keep.sum()) > int(calls[0].sum()) and true_ms(keep) <= target_ms * (1 + 1e-9)
+    s2 = pipeline.prune(recipe, tmp_path, force_table=True, resume=True)  # resume keeps calibration and budget
+    assert s2["budget"] == pytest.approx(s["budget"]) and len(calls) == len(ev)
+
+
+def test_closed_loop_restores_the_measured_masks_when_a_correction_misses(monkeypatch, tmp_path):
+    recipe, _, full, calls = _overshooting_setup(monkeypatch, tmp_path, rounds=1, lie_after=1)
+    s = pipeline.prune(recipe, tmp_path, force_table=True)
+    keep = torch.load(tmp_path / "prune" / "pruned.pt", weights_only=True)["keep"]
+    ev = [r for r in s["history"] if r.get("event") == "closed_loop"]
+    assert [e["met"] for e in ev] == [True, False] and ev[0]["overshoot"] and ev[-1]["reverted_to_round"] == 0
+    assert torch.equal(keep, calls[0]) and not torch.equal(calls[1], calls[0])
+    assert s["meets_budget"] and s["budget"] == pytest.approx(ev[-1]["budget"])
+
+
 def test_repeat_profile_fits_the_removed_layer_term_on_plain_layer_sums(tmp_path):
     """A second profile reuses the table's points (and, before the fix, its calibration): the
     calibration's layer sums must not include the previous removed-layer term."""
