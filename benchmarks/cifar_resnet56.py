@@ -6,7 +6,8 @@ recipe ``cifar10_resnet56_2x`` with ``prune.target.speedup`` replaced) the scrip
 :func:`smcp_core.compare.compare` into ``OUT/<t>x`` with the methods
 
 * ``smcp``: the recipe as it is (soft masks, Taylor importance, latency knapsack with layer
-  pruning, ``target_margin`` 0.3 because the table predicts block-removal structures too fast);
+  pruning, ``target_margin`` 0.1 and ``closed_loop`` 2: the end of the ramp measures the slimmed
+  model and re-solves when it misses the target or lands far below the aim);
 * ``uniform``: the same kept fraction in every prunable group, found by bisection against the
   table (``target_margin`` 0.05: the table's calibration is accurate for uniform structures);
 * ``none`` (first target only): the unpruned model fine-tuned for the same epochs, with the same

@@ -88,7 +88,7 @@ def test_cifar_recipe_uses_shared_data_default_and_env():
     assert r.data.val_source == "cifar10"
     assert r.data.val_path == "../shared/data/cifar10/cifar10_exact_subset.npz"
     assert r.prune.layer_pruning and r.prune.channel_round == 16 and r.prune.min_channels == 16
-    assert r.prune.target_margin == 0.3
+    assert r.prune.target_margin == 0.1 and r.prune.closed_loop == 2
     assert r.prune.optimizer.lr == 0.005 and r.prune.optimizer.weight_decay == 1e-4
     assert r.export_batch_size() == 1
     r = load("cifar10_resnet56_2x", env={"SMCP_SHARED_DATA": "/data"})
