@@ -356,7 +356,7 @@ def prune_train(
                     budget = target_cost
                     masker.set_keep(bkeep)
                     masked_any[0] = not bool(bkeep.all())
-                    bn_scaler.update(bkeep, tracker.scores())
+                    bn_scaler.update(bkeep, D.all_reduce_mean_(tracker.scores().detach().clone()))  # as do_update
                     tracker.reset()
                     row.update(reverted_to_round=brnd, scale=cost.scale, removed_layer_ms=cost.removed_cost,
                                budget=budget)
