@@ -275,6 +275,16 @@ def prune_train(
 
     masked_any = [not bool(masker.keep().all())]  # something is masked (checkpoint or mask update)
 
+    def apply_keep(keep: torch.Tensor, scores: torch.Tensor) -> None:
+        """Install a keep-mask chosen from the (all-reduced) ``scores``: masks, SFP's zeroed filters,
+        BN rescaling, and a new importance window."""
+        masker.set_keep(keep)
+        masked_any[0] = not bool(keep.all())
+        if method.soft_filter:  # SFP's final selection: producers' filters zeroed too, then masked
+            M.zero_filters_(masker, keep)
+        bn_scaler.update(keep, scores)
+        tracker.reset()
+
     def do_update(progress: float, epoch: int) -> dict:
         budget = budget_at(progress, full, target_cost, pc.schedule)
         t0 = time.perf_counter()
@@ -285,12 +295,7 @@ def prune_train(
             res = M.allocate(alloc, method, scores, budget, masker.keep().cpu())
         keep = D.broadcast_(res.keep.to(device=scores.device, dtype=torch.uint8)).cpu().bool()
         dt = time.perf_counter() - t0
-        masker.set_keep(keep)
-        masked_any[0] = not bool(keep.all())
-        if method.soft_filter:  # SFP's final selection: producers' filters zeroed too, then masked
-            M.zero_filters_(masker, keep)
-        bn_scaler.update(keep, scores)
-        tracker.reset()
+        apply_keep(keep, scores)
         row = {"event": "mask_update", "epoch": epoch, "progress": round(progress, 4), "budget": budget,
                "cost": res.cost, "predicted": cost.calibrated(res.cost),
                "kept_classes": int(res.keep.sum()), "solve_ms": 1000 * dt}
@@ -354,10 +359,7 @@ def prune_train(
                 if not met and best is not None:  # a correction made it worse: back to what was measured good
                     _, brnd, bkeep, (cost.scale, cost.removed_cost), target_cost = best
                     budget = target_cost
-                    masker.set_keep(bkeep)
-                    masked_any[0] = not bool(bkeep.all())
-                    bn_scaler.update(bkeep, D.all_reduce_mean_(tracker.scores().detach().clone()))  # as do_update
-                    tracker.reset()
+                    apply_keep(bkeep, D.all_reduce_mean_(tracker.scores().detach().clone()))
                     row.update(reverted_to_round=brnd, scale=cost.scale, removed_layer_ms=cost.removed_cost,
                                budget=budget)
                     rep.log(f"closed loop: {measured:.4g} ms misses the target {chk.target_ms:.4g} ms; restored "
