@@ -25,8 +25,9 @@ evaluated on the 10,000 JPEG-75 test images and on the 1,017 exact-pixel test im
     python benchmarks/cifar_resnet56.py --methods smcp,none   # leave out the uniform runs
 
 A compare directory whose runs are up to date is re-used (nothing is re-trained): re-running only
-re-times and re-evaluates.  Results: ``OUT/NAME.json`` and ``.md`` (``--name``, default ``cifar_resnet56``) (default OUT
-``runs/bench_r56``), and with ``--publish`` a copy in ``benchmarks/results/``.
+re-times and re-evaluates.  Results: ``OUT/NAME.json`` and ``.md`` (OUT from ``--out``, default
+``runs/bench_r56``; NAME from ``--name``, default ``cifar_resnet56``), and with ``--publish`` a copy in
+``benchmarks/results/``.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ def report(
         res = make_report(run_dir, out, html_report=html)
         if not quiet:
             console.print(f"[green]report[/green] {escape(str(res['files']['markdown']))}"
-                          + (f" and {res['files']['html']}" if "html" in res["files"] else ""))
+                          + (f" and {escape(str(res['files']['html']))}" if "html" in res["files"] else ""))
             for k in ("channels", "training", "latency"):
                 if k in res["files"]:
                     console.print(f"  {k:<9} {escape(str(res['files'][k]))}")
