@@ -76,6 +76,11 @@ class RichReporter:
         if not self.quiet:
             console.print(f"[dim]·[/dim] {escape(msg)}")
 
+    def heading(self, title: str) -> None:
+        """A bold line that opens a stage (CLI-side; core messages go through :meth:`log`)."""
+        if not self.quiet:
+            console.print(f"[dim]·[/dim] [bold]{escape(title)}[/bold]")
+
     def progress(self, task: str, done: int, total: int, info: str = "") -> None:
         if self._progress is None:
             return

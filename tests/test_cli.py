@@ -209,6 +209,7 @@ def test_e2e_run(e2e):
     # 2 = the measured speed-up gate failed: CPU timing on a shared machine is too noisy to require a pass
     assert proc.returncode in (0, 2), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+    assert "[bold]" not in proc.stderr and "[/" not in proc.stderr  # stage headings styled, not printed as markup
     docs = json_docs(proc.stdout)
     doc = docs[0]
     if proc.returncode == 0:

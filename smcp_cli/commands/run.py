@@ -36,7 +36,7 @@ def run(
                         rep.log(f"{stage}: up to date, skipped")
                         results["stages"][stage] = "skipped"
                         continue
-                    rep.log(f"[bold]{stage}[/bold]")
+                    rep.heading(stage)
                     if stage == "profile":
                         res = pipeline.profile(r, o, reporter=rep)
                         rep.log(f"baseline {res['baseline_ms']:.3f} ms; table {res['path']}")
