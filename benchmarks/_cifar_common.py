@@ -1,6 +1,6 @@
 """Shared pieces of the CIFAR-10 reproduction scripts (``cifar_resnet18.py``, ``l1_sfp_cifar.py``,
 ``efficientnet_cifar.py``): every run goes through the same code a user runs (recipes with
-overrides, :func:`smcp_core.pipeline.prune`, :func:`smcp_core.compare.compare`), and every model
+overrides, :func:`smcp_core.stages.pruning.prune`, :func:`smcp_core.analysis.compare.compare`), and every model
 is evaluated on the two CIFAR-10 test sets of ``../shared/data``.
 
 The base recipe is the built-in ``cifar10_resnet56_2x`` (CIFAR-10 JPEG-75 training images, a fixed
@@ -20,12 +20,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from smcp_core import pipeline  # noqa: E402
-from smcp_core.compare import compare  # noqa: E402
+from smcp_core import stages  # noqa: E402
+from smcp_core.analysis.compare import compare  # noqa: E402
+from smcp_core.config.recipe import load_recipe  # noqa: E402
 from smcp_core.data import make_loader  # noqa: E402
-from smcp_core.fsutil import atomic_write_json, atomic_write_text  # noqa: E402
-from smcp_core.recipe import load_recipe  # noqa: E402
-from smcp_core.train import Reporter, evaluate  # noqa: E402
+from smcp_core.events import Reporter  # noqa: E402
+from smcp_core.prune.trainer import evaluate  # noqa: E402
+from smcp_core.utils.fsutil import atomic_write_json, atomic_write_text  # noqa: E402
 
 BASE = "cifar10_resnet56_2x"
 
@@ -42,7 +43,7 @@ def eval_sets(overrides: list[str]) -> dict:
     sets = {}
     for name, path in (("jpeg_test", shared / "cifar10_jpeg.npz"), ("exact_test", shared / "cifar10_exact_subset.npz")):
         r = load_recipe(BASE, overrides + [f"data.val_path={path}", "data.val_subset=null"])
-        bundle = pipeline.build_data(r)
+        bundle = stages.build_data(r)
         sets[name] = (len(bundle.val), make_loader(bundle.val, batch_size=256, shuffle=False, seed=0))
     return sets
 
@@ -58,21 +59,22 @@ def train_dense(overrides: list[str], out: Path, rep: Reporter) -> tuple[Path, d
     # method none prunes nothing whatever the target; a FLOPs target needs no latency table
     r = load_recipe(BASE, overrides + ["prune.method=none", "prune.target.flops_ratio=0.999"])
     out.mkdir(parents=True, exist_ok=True)
-    if pipeline.up_to_date(r, out, "prune"):
+    if stages.up_to_date(r, out, "prune"):
         rep.log(f"dense: {out} up to date, re-used")
-        from smcp_core.fsutil import read_json
+        from smcp_core.utils.fsutil import read_json
 
         summary = read_json(out / "prune" / "summary.json", "prune summary")
     else:
         rep.log(f"dense: training -> {out}")
-        pipeline.write_resolved(r, out)
+        stages.write_resolved(r, out)
         # an interrupted run continues from its last epoch
-        summary = pipeline.prune(r, out, reporter=rep, resume=(out / "prune" / "checkpoint.pt").exists())
+        summary = stages.prune(r, out, reporter=rep, resume=(out / "prune" / "checkpoint.pt").exists()).to_dict()
     return out / "prune" / "pruned.pt", summary
 
 
 def compare_rows(overrides: list[str], methods: list[str], cdir: Path, sets: dict, rep: Reporter,
-                 method_overrides: dict[str, list[str]] | None = None, label: dict | None = None) -> tuple[dict, list[dict]]:
+                 method_overrides: dict[str, list[str]] | None = None,
+                 label: dict | None = None) -> tuple[dict, list[dict]]:
     """:func:`compare` + top-1 of every slim model on both test sets; returns (compare result, rows)."""
     mo = method_overrides or {}
     res = compare(BASE, overrides, methods, cdir, reporter=rep, method_overrides=mo)
@@ -84,9 +86,10 @@ def compare_rows(overrides: list[str], methods: list[str], cdir: Path, sets: dic
             rr = load_recipe(BASE, overrides + [f"prune.method={r['method']}"] + list(mo.get(r["method"], [])))
             row.update({
                 "speedup": r["speedup"], "latency_ms": r["latency_ms"], "dense_ms": res["dense"]["latency_ms"],
-                "flops_ratio": r["flops_ratio"], "params_ratio": r["params_ratio"], "train_seconds": r.get("train_seconds"),
+                "flops_ratio": r["flops_ratio"], "params_ratio": r["params_ratio"],
+                "train_seconds": r.get("train_seconds"),
                 "kept_widths": r.get("kept_widths"),
-                "top1": top1s(pipeline.load_slim(rr, Path(r["dir"])), sets),
+                "top1": top1s(stages.load_slim(rr, Path(r["dir"])), sets),
             })
         rows.append(row)
     return res, rows
@@ -123,7 +126,7 @@ def from_scratch_then_prune(model: list[str], dense: list[str], prune: list[str]
     ckpt, dsum = train_dense(common + dense, out / "dense", rep)
     sets = eval_sets(common)
     r_dense = load_recipe(BASE, common + [f"model.checkpoint={ckpt}"])
-    dense_top1 = top1s(pipeline.build_model(r_dense), sets)
+    dense_top1 = top1s(stages.build_model(r_dense), sets)
     base = common + prune + [f"model.checkpoint={ckpt}"]
     rows, none_row = [], None
     for i, t in enumerate(targets):
@@ -160,7 +163,8 @@ def targets_markdown(title: str, intro: str, res: dict) -> str:
              "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     n = res.get("none")
     if n and not n.get("error"):
-        lines.append(f"| - | none (fine-tuned) | same schedule | 1.00 | 1.00 | {n['speedup']:.2f}x | {fmt_top1(n['top1'])} | - |")
+        lines.append(f"| - | none (fine-tuned) | same schedule | 1.00 | 1.00 | {n['speedup']:.2f}x | "
+                     f"{fmt_top1(n['top1'])} | - |")
     for r in res["rows"]:
         if r.get("error"):
             lines.append(f"| {r['flops_target']:g} | {r['method']} | {r['variant']} | failed: {r['error']} | | | | | |")

@@ -4,17 +4,17 @@ For torchvision MobileNetV2 and EfficientNet-B0 (224x224, batch 1, random weight
 depend on them) and each width fraction ``f`` in ``--fracs``:
 
 * **uniform**: every prunable channel group keeps ``round(f * size)`` channels
-  (``smcp_core.pipeline._uniform_keep``, the variants ``smcp profile`` calibrates with);
-* **guided**: the SMCP allocator (``smcp_core.pruner.Allocator``: per-group options on the channel
+  (``smcp_core.stages.measure._uniform_keep``, the variants ``smcp profile`` calibrates with);
+* **guided**: the SMCP allocator (``smcp_core.prune.allocator.Allocator``: per-group options on the channel
   grid, exact multiple-choice knapsack) with a latency cost model from an onnxruntime latency table
-  measured here by ``smcp_core.cost.measure_table``, and importance ``--importance`` (``ones``: every
+  measured here by ``smcp_core.profile.measure.measure_table``, and importance ``--importance`` (``ones``: every
   channel worth the same, so it keeps as many channels as the latency budget allows; ``weight``:
   L1 norm of the weights reading each channel).  The latency budget is bisected to the smallest one
   whose solution keeps at least the uniform model's FLOPs (MACs), so *guided* has >= the FLOPs of
   *uniform* and any latency gain is not bought with fewer FLOPs.
 
 Both slim models (and the dense model) are exported to ONNX and timed **interleaved** in one loop
-(``smcp_core.bench.time_interleaved``: A, B, C, A, B, C, ... until the medians settle), one
+(``smcp_core.profile.timing.time_interleaved``: A, B, C, A, B, C, ... until the medians settle), one
 onnxruntime session each, ``--threads`` intra-op threads, spinning off.  The script prints a table
 per model and writes every number plus the machine description to ``--out``
 (default ``benchmarks/results/arch_latency_cpu.json``).
@@ -43,15 +43,18 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from smcp_core.bench import environment_report, ort_runner, ort_session, time_interleaved  # noqa: E402
-from smcp_core.cost import LatencyTable, measure_table  # noqa: E402
 from smcp_core.errors import InfeasibleTarget  # noqa: E402
-from smcp_core.export import export_onnx  # noqa: E402
-from smcp_core.graph import ChannelGraph  # noqa: E402
+from smcp_core.export.onnx import export_onnx  # noqa: E402
+from smcp_core.graph.channel_graph import ChannelGraph  # noqa: E402
 from smcp_core.models import build_model  # noqa: E402
-from smcp_core.pipeline import _uniform_keep  # noqa: E402
-from smcp_core.pruner import Allocator, CostModel, PruneConfigLite  # noqa: E402
-from smcp_core.slim import count_params, slim_model  # noqa: E402
+from smcp_core.profile.cost_model import CostModel  # noqa: E402
+from smcp_core.profile.fingerprint import environment_report  # noqa: E402
+from smcp_core.profile.measure import measure_table  # noqa: E402
+from smcp_core.profile.table import LatencyTable  # noqa: E402
+from smcp_core.profile.timing import ort_runner, ort_session, time_interleaved  # noqa: E402
+from smcp_core.prune.allocator import Allocator  # noqa: E402
+from smcp_core.slim.surgery import count_params, slim_model  # noqa: E402
+from smcp_core.stages.measure import _uniform_keep  # noqa: E402
 
 MODELS = ["mobilenet_v2", "efficientnet_b0"]
 
@@ -64,10 +67,10 @@ def weight_importance(model: torch.nn.Module, graph: ChannelGraph) -> torch.Tens
     """Per class: sum over the layers reading it of the L1 norm of the weights reading it."""
     mods = dict(model.named_modules())
     s = torch.zeros(graph.n_classes, dtype=torch.float64)
-    for l in graph.consumers:
-        w = mods[l.name].weight.detach().abs().to(torch.float64)
+    for layer in graph.consumers:
+        w = mods[layer.name].weight.detach().abs().to(torch.float64)
         per_in = w.sum(dim=[d for d in range(w.dim()) if d != 1])
-        s.index_add_(0, l.in_labels, per_in)
+        s.index_add_(0, layer.in_labels, per_in)
     return s
 
 
@@ -121,7 +124,7 @@ def get_table(name: str, graph: ChannelGraph, args, table_dir: Path | None) -> L
             log(f"  [{name}] table {done}/{total} points ({now - t0:.0f} s)")
 
     table = measure_table(
-        [l.sig for l in graph.layers], backend="onnxruntime", batch_size=1, threads=args.threads,
+        [layer.sig for layer in graph.layers], backend="onnxruntime", batch_size=1, threads=args.threads,
         channel_step=args.channel_step, warmup=args.table_warmup, min_runs=args.table_runs,
         max_runs=max(args.table_runs, 3 * args.table_runs), point_max_seconds=args.point_seconds,
         max_seconds=args.table_seconds, existing=existing, progress=progress,
@@ -142,7 +145,7 @@ def run_model(name: str, args, workdir: Path, table_dir: Path | None) -> dict:
         f"({sum(g.prunable for g in graph.groups)} prunable); measuring the latency table")
     table = get_table(name, graph, args, table_dir)
     cost = CostModel(graph, "latency", table)
-    alloc = Allocator(graph, cost, PruneConfigLite(channel_round=args.channel_round, min_channels=args.min_channels))
+    alloc = Allocator(graph, cost, channel_round=args.channel_round, min_channels=args.min_channels)
     if args.importance == "ones":
         scores = torch.ones(graph.n_classes, dtype=torch.float64)
     else:
@@ -191,7 +194,8 @@ def run_model(name: str, args, workdir: Path, table_dir: Path | None) -> dict:
             "table_ratio_guided_over_uniform": g["table_layer_sum_ms"] / u["table_layer_sum_ms"],
         })
     return {"model": f"torchvision/{name}", "input_shape": [1, 3, size, size], "variants": info,
-            "comparisons": comparisons, "table_meta": {k: table.meta.get(k) for k in ("channel_step", "threads", "measure")}}
+            "comparisons": comparisons,
+            "table_meta": {k: table.meta.get(k) for k in ("channel_step", "threads", "measure")}}
 
 
 def print_report(res: dict) -> None:
@@ -200,7 +204,8 @@ def print_report(res: dict) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for v, d in res["variants"].items():
         lat = d["latency"]
-        print(f"| {v} | {d['macs'] / 1e6:.1f} | {d['params']:,} | {d['table_layer_sum_ms']:.3f} | {lat['median_ms']:.3f} | "
+        print(f"| {v} | {d['macs'] / 1e6:.1f} | {d['params']:,} | {d['table_layer_sum_ms']:.3f} | "
+              f"{lat['median_ms']:.3f} | "
               f"{lat['p10_ms']:.3f} | {lat['p90_ms']:.3f} | {lat['n']}{'' if lat['stable'] else '*'} | "
               f"{d['speedup_vs_dense']:.2f}x |")
     print("\n(* the timing loop stopped before the medians settled)" if any(
@@ -208,13 +213,15 @@ def print_report(res: dict) -> None:
     print("| width fraction | guided/uniform MACs | guided/uniform latency (median) | (p10) | (table) |")
     print("|---|---|---|---|---|")
     for c in res["comparisons"]:
-        print(f"| {c['frac']:g} | {c['macs_ratio_guided_over_uniform']:.3f} | {c['latency_ratio_guided_over_uniform']:.3f} | "
+        print(f"| {c['frac']:g} | {c['macs_ratio_guided_over_uniform']:.3f} | "
+              f"{c['latency_ratio_guided_over_uniform']:.3f} | "
               f"{c['p10_ratio_guided_over_uniform']:.3f} | {c['table_ratio_guided_over_uniform']:.3f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="coarse table (channel step 32, 3 runs/point), one fraction, short timing")
+    p.add_argument("--quick", action="store_true",
+                   help="coarse table (channel step 32, 3 runs/point), one fraction, short timing")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated torchvision model names")
     p.add_argument("--fracs", default=None, help="width fractions of the uniform cuts (default 0.5,0.75; quick: 0.5)")
     p.add_argument("--importance", choices=["ones", "weight"], default="ones")

@@ -22,7 +22,6 @@ extra variants that remove every other removable residual block).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
 import sys
@@ -34,16 +33,18 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from smcp_core import pipeline  # noqa: E402
-from smcp_core.bench import environment_report  # noqa: E402
-from smcp_core.cost import LatencyTable  # noqa: E402
-from smcp_core.fsutil import atomic_write_json, load_torch  # noqa: E402
-from smcp_core.pruner import CostModel  # noqa: E402
-from smcp_core.recipe import load_recipe  # noqa: E402
+from smcp_core import stages  # noqa: E402
+from smcp_core.config.recipe import load_recipe  # noqa: E402
+from smcp_core.profile import calibration as profile_calibration  # noqa: E402
+from smcp_core.profile.cost_model import CostModel  # noqa: E402
+from smcp_core.profile.fingerprint import environment_report  # noqa: E402
+from smcp_core.profile.table import LatencyTable  # noqa: E402
+from smcp_core.stages import measure  # noqa: E402
+from smcp_core.utils.fsutil import atomic_write_json, load_torch  # noqa: E402
 
 
 def random_keep(graph, rng: random.Random) -> torch.Tensor:
-    keep = pipeline._uniform_keep(graph, rng.uniform(0.4, 1.0))
+    keep = measure._uniform_keep(graph, rng.uniform(0.4, 1.0))
     removable = [g for g in graph.groups if g.prunable and g.removable and g.n_frozen == 0]
     for g in rng.sample(removable, k=rng.randint(1, max(1, len(removable) * 2 // 3))) if removable else []:
         keep[g.classes] = False
@@ -66,17 +67,17 @@ def main() -> None:
     try:
         if a.table:
             shutil.copyfile(a.table, work / "latency.json")
-        info = pipeline.profile(recipe, work)
+        info = stages.profile(recipe, work).to_dict()
         table = LatencyTable.load(work / "latency.json")
-        model = pipeline.build_model(recipe, load_weights=False)
-        graph = pipeline.build_graph(recipe, model)
+        model = stages.build_model(recipe, load_weights=False)
+        graph = stages.build_graph(recipe, model)
         cost = CostModel(graph, "latency", table)
         plain = CostModel(graph, "latency", table)
         plain.removed_cost = 0.0
         cal = table.model["calibration"]
         # the old calibration: proportional, fitted on the baseline and the uniformly thinned models
-        old_scale, _ = pipeline.fit_calibration([(p["layer_sum_ms"], 0, p["measured_ms"]) for p in cal["points"]
-                                                 if not p.get("removed_layers")])
+        old_scale, _ = profile_calibration.fit_calibration([(p["layer_sum_ms"], 0, p["measured_ms"])
+                                                            for p in cal["points"] if not p.get("removed_layers")])
         keeps = {}
         for run in a.runs:
             ck = load_torch(run / "prune" / "pruned.pt", "pruned checkpoint", "", keys=("keep",))
@@ -84,9 +85,9 @@ def main() -> None:
         rng = random.Random(a.seed)
         for i in range(a.random):
             keeps[f"random{i}"] = random_keep(graph, rng)
-        models = {"dense": model, **{name: pipeline.slim_structure(recipe, graph, keep) for name, keep in keeps.items()}}
+        models = {"dense": model, **{name: stages.slim_structure(recipe, graph, keep) for name, keep in keeps.items()}}
         prof = recipe.profile
-        st = pipeline.measure_lowest(models, recipe, workdir=work / "t", repeats=2, min_runs=max(30, prof.min_runs),
+        st = stages.measure_lowest(models, recipe, workdir=work / "t", repeats=2, min_runs=max(30, prof.min_runs),
                                      max_seconds=90.0)["stats"]
         med = {k: st[k]["median_ms"] for k in models}
         base_ms = float(table.model["measured_ms"])
@@ -108,8 +109,10 @@ def main() -> None:
                                                  batch_size=prof.batch_size)}
         atomic_write_json(a.out, res)
         print(f"calibration: scale {cal['scale']:.3f}, {cal.get('removed_layer_ms', 0):.4f} ms per removed layer "
-              f"(old: proportional {old_scale:.3f}); dense {base_ms:.3f} ms (table) / {med['dense']:.3f} ms (this loop)")
-        print("| structure | removed layers | measured ms | predicted, old calibration | predicted, with removed-layer term |")
+              f"(old: proportional {old_scale:.3f}); dense {base_ms:.3f} ms (table) / "
+              f"{med['dense']:.3f} ms (this loop)")
+        print("| structure | removed layers | measured ms | predicted, old calibration "
+              "| predicted, with removed-layer term |")
         print("|---|---:|---:|---:|---:|")
         for r in rows:
             print(f"| {r['structure']} | {r['removed_layers']} | {r['measured_ms']:.3f} | {r['predicted_old_ms']:.3f} "

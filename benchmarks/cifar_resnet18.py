@@ -13,7 +13,7 @@ the rest frozen):
 * the ablation ``no_warmup``: smcp at the middle target with no warm-up epoch (masks from the first
   step; the epoch goes to the frozen cooldown, so the total stays the same).
 
-Every target is one :func:`smcp_core.compare.compare`, so speed-ups are measured (dense and slim
+Every target is one :func:`smcp_core.analysis.compare.compare`, so speed-ups are measured (dense and slim
 models timed interleaved on onnxruntime CPU at batch 1).  FLOPs targets need no latency table (a
 ResNet-18 table takes long to profile on a 2-core CPU); the recipes with ``prune.target.speedup``
 work the same way.  Top-1 on the 10k JPEG-75 test images and the 1017 exact test images.
@@ -27,7 +27,13 @@ hundreds of epochs on the full training set, so absolute accuracies are far lowe
 
 from __future__ import annotations
 
-from _cifar_common import from_scratch_then_prune, publish, scratch_args, scratch_schedules, targets_markdown
+from _cifar_common import (
+    from_scratch_then_prune,
+    publish,
+    scratch_args,
+    scratch_schedules,
+    targets_markdown,
+)
 
 
 def main() -> None:

@@ -3,7 +3,7 @@ model fine-tuned the same way and a uniform width cut.
 
 For every target speed-up in ``--targets`` (default 1.5, 2, 3; onnxruntime CPU, batch 1, the
 recipe ``cifar10_resnet56_2x`` with ``prune.target.speedup`` replaced) the script runs
-:func:`smcp_core.compare.compare` into ``OUT/<t>x`` with the methods
+:func:`smcp_core.analysis.compare.compare` into ``OUT/<t>x`` with the methods
 
 * ``smcp``: the recipe as it is (soft masks, Taylor importance, latency knapsack with layer
   pruning, ``target_margin`` 0.1 and ``closed_loop`` 2: the end of the ramp measures the slimmed
@@ -38,10 +38,10 @@ from pathlib import Path
 
 from _cifar_common import Log, eval_sets, top1s
 
-from smcp_core import pipeline
-from smcp_core.compare import compare
-from smcp_core.fsutil import atomic_write_json, atomic_write_text
-from smcp_core.recipe import load_recipe
+from smcp_core import stages
+from smcp_core.analysis.compare import compare
+from smcp_core.config.recipe import load_recipe
+from smcp_core.utils.fsutil import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "cifar10_resnet56_2x"
@@ -59,7 +59,7 @@ def run(targets: list[float], out: Path, overrides: list[str], methods: list[str
     sets = eval_sets(overrides)
     rows = []
     t_all = time.perf_counter()
-    dense_top1 = top1s(pipeline.build_model(base), sets)
+    dense_top1 = top1s(stages.build_model(base), sets)
     none_row = None
     for i, t in enumerate(targets):
         todo = [m for m in methods if m != "none"] + (["none"] if i == 0 and "none" in methods else [])
@@ -72,7 +72,7 @@ def run(targets: list[float], out: Path, overrides: list[str], methods: list[str
             if "error" not in r:
                 rr = load_recipe(RECIPE, overrides + [f"prune.target.speedup={t}", f"prune.method={r['method']}"]
                                  + (UNIFORM_SETS if r["method"] == "uniform" else []))
-                model = pipeline.load_slim(rr, Path(r["dir"]))
+                model = stages.load_slim(rr, Path(r["dir"]))
                 row.update({
                     "latency_ms": r["latency_ms"], "dense_ms": res["dense"]["latency_ms"], "speedup": r["speedup"],
                     "predicted_ms": r.get("predicted_ms"), "flops_ratio": r["flops_ratio"],
@@ -99,7 +99,7 @@ def run(targets: list[float], out: Path, overrides: list[str], methods: list[str
 def markdown(res: dict) -> str:
     p = res["pretrained_top1"]
     lines = [
-        f"# Pretrained CIFAR-10 ResNet-56: SMCP vs uniform width vs the unpruned model fine-tuned the same way",
+        "# Pretrained CIFAR-10 ResNet-56: SMCP vs uniform width vs the unpruned model fine-tuned the same way",
         "",
         f"Recipe `{res['recipe']}` {' '.join('--set ' + o for o in res['overrides'])}; latency measured on "
         f"{res['backend']} (batch {res['batch_size']}), every model of a target timed interleaved with the "
@@ -107,12 +107,14 @@ def markdown(res: dict) -> str:
         f"{res['eval_images']['exact_test']} exact test images. Pretrained, not fine-tuned: "
         f"{p['jpeg_test']:.2f}% / {p['exact_test']:.2f}%.",
         "",
-        "| target | method | measured speed-up | latency ms (dense) | FLOPs | params | top-1 JPEG test | top-1 exact | drop vs fine-tuned unpruned (JPEG / exact) |",
+        "| target | method | measured speed-up | latency ms (dense) | FLOPs | params | top-1 JPEG test | top-1 exact "
+        "| drop vs fine-tuned unpruned (JPEG / exact) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     n = res.get("none")
     if n and n.get("top1"):
-        lines.append(f"| - | none (unpruned, fine-tuned) | {n['speedup']:.2f}x | {n['latency_ms']:.3f} ({n['dense_ms']:.3f}) "
+        lines.append(f"| - | none (unpruned, fine-tuned) | {n['speedup']:.2f}x | "
+                     f"{n['latency_ms']:.3f} ({n['dense_ms']:.3f}) "
                      f"| 1.00 | 1.00 | {n['top1']['jpeg_test']:.2f}% | {n['top1']['exact_test']:.2f}% | - |")
     for r in res["rows"]:
         if r.get("error"):
@@ -120,7 +122,8 @@ def markdown(res: dict) -> str:
             continue
         d = r.get("drop_vs_none")
         dd = f"{d['jpeg_test']:+.2f} / {d['exact_test']:+.2f}" if d else "n/a"
-        lines.append(f"| {r['target']:g}x | {r['method']} | {r['speedup']:.2f}x | {r['latency_ms']:.3f} ({r['dense_ms']:.3f}) "
+        lines.append(f"| {r['target']:g}x | {r['method']} | {r['speedup']:.2f}x | "
+                     f"{r['latency_ms']:.3f} ({r['dense_ms']:.3f}) "
                      f"| {r['flops_ratio']:.2f} | {r['params_ratio']:.2f} | {r['top1']['jpeg_test']:.2f}% "
                      f"| {r['top1']['exact_test']:.2f}% | {dd} |")
     return "\n".join(lines) + "\n"

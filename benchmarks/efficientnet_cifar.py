@@ -14,7 +14,7 @@ trained checkpoint, at every kept-FLOPs target of ``--targets`` (default 0.5):
 * ``uniform``: the same kept fraction in every group (bisection against the FLOPs budget);
 * ``none`` (first target): the trained model fine-tuned for the same epochs.
 
-Each target is one :func:`smcp_core.compare.compare` (dense and slim models timed interleaved on
+Each target is one :func:`smcp_core.analysis.compare.compare` (dense and slim models timed interleaved on
 onnxruntime CPU at batch 1); top-1 on the 10k JPEG-75 test images and the 1017 exact test images.
 Shortened to fit a 2-core CPU: a fixed 10k-image JPEG-75 training subset per epoch,
 ``--dense-epochs`` (default 10) and ``--epochs`` (default 6) of fine-tuning.
@@ -27,7 +27,13 @@ trained weights for a meaningful accuracy comparison.
 
 from __future__ import annotations
 
-from _cifar_common import from_scratch_then_prune, publish, scratch_args, scratch_schedules, targets_markdown
+from _cifar_common import (
+    from_scratch_then_prune,
+    publish,
+    scratch_args,
+    scratch_schedules,
+    targets_markdown,
+)
 
 
 def main() -> None:
@@ -39,7 +45,8 @@ def main() -> None:
     res = from_scratch_then_prune(model, dense, prune, a.target_list,
                                   ["smcp", "uniform"], a.out, a.sets)
     res.update({"benchmark": "efficientnet_cifar", "dense_epochs": a.dense_epochs, "epochs": e})
-    intro = (f"torchvision `efficientnet_b0` trained on CIFAR-10 (32x32) from scratch for {a.dense_epochs} epochs of 10k "
+    intro = (f"torchvision `efficientnet_b0` trained on CIFAR-10 (32x32) from scratch for {a.dense_epochs} "
+             "epochs of 10k "
              f"JPEG-75 training images, then pruned and fine-tuned for {e} epochs (1 warm-up, {ramp} ramp, "
              f"{e - 1 - ramp} frozen); channel grid 8. Speed-ups measured on onnxruntime CPU at batch 1, timed "
              "interleaved with the dense model.")

@@ -1,4 +1,4 @@
-"""Benchmark of :func:`smcp_core.knapsack.solve_mckp` on ResNet-50-like pruning instances.
+"""Benchmark of :func:`smcp_core.prune.knapsack.solve_mckp` on ResNet-50-like pruning instances.
 
 Each prunable channel group of a ResNet-50 (the stem, the two inner convs of every bottleneck and
 the four residual streams) gets one option per width in steps of 8 channels.  The value of keeping
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from smcp_core.knapsack import solve_mckp  # noqa: E402
+from smcp_core.prune.knapsack import solve_mckp  # noqa: E402
 
 STEP = 8
 

@@ -17,7 +17,7 @@ and differ only in which filters they keep and how they get there:
 Shortened to fit a 2-core CPU: ``--epochs`` (default 6) epochs of a fixed 10k-image subset of the
 JPEG-75 training set, SGD lr 0.005 cosine (the base recipe's), versus 160-200 epochs on the full
 training set in the papers; absolute numbers are therefore not comparable to the papers', only the
-ordering at equal width.  Each P is one :func:`smcp_core.compare.compare` (latency of the dense and
+ordering at equal width.  Each P is one :func:`smcp_core.analysis.compare.compare` (latency of the dense and
 both slim models timed interleaved on onnxruntime CPU, batch 1); top-1 on the 10k JPEG-75 test images
 and the 1017 exact test images.
 
@@ -30,19 +30,29 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _cifar_common import BASE, Log, compare_rows, eval_sets, fmt_top1, now, publish, top1s
+from _cifar_common import (
+    BASE,
+    Log,
+    compare_rows,
+    eval_sets,
+    fmt_top1,
+    now,
+    publish,
+    top1s,
+)
 
-from smcp_core import pipeline
-from smcp_core.recipe import load_recipe
+from smcp_core import stages
+from smcp_core.config.recipe import load_recipe
+from smcp_core.stages import measure
 
 
 def uniform_flops_ratio(overrides: list[str], pruned: float) -> float:
     """FLOPs fraction of the structure with ``round((1 - pruned) * width)`` channels kept in every group."""
     r = load_recipe(BASE, overrides)
-    model = pipeline.build_model(r)
-    graph = pipeline.build_graph(r, model)
+    model = stages.build_model(r)
+    graph = stages.build_graph(r, model)
     full, _ = graph.flops_params()
-    kept, _ = graph.flops_params(pipeline._uniform_keep(graph, 1.0 - pruned))
+    kept, _ = graph.flops_params(measure._uniform_keep(graph, 1.0 - pruned))
     return kept / full
 
 
@@ -50,14 +60,14 @@ def run(ratios: list[float], epochs: int, out: Path, extra: list[str]) -> dict:
     rep = Log()
     shared = Path(load_recipe(BASE, []).data.val_path).parents[1]
     half = epochs // 2
-    common = [f"model.source=cifar/resnet20", f"model.checkpoint={shared / 'models' / 'resnet20-12fca82f.th'}",
+    common = ["model.source=cifar/resnet20", f"model.checkpoint={shared / 'models' / 'resnet20-12fca82f.th'}",
               f"prune.epochs={epochs}", "prune.warmup_epochs=0", f"prune.ramp_epochs={half}",
               f"prune.cooldown_epochs={epochs - half}", "prune.target_margin=0", "prune.channel_round=1",
               "prune.min_channels=1", "prune.layer_pruning=false", *extra]
     per = {"l1": ["prune.ramp_epochs=0", f"prune.cooldown_epochs={epochs}"]}
     sets = eval_sets(common)
     t0 = now()
-    pretrained = top1s(pipeline.build_model(load_recipe(BASE, common)), sets)
+    pretrained = top1s(stages.build_model(load_recipe(BASE, common)), sets)
     rows, none_row = [], None
     for i, p in enumerate(ratios):
         fr = uniform_flops_ratio(common, p)
@@ -94,17 +104,20 @@ def markdown(res: dict) -> str:
         f"each ratio's models timed interleaved with the dense model. Top-1: {res['eval_images']['jpeg_test']} JPEG-75 "
         f"test images | {res['eval_images']['exact_test']} exact test images. Pretrained: {fmt_top1(p)}.",
         "",
-        "| filters pruned | method | kept widths (stage 1/2/3 blocks, residual stream) | FLOPs | params | measured speed-up | top-1 JPEG | top-1 exact |",
+        "| filters pruned | method | kept widths (stage 1/2/3 blocks, residual stream) | FLOPs | params "
+        "| measured speed-up | top-1 JPEG | top-1 exact |",
         "|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     n = res.get("none")
     if n and not n.get("error"):
-        lines.append(f"| 0 % | none (fine-tuned) | {widths(n)} | 1.00 | 1.00 | {n['speedup']:.2f}x | {fmt_top1(n['top1'])} |")
+        lines.append(f"| 0 % | none (fine-tuned) | {widths(n)} | 1.00 | 1.00 | {n['speedup']:.2f}x | "
+                     f"{fmt_top1(n['top1'])} |")
     for r in res["rows"]:
         if r.get("error"):
             lines.append(f"| {r['pruned_filters']:.0%} | {r['method']} | failed: {r['error']} | | | | | |")
             continue
-        lines.append(f"| {r['pruned_filters']:.0%} | {r['method']} | {widths(r)} | {r['flops_ratio']:.3f} | {r['params_ratio']:.3f} "
+        lines.append(f"| {r['pruned_filters']:.0%} | {r['method']} | {widths(r)} | {r['flops_ratio']:.3f} | "
+                     f"{r['params_ratio']:.3f} "
                      f"| {r['speedup']:.2f}x | {fmt_top1(r['top1'])} |")
     return "\n".join(lines) + "\n"
 

@@ -5,10 +5,10 @@ same random batches, steps *interleaved* (plain, pruning, pruning, plain, ... wi
 every pair) so that slow phases of a noisy machine hit both alike:
 
 * plain step:   zero_grad, forward, cross-entropy, backward, SGD step (model without masks);
-* pruning step: the same on a copy with :class:`~smcp_core.masking.Masker` soft masks registered
+* pruning step: the same on a copy with :class:`~smcp_core.prune.masking.Masker` soft masks registered
   (a realistic partially pruned mask), plus ``ImportanceTracker.update()`` (Taylor, momentum) and
   ``Masker.apply_pruned_decay`` between backward and the SGD step -- the composition of
-  :func:`smcp_core.train.prune_train`.
+  :func:`smcp_core.prune.trainer.prune_train`.
 
 Every step is timed as a whole and per phase (CPU: ``time.perf_counter``; CUDA: CUDA events inside
 the step, ``torch.cuda.synchronize`` before and after it).  Pairs are added until ``--min-pairs``
@@ -24,7 +24,7 @@ it are given too: the overhead between the p10s, over "clean" pairs only (both s
 Part 2 -- mask updates.  ``Allocator.solve`` (options for every group + exact knapsack
 ``solve_mckp``, repeated while the re-linearised cost does not fit) on the real channel graphs of
 ResNet-50 (224x224) and CIFAR ResNet-56, with a FLOPs cost model and a latency cost model (a
-synthetic staircase :class:`~smcp_core.cost.LatencyTable` by default, or a small real onnxruntime
+synthetic staircase :class:`~smcp_core.profile.table.LatencyTable` by default, or a small real onnxruntime
 table with ``--latency-table measure``), random log-normal importances, budgets of 30/50/70% of the
 full cost, starting from the unpruned mask.  ``solve_mckp`` is timed per call by wrapping the name
 the allocator calls.  The update cost is amortised over the default update interval
@@ -49,29 +49,31 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import smcp_core.pruner as pruner_mod  # noqa: E402
+pass
 from smcp_core import __version__ as smcp_version  # noqa: E402
-from smcp_core.bench import device_fingerprint  # noqa: E402
-from smcp_core.cost import LatencyTable, channel_grid  # noqa: E402
 from smcp_core.errors import InfeasibleTarget  # noqa: E402
-from smcp_core.graph import ChannelGraph  # noqa: E402
-from smcp_core.importance import ImportanceTracker  # noqa: E402
-from smcp_core.knapsack import solve_mckp  # noqa: E402
-from smcp_core.masking import Masker  # noqa: E402
+from smcp_core.graph.channel_graph import ChannelGraph  # noqa: E402
 from smcp_core.models import build_model  # noqa: E402
-from smcp_core.pruner import Allocator, CostModel, PruneConfigLite  # noqa: E402
-from smcp_core.train import _param_groups  # noqa: E402  (the exact optimizer grouping of prune_train)
+from smcp_core.profile.cost_model import CostModel  # noqa: E402
+from smcp_core.profile.fingerprint import device_fingerprint  # noqa: E402
+from smcp_core.profile.table import LatencyTable, channel_grid  # noqa: E402
+from smcp_core.prune import allocator as allocator_mod  # noqa: E402
+from smcp_core.prune.allocator import Allocator  # noqa: E402
+from smcp_core.prune.importance import ImportanceTracker  # noqa: E402
+from smcp_core.prune.knapsack import solve_mckp  # noqa: E402
+from smcp_core.prune.masking import Masker  # noqa: E402
+from smcp_core.prune.trainer import _param_groups  # noqa: E402  (the exact optimizer grouping of prune_train)
 
 RAMP_STEP = 0.1  # "ramp" start: the previous mask is the solution at a budget this much higher
 DEFAULT_INTERVAL_SAMPLES = 10240  # recipe default prune.update_interval_samples
@@ -197,7 +199,7 @@ def train_step(model, opt, x, y, clock: StepClock, *, masker=None, tracker=None,
 def realistic_keep(graph: ChannelGraph, frac: float, seed: int) -> torch.Tensor:
     """A mid-pruning keep-mask: a FLOPs-budget solve at ``frac`` of the full cost, random importances."""
     cost = CostModel(graph, "flops")
-    alloc = Allocator(graph, cost, PruneConfigLite())
+    alloc = Allocator(graph, cost)
     g = torch.Generator().manual_seed(seed)
     scores = torch.randn(graph.n_classes, generator=g, dtype=torch.float64).exp()
     return alloc.solve(scores, frac * alloc.full_cost, graph.full_keep()).keep
@@ -374,8 +376,8 @@ def synthetic_table(graph: ChannelGraph, step: int = 8, gmacs_per_s: float = 50.
         return np.ceil(c / m) * m
 
     by_key: dict[str, list] = {}
-    for l in graph.layers:
-        by_key.setdefault(l.sig.key(), []).append(l.sig)
+    for layer in graph.layers:
+        by_key.setdefault(layer.sig.key(), []).append(layer.sig)
     entries = {}
     for key, sigs in by_key.items():
         rep = sigs[0]
@@ -399,9 +401,10 @@ def synthetic_table(graph: ChannelGraph, step: int = 8, gmacs_per_s: float = 50.
 
 
 def measured_table(graph: ChannelGraph, args, log) -> LatencyTable | None:
-    from smcp_core.cost import TableBudgetExceeded, measure_table
+    from smcp_core.profile.measure import measure_table
+    from smcp_core.profile.table import TableBudgetExceeded
 
-    sigs = [l.sig for l in graph.layers]
+    sigs = [layer.sig for layer in graph.layers]
     t0 = time.perf_counter()
     last = [0.0]
 
@@ -411,8 +414,8 @@ def measured_table(graph: ChannelGraph, args, log) -> LatencyTable | None:
             log(f"  measuring table: {done}/{total} points ({time.perf_counter() - t0:.0f} s)")
 
     try:
-        table = measure_table(sigs, backend="onnxruntime", channel_step=args.table_step, threads=torch.get_num_threads(),
-                              warmup=1, min_runs=3, max_runs=3, point_max_seconds=2.0,
+        table = measure_table(sigs, backend="onnxruntime", channel_step=args.table_step,
+                              threads=torch.get_num_threads(), warmup=1, min_runs=3, max_runs=3, point_max_seconds=2.0,
                               max_seconds=args.table_seconds, progress=progress)
     except TableBudgetExceeded as exc:
         log(f"  measured table did not finish within {args.table_seconds:g} s ({exc.done}/{exc.total} points): "
@@ -424,9 +427,9 @@ def measured_table(graph: ChannelGraph, args, log) -> LatencyTable | None:
 
 @contextlib.contextmanager
 def knapsack_timer():
-    """Time every solve_mckp call the allocator makes (wraps the name pruner.py looks up)."""
+    """Time every solve_mckp call the allocator makes (wraps the name prune/allocator.py looks up)."""
     calls: list[float] = []
-    orig = pruner_mod.solve_mckp
+    orig = allocator_mod.solve_mckp
 
     def timed(*a, **k):
         t0 = time.perf_counter()
@@ -435,16 +438,17 @@ def knapsack_timer():
         finally:
             calls.append((time.perf_counter() - t0) * 1e3)
 
-    pruner_mod.solve_mckp = timed
+    allocator_mod.solve_mckp = timed
     try:
         yield calls
     finally:
-        pruner_mod.solve_mckp = orig
+        allocator_mod.solve_mckp = orig
 
 
 def bench_solve(label: str, graph: ChannelGraph, cost: CostModel, args, log) -> list[dict]:
     t0 = time.perf_counter()
-    alloc = Allocator(graph, cost, PruneConfigLite(args.channel_round, args.min_channels, False))
+    alloc = Allocator(graph, cost, channel_round=args.channel_round, min_channels=args.min_channels,
+                      layer_pruning=False)
     setup_ms = (time.perf_counter() - t0) * 1e3
     full = alloc.full_cost
     n_opts = sum(len(alloc.grid(g)) for g in graph.groups)
@@ -461,7 +465,8 @@ def bench_solve(label: str, graph: ChannelGraph, cost: CostModel, args, log) -> 
     rows = []
     for start, frac in [(s, f) for s in args.solve_starts for f in args.budgets]:
         budget = frac * full
-        whole, kn_calls, kn_per_solve, n_calls, iters, opt_ms, kn_alone, ratio, other = [], [], [], [], [], [], [], [], []
+        whole, kn_calls, kn_per_solve, n_calls, iters, opt_ms, kn_alone, ratio, other = (
+            [], [], [], [], [], [], [], [], [])
         status = "ok"
         for r in range(args.solve_repeats):
             g = torch.Generator().manual_seed(args.seed * 1000 + r)
@@ -501,13 +506,15 @@ def bench_solve(label: str, graph: ChannelGraph, cost: CostModel, args, log) -> 
             "warmup_solve_ms": first_ms,
             "solve_ms": summary(whole), "knapsack_per_call_ms": summary(kn_calls),
             "knapsack_per_solve_ms": summary(kn_per_solve), "knapsack_first_instance_ms": summary(kn_alone),
-            "options_ms": summary(opt_ms), "non_knapsack_per_solve_ms": summary(other), "knapsack_calls_per_solve": summary([float(c) for c in n_calls]),
+            "options_ms": summary(opt_ms), "non_knapsack_per_solve_ms": summary(other),
+            "knapsack_calls_per_solve": summary([float(c) for c in n_calls]),
             "iterations": summary([float(i) for i in iters]), "achieved_cost_frac": summary(ratio),
         }
         rows.append(row)
         if status == "ok":
             log(f"  [{label} {cost.kind} {int(frac * 100)}% from {start}] solve {row['solve_ms']['median']:.1f} ms, "
-                f"knapsack {row['knapsack_per_call_ms']['median']:.2f} ms/call x {row['knapsack_calls_per_solve']['median']:.0f}, "
+                f"knapsack {row['knapsack_per_call_ms']['median']:.2f} ms/call x "
+                f"{row['knapsack_calls_per_solve']['median']:.0f}, "
                 f"options {row['options_ms']['median']:.1f} ms")
         else:
             log(f"  [{label} {cost.kind} {int(frac * 100)}% from {start}] {status}")
@@ -535,11 +542,13 @@ def machine_info(device: torch.device) -> dict:
     except Exception:  # noqa: BLE001
         pass
     if device.type == "cuda":
-        info.update({k: fp.get(k) for k in ("gpu_name", "gpu_capability", "gpu_memory_gb", "cuda_version", "cudnn_version")})
+        info.update({k: fp.get(k)
+                     for k in ("gpu_name", "gpu_capability", "gpu_memory_gb", "cuda_version", "cudnn_version")})
     import hashlib
 
     srcs = {}
-    for f in ("pruner.py", "knapsack.py", "masking.py", "importance.py", "cost.py", "graph.py", "train.py"):
+    for f in ("prune/allocator.py", "prune/knapsack.py", "prune/masking.py", "prune/importance.py", "profile/table.py",
+              "profile/cost_model.py", "graph/channel_graph.py", "prune/trainer.py"):
         pth = REPO / "smcp_core" / f
         try:
             srcs[f] = {"sha256": hashlib.sha256(pth.read_bytes()).hexdigest()[:16],
@@ -595,8 +604,8 @@ def render(report: dict) -> str:
         out += ["", f"Clean pairs: both steps at most {tr[0]['robust']['clean_factor']:g}x the fastest step of "
                 "their kind. CPU time: process CPU time of the step (all threads)."]
         out += ["", "### Pruning-step breakdown (ms, median (p10-p90) over the interleaved steps)", "",
-                "| model | phase | plain | pruning | pruning - plain (medians) | clean pairs: plain | clean pairs: pruning "
-                "| clean pairs: difference |", "|---|---|---|---|---|---|---|---|"]
+                "| model | phase | plain | pruning | pruning - plain (medians) | clean pairs: plain "
+                "| clean pairs: pruning | clean pairs: difference |", "|---|---|---|---|---|---|---|---|"]
 
         def dmed(a, b):
             return (b["median"] - (a["median"] if a.get("n") else 0.0)) if b.get("n") else None
@@ -619,7 +628,7 @@ def render(report: dict) -> str:
         for r in tr:
             iso, mp = r["isolated_ms"], r["plain_ms"]["median"]
 
-            def pc(s):
+            def pc(s, mp=mp):
                 return f"{_mpp(s, 2)} = {s['median'] / mp * 100:.2f}%"
             out.append(f"| {r['label']} | {r['masked_weights'] / 1e6:.2f} M | {pc(iso['importance_update'])} | "
                        f"{pc(iso['pruned_decay'])} | {pc(iso['mask_weights_forward'])} | "
@@ -629,8 +638,10 @@ def render(report: dict) -> str:
     if sv:
         out += ["", "### Mask update: Allocator.solve, random log-normal importances "
                 f"(channel_round {report['config']['channel_round']}, min_channels {report['config']['min_channels']}; "
-                f"{report['config']['solve_repeats']} solves per row, ms: median (p10-p90); start: full = from the unpruned mask, "
-                f"ramp = from the solution at budget + {RAMP_STEP:g}; achieved cost = actual cost of the result / full cost)", "",
+                f"{report['config']['solve_repeats']} solves per row, ms: median (p10-p90); "
+                "start: full = from the unpruned mask, "
+                f"ramp = from the solution at budget + {RAMP_STEP:g}; "
+                "achieved cost = actual cost of the result / full cost)", "",
                 "| graph | cost model | budget | start | groups / options | whole solve | max | knapsack per call | "
                 "knapsack calls | knapsack per solve | rest of solve | one options() call | achieved cost |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -640,12 +651,15 @@ def render(report: dict) -> str:
                            f"{r['groups']} / {r['options']} | {r['status']} | | | | | | | |")
                 continue
             out.append(f"| {r['graph']} | {r['cost']} | {int(r['budget_frac'] * 100)}% | {r['start']} | "
-                       f"{r['groups']} / {r['options']} | {_mpp(r['solve_ms'])} | {_f(r['solve_ms']['max'])} | {_mpp(r['knapsack_per_call_ms'], 2)} | "
+                       f"{r['groups']} / {r['options']} | {_mpp(r['solve_ms'])} | {_f(r['solve_ms']['max'])} | "
+                       f"{_mpp(r['knapsack_per_call_ms'], 2)} | "
                        f"{_f(r['knapsack_calls_per_solve']['median'], 0)} | {_mpp(r['knapsack_per_solve_ms'], 2)} | "
-                       f"{_mpp(r['non_knapsack_per_solve_ms'])} | {_mpp(r['options_ms'])} | {r['achieved_cost_frac']['median'] * 100:.1f}% |")
+                       f"{_mpp(r['non_knapsack_per_solve_ms'])} | {_mpp(r['options_ms'])} | "
+                       f"{r['achieved_cost_frac']['median'] * 100:.1f}% |")
     am = report["amortised"]
     if am:
-        out += ["", f"### Amortised mask update (one update every {report['config']['update_interval_samples']} samples "
+        out += ["", "### Amortised mask update "
+                f"(one update every {report['config']['update_interval_samples']} samples "
                 "unless noted; slowest solve median over cost models and budgets, "
                 f"channel_round {report['config']['channel_round']})", "",
                 "| model | batch | steps per update | solve (worst median) | amortised per step | % of plain step | "
@@ -684,10 +698,12 @@ def parse_args(argv=None):
     ap.add_argument("--max-pairs", type=int, default=200, help="measured pairs at most")
     ap.add_argument("--seconds-per-model", type=float, default=None,
                     help="keep adding pairs until this much measuring time (default 100; quick: 30)")
-    ap.add_argument("--micro-repeats", type=int, default=None, help="isolated bookkeeping timings (default 20; quick 5)")
+    ap.add_argument("--micro-repeats", type=int, default=None,
+                    help="isolated bookkeeping timings (default 20; quick 5)")
     ap.add_argument("--clean-factor", type=float, default=1.3,
                     help="a pair is 'clean' when both steps took at most this x the fastest step of their kind")
-    ap.add_argument("--mask-keep", type=float, default=0.7, help="FLOPs fraction of the mask used during training steps")
+    ap.add_argument("--mask-keep", type=float, default=0.7,
+                    help="FLOPs fraction of the mask used during training steps")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--weight-decay", type=float, default=5e-5)
     ap.add_argument("--pruned-decay", type=float, default=2e-4)
@@ -696,7 +712,9 @@ def parse_args(argv=None):
     ap.add_argument("--solve-starts", default=None,
                     help="comma list: full (solve from the unpruned mask) and/or ramp (from the solution at "
                          f"budget + {RAMP_STEP:g})")
-    ap.add_argument("--solve-repeats", type=int, default=None, help="timed solves per (graph, cost, budget), after one warm-up solve per cost model (default 3; quick 1)")
+    ap.add_argument("--solve-repeats", type=int, default=None,
+                    help="timed solves per (graph, cost, budget), after one warm-up solve per cost model "
+                         "(default 3; quick 1)")
     ap.add_argument("--channel-round", type=int, default=8, help="option grid (recipe default 8; rn50_fps2x uses 32)")
     ap.add_argument("--min-channels", type=int, default=8)
     ap.add_argument("--latency-table", choices=("synthetic", "measure", "none"), default="synthetic",
@@ -752,13 +770,15 @@ def main(argv=None) -> int:
     log(f"{machine['cpu_model']}, torch {machine['torch']}, {machine['torch_threads']} threads, device {device}")
 
     specs = {
-        "r56": {"label": "cifar/resnet56", "source": "cifar/resnet56", "classes": 10, "batch": args.r56_batch, "size": 32},
+        "r56": {"label": "cifar/resnet56", "source": "cifar/resnet56", "classes": 10,
+                "batch": args.r56_batch, "size": 32},
         "rn50": {"label": "torchvision/resnet50", "source": "torchvision/resnet50", "classes": 1000,
                  "batch": args.rn50_batch, "size": args.rn50_size},
     }
     training = []
     for key in args.models:
-        spec = dict(specs[key], warmup=args.warmup_pairs, min_pairs=args.min_pairs, max_pairs=max(args.max_pairs, args.min_pairs),
+        spec = dict(specs[key], warmup=args.warmup_pairs, min_pairs=args.min_pairs,
+                    max_pairs=max(args.max_pairs, args.min_pairs),
                     seconds=args.seconds_per_model, micro=args.micro_repeats)
         training.append(bench_training(spec, args, device, clock, log))
 
@@ -836,7 +856,8 @@ def main(argv=None) -> int:
             "target": f"pruning overhead < 10% of a training step ({tr['label']}, batch {tr['batch']}, {dev_name})",
             "measured": f"{tot:+.2f}% by medians (CI90 up to {hi + am_pct:+.2f}%); clean pairs "
                         f"{_pc(rb['overhead_pct_clean'] + am_pct)}, CPU time {_pc(rb['overhead_pct_cpu'] + am_pct)}, "
-                        f"p10s {_pc(rb['overhead_pct_p10'] + am_pct)}" + (" (each + amortised mask update)" if am else ""),
+                        f"p10s {_pc(rb['overhead_pct_p10'] + am_pct)}"
+                        + (" (each + amortised mask update)" if am else ""),
             "verdict": verdict})
     kn = [r for r in solve_rows if r["status"] == "ok"]
     if kn:
@@ -849,7 +870,8 @@ def main(argv=None) -> int:
                         "verdict": "met" if m < 50 else "not met"})
 
     report = {
-        "command": "python " + " ".join([os.path.relpath(__file__, Path.cwd())] + (argv if argv is not None else sys.argv[1:])),
+        "command": "python " + " ".join([os.path.relpath(__file__, Path.cwd())]
+                                        + (argv if argv is not None else sys.argv[1:])),
         "machine": machine,
         "config": {k: v for k, v in vars(args).items()} | {"latency_tables": table_kind,
                                                            "recipe_rn50_batch": RECIPE_RN50_BATCH},

@@ -2,7 +2,7 @@
 
 Unstructured pruning, so this measures accuracy against the number of weights kept -- and shows
 that a dense runtime gets no faster from the zeros (CPU latency of the dense and the sparse model,
-timed interleaved in this process with :func:`smcp_core.bench.time_interleaved`).
+timed interleaved in this process with :func:`smcp_core.profile.timing.time_interleaved`).
 
 Methods (every run of one dataset/model starts from the same seeded initialisation and sees the
 training batches in the same order):
@@ -53,10 +53,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from smcp_core.bench import environment_report, time_interleaved, torch_runner  # noqa: E402
 from smcp_core.data.idx import DEBIAN_FASHION_MNIST, load_mnist_like  # noqa: E402
 from smcp_core.models.lenet import lenet5_caffe, lenet_300_100  # noqa: E402
-from smcp_core.unstructured import (  # noqa: E402
+from smcp_core.profile.fingerprint import environment_report  # noqa: E402
+from smcp_core.profile.timing import time_interleaved, torch_runner  # noqa: E402
+from smcp_core.prune.unstructured import (
     apply_masks,
     magnitude_masks,
     remove_masks,
@@ -206,7 +207,7 @@ def run(args) -> dict:
             torch.manual_seed(args.seed)
             init_state = copy.deepcopy(factory().state_dict())
 
-            def fresh():
+            def fresh(factory=factory, init_state=init_state):
                 m = factory()
                 m.load_state_dict(init_state)
                 return m
@@ -260,7 +261,7 @@ def run(args) -> dict:
         },
         "latency_setup": {
             "what": "median forward latency at batch 1, dense vs sparse (masks baked in) model, "
-            "timed interleaved in one process (smcp_core.bench.time_interleaved), torch eager, float32",
+            "timed interleaved in one process (smcp_core.profile.timing.time_interleaved), torch eager, float32",
             "threads": args.threads,
             "max_seconds_per_pair": args.latency_seconds,
         },

@@ -6,14 +6,21 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 # logs and progress go to stderr; stdout carries only the --json document
 console = Console(stderr=True, highlight=False)
@@ -28,7 +35,7 @@ EXIT_OK, EXIT_INPUT, EXIT_GATE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 def load(recipe: Optional[str], sets: Optional[list[str]], extra: list[str] | None = None):
-    from smcp_core.recipe import load_recipe
+    from smcp_core.config.recipe import load_recipe
 
     return load_recipe(recipe, list(sets or []) + list(extra or []))
 
@@ -43,7 +50,7 @@ def locked(o: Path, command: str, *, create: bool = True):
     import contextlib
     import os
 
-    from smcp_core.fsutil import run_lock
+    from smcp_core.utils.fsutil import run_lock
 
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 writes (and locks)
         o.mkdir(parents=True, exist_ok=True)
@@ -52,14 +59,14 @@ def locked(o: Path, command: str, *, create: bool = True):
 
 
 class RichReporter:
-    """smcp_core.train.Reporter implemented with rich."""
+    """smcp_core.events.Reporter implemented with rich."""
 
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
         self._progress: Progress | None = None
         self._tasks: dict[str, Any] = {}
 
-    def __enter__(self) -> "RichReporter":
+    def __enter__(self) -> RichReporter:
         if not self.quiet:
             self._progress = Progress(
                 TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(),

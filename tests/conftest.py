@@ -8,10 +8,9 @@ that need it are skipped with a clear reason when it is absent (it is never part
 from __future__ import annotations
 
 import io
-from contextlib import redirect_stderr, redirect_stdout
-
 import os
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run the tests against this checkout even when not installed
     sys.path.insert(0, str(REPO_ROOT))
 
-from smcp_core.recipe import load_recipe  # noqa: E402
-from smcp_core.train import Reporter  # noqa: E402
+from smcp_core.config.recipe import load_recipe  # noqa: E402
+from smcp_core.events import Reporter  # noqa: E402
 
 
 def shared_data_dir() -> Path:

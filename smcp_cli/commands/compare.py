@@ -8,13 +8,24 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from smcp_cli.common import JsonOpt, QuietOpt, RecipeOpt, RichReporter, SetOpt, console, emit, guarded, load, locked
+from smcp_cli.common import (
+    JsonOpt,
+    QuietOpt,
+    RecipeOpt,
+    RichReporter,
+    SetOpt,
+    console,
+    emit,
+    guarded,
+    load,
+    locked,
+)
 
 
 def print_compare(res: dict) -> None:
     from rich.table import Table
 
-    from smcp_core.compare import HEADERS, table_rows
+    from smcp_core.analysis.compare import HEADERS, table_rows
 
     t = res["target"]
     table = Table(title=f"smcp compare — {res['recipe']}: target {t['kind']}={t['value']}; "
@@ -43,18 +54,18 @@ def compare(
     set_for: Optional[list[str]] = typer.Option(None, "--set-for", metavar="METHOD[,METHOD]:KEY=VALUE",
                                                 help="A recipe override for some methods only (repeatable), "
                                                      "e.g. uniform,l1:prune.target_margin=0.05."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: runs/<recipe name>/compare)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="Output directory (default: runs/<recipe name>/compare)."),
     force: bool = typer.Option(False, "--force", help="Re-profile and re-train every method even if up to date."),
-    force_table: bool = typer.Option(False, "--force-table", help="Use a latency table measured on another device/setting."),
+    force_table: bool = typer.Option(False, "--force-table",
+                                     help="Use a latency table measured on another device/setting."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Prune with every method (same target, fine-tuning and latency table), slim, and time the dense
     and all slim models interleaved; writes OUT/compare.json and OUT/compare.md."""
     with guarded(as_json):
-        from smcp_core.compare import parse_methods
-
-        from smcp_core.compare import parse_method_sets
+        from smcp_core.analysis.compare import parse_method_sets, parse_methods
 
         ms = parse_methods(methods)
         per = parse_method_sets(set_for, ms)
@@ -63,7 +74,7 @@ def compare(
             load(recipe, list(set_ or []) + [f"prune.method={m}"] + extra)
         o = Path(out) if out else Path("runs") / r.name / "compare"
         with locked(o, "compare"):
-            from smcp_core.compare import compare as run_compare
+            from smcp_core.analysis.compare import compare as run_compare
 
             with RichReporter(quiet) as rep:
                 res = run_compare(recipe, list(set_ or []), ms, o, reporter=rep, force=force, force_table=force_table,

@@ -8,14 +8,27 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from smcp_cli.common import (JsonOpt, OutOpt, QuietOpt, RecipeOpt, RichReporter, SetOpt, console, emit,
-                             guarded, load, locked, out_dir)
+from smcp_cli.common import (
+    JsonOpt,
+    OutOpt,
+    QuietOpt,
+    RecipeOpt,
+    RichReporter,
+    SetOpt,
+    console,
+    emit,
+    guarded,
+    load,
+    locked,
+    out_dir,
+)
 
 
 def print_report(rep: dict) -> None:
     from rich.table import Table
 
-    t = Table(title=f"smcp export — {rep['backend']} / {rep['device']}, batch {rep['batch_size']}", title_justify="left")
+    t = Table(title=f"smcp export — {rep['backend']} / {rep['device']}, batch {rep['batch_size']}",
+              title_justify="left")
     t.add_column("")
     t.add_column("baseline", justify="right")
     t.add_column("pruned", justify="right")
@@ -54,11 +67,12 @@ def export(
         r = load(recipe, set_)
         o = out_dir(r, out)
         with locked(o, "export", create=False):  # missing run dir: the stage says what is missing
-            from smcp_core import pipeline
+            from smcp_core import stages
 
             with RichReporter(quiet) as rep:
-                report = pipeline.export(r, o, reporter=rep, trt=trt)
+                result = stages.export(r, o, reporter=rep, trt=trt)
+            report = result.to_dict()
             if not quiet:
                 print_report(report)
             emit({"ok": report["passed"], **report}, as_json)
-            pipeline.gate(report)
+            stages.gate(result)

@@ -14,16 +14,17 @@ def inspect(
     target: Optional[str] = typer.Argument(None, help="A recipe (file or built-in name) or a model source "
                                            "(torchvision/resnet50, cifar/resnet56, mobilenet_v1, file.py:factory)."),
     set_: Optional[list[str]] = SetOpt,
-    input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W for a bare model source (default 3,224,224)."),
+    input_size: Optional[str] = typer.Option(None, "--input-size",
+                                             help="C,H,W for a bare model source (default 3,224,224)."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classes for a bare model source."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Show the channel groups of a model."""
     with guarded(as_json):
-        from smcp_core import pipeline
+        from smcp_core import stages
+        from smcp_core.config.recipe import builtin_recipe_names, load_recipe
         from smcp_core.errors import SmcpError
-        from smcp_core.recipe import builtin_recipe_names, load_recipe
 
         t = target or "quickstart"
         looks_recipe = t.endswith((".yaml", ".yml")) or t in builtin_recipe_names()
@@ -38,13 +39,14 @@ def inspect(
                     raise SmcpError(f"--input-size {input_size!r}: expected C,H,W such as 3,224,224") from None
                 extra.append(f"model.input_size=[{c},{h},{w}]")
             else:
-                extra.append("model.input_size=[3,224,224]" if not t.startswith("cifar/") else "model.input_size=[3,32,32]")
+                extra.append("model.input_size=[3,224,224]" if not t.startswith("cifar/")
+                             else "model.input_size=[3,32,32]")
             if num_classes is None:
                 num_classes = 10 if t.startswith("cifar/") else 1000
             extra.append(f"model.num_classes={num_classes}")  # 0 or less: the recipe check says why
             r = load_recipe("quickstart", extra + list(set_ or []))
-        model = pipeline.build_model(r, load_weights=False)
-        g = pipeline.build_graph(r, model)
+        model = stages.build_model(r, load_weights=False)
+        g = stages.build_graph(r, model)
         s = g.summary()
         s["model"] = r.model.source
         if as_json:

@@ -7,8 +7,20 @@ from typing import Optional
 
 import typer
 
-from smcp_cli.common import (JsonOpt, OutOpt, QuietOpt, RecipeOpt, RichReporter, SetOpt, console, emit,
-                             guarded, load, locked, out_dir)
+from smcp_cli.common import (
+    JsonOpt,
+    OutOpt,
+    QuietOpt,
+    RecipeOpt,
+    RichReporter,
+    SetOpt,
+    console,
+    emit,
+    guarded,
+    load,
+    locked,
+    out_dir,
+)
 
 
 def profile(
@@ -17,7 +29,8 @@ def profile(
     out: Optional[Path] = OutOpt,
     gpu: bool = typer.Option(False, "--gpu", help="Profile on CUDA (sets profile.device=cuda)."),
     device: Optional[str] = typer.Option(None, "--device", help="Overrides profile.device (cpu, cuda, cuda:N)."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="Overrides profile.backend (onnxruntime, torch, tensorrt)."),
+    backend: Optional[str] = typer.Option(None, "--backend",
+                                          help="Overrides profile.backend (onnxruntime, torch, tensorrt)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Overrides profile.batch_size."),
     force: bool = typer.Option(False, "--force", help="Re-measure every point instead of reusing the cached table."),
     budget_minutes: Optional[float] = typer.Option(
@@ -42,22 +55,24 @@ def profile(
         r = load(recipe, set_, extra)
         o = out_dir(r, out)
         with locked(o, "profile"):
-            from smcp_core import pipeline
+            from smcp_core import stages
 
-            pipeline.write_resolved(r, o)
+            stages.write_resolved(r, o)
             with RichReporter(quiet) as rep:
-                res = pipeline.profile(r, o, reporter=rep, force=force)
+                res = stages.profile(r, o, reporter=rep, force=force).to_dict()
             if not quiet:
                 console.print(
                     f"[green]latency table[/green] {res['path']}: {res['layers']} layer shapes, baseline "
-                    f"{res['baseline_ms']:.3f} ms on {r.profile.backend}/{r.profile.device} batch {r.profile.batch_size}; "
+                    f"{res['baseline_ms']:.3f} ms on {r.profile.backend}/{r.profile.device} "
+                    f"batch {r.profile.batch_size}; "
                     f"calibration: measured = {res['scale']:.3f} x (table + {res['removed_layer_ms']:.4f} ms per "
                     f"removed layer) + {res['offset_ms']:.3f} ms ({res['seconds']:.0f}s)"
                 )
                 if res.get("interpolated_points"):
-                    console.print(f"[yellow]{res['interpolated_points']} grid points interpolated[/yellow] (time budget "
-                                  "ran out after the coarse grid; the next profile measures them)")
+                    console.print(f"[yellow]{res['interpolated_points']} grid points interpolated[/yellow] "
+                                  "(time budget ran out after the coarse grid; the next profile measures them)")
                 for p in res["calibration"]:
                     err = 100 * (p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"]
-                    console.print(f"  {p['name']:<18} measured {p['measured_ms']:.3f} ms  predicted {p['predicted_ms']:.3f} ms ({err:+.1f}%)")
+                    console.print(f"  {p['name']:<18} measured {p['measured_ms']:.3f} ms  "
+                                  f"predicted {p['predicted_ms']:.3f} ms ({err:+.1f}%)")
             emit({"ok": True, **res}, as_json)

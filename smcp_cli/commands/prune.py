@@ -7,8 +7,20 @@ from typing import Optional
 
 import typer
 
-from smcp_cli.common import (JsonOpt, OutOpt, QuietOpt, RecipeOpt, RichReporter, SetOpt, console, emit,
-                             guarded, load, locked, out_dir)
+from smcp_cli.common import (
+    JsonOpt,
+    OutOpt,
+    QuietOpt,
+    RecipeOpt,
+    RichReporter,
+    SetOpt,
+    console,
+    emit,
+    guarded,
+    load,
+    locked,
+    out_dir,
+)
 
 
 def prune(
@@ -16,7 +28,8 @@ def prune(
     set_: Optional[list[str]] = SetOpt,
     out: Optional[Path] = OutOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/prune/checkpoint.pt."),
-    force_table: bool = typer.Option(False, "--force-table", help="Use a latency table measured on another device/setting."),
+    force_table: bool = typer.Option(False, "--force-table",
+                                     help="Use a latency table measured on another device/setting."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -25,17 +38,17 @@ def prune(
         r = load(recipe, set_)
         o = out_dir(r, out)
         with locked(o, "prune"):
-            from smcp_core import pipeline
-
             import os
+
+            from smcp_core import stages
 
             rank = int(os.environ.get("RANK", "0"))
             if rank > 0:  # torchrun: the other ranks train silently, rank 0 reports and writes
                 quiet = True
             else:
-                pipeline.write_resolved(r, o)
+                stages.write_resolved(r, o)
             with RichReporter(quiet) as rep:
-                s = pipeline.prune(r, o, reporter=rep, resume=resume, force_table=force_table)
+                s = stages.prune(r, o, reporter=rep, resume=resume, force_table=force_table).to_dict()
             if not quiet:
                 t = s["target"]
                 pred = (f"predicted {s['predicted_ms']:.3f} ms ({s['predicted_speedup']:.2f}x)"

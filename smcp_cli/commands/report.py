@@ -13,7 +13,8 @@ from smcp_cli.common import JsonOpt, QuietOpt, console, emit, guarded
 
 def report(
     run_dir: Path = typer.Argument(..., help="A run directory (the --out of smcp run/prune/export)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the report (default: RUN_DIR/report)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="Where to write the report (default: RUN_DIR/report)."),
     html: bool = typer.Option(True, "--html/--no-html", help="Also write report.html with the images inlined."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
@@ -21,7 +22,7 @@ def report(
     """Plot kept channels per layer, budget/predicted cost/top-1 over training and predicted vs
     measured latency; write report.md and report.html (needs matplotlib: the `report` extra of smcp)."""
     with guarded(as_json):
-        from smcp_core.report import make_report
+        from smcp_core.analysis.report import make_report
 
         res = make_report(run_dir, out, html_report=html)
         if not quiet:

@@ -7,9 +7,21 @@ from typing import Optional
 
 import typer
 
-from smcp_cli.common import (JsonOpt, OutOpt, QuietOpt, RecipeOpt, RichReporter, SetOpt, console, emit,
-                             guarded, load, locked, out_dir)
 from smcp_cli.commands.export import print_report
+from smcp_cli.common import (
+    JsonOpt,
+    OutOpt,
+    QuietOpt,
+    RecipeOpt,
+    RichReporter,
+    SetOpt,
+    console,
+    emit,
+    guarded,
+    load,
+    locked,
+    out_dir,
+)
 
 
 def run(
@@ -26,30 +38,24 @@ def run(
         r = load(recipe, set_)
         o = out_dir(r, out)
         with locked(o, "run"):
-            from smcp_core import pipeline
+            from smcp_core import stages
 
-            pipeline.write_resolved(r, o)
+            stages.write_resolved(r, o)
             results: dict = {"out": str(o), "stages": {}}
             with RichReporter(quiet) as rep:
-                for stage in pipeline.STAGES:
-                    if not force and pipeline.up_to_date(r, o, stage):
-                        rep.log(f"{stage}: up to date, skipped")
-                        results["stages"][stage] = "skipped"
+                options = {"trt": trt}
+                for stage in stages.PIPELINE:
+                    if not force and stages.up_to_date(r, o, stage.name):
+                        rep.log(f"{stage.name}: up to date, skipped")
+                        results["stages"][stage.name] = "skipped"
                         continue
-                    rep.heading(stage)
-                    if stage == "profile":
-                        res = pipeline.profile(r, o, reporter=rep)
-                        rep.log(f"baseline {res['baseline_ms']:.3f} ms; table {res['path']}")
-                    elif stage == "prune":
-                        res = pipeline.prune(r, o, reporter=rep)
-                        res = {k: v for k, v in res.items() if k not in ("history", "layers")}
-                    elif stage == "slim":
-                        res = pipeline.slim(r, o, reporter=rep)
-                    else:
-                        res = pipeline.export(r, o, reporter=rep, trt=trt)
-                    results["stages"][stage] = "done"
-                    results[stage] = res
-            from smcp_core.fsutil import read_json
+                    rep.heading(stage.name)
+                    res = stage.run(r, o, reporter=rep, **{k: options[k] for k in stage.options})
+                    if res.headline():
+                        rep.log(res.headline())
+                    results["stages"][stage.name] = "done"
+                    results[stage.name] = res.brief()
+            from smcp_core.utils.fsutil import read_json
 
             report = read_json(o / "export" / "report.json", "export report")
             if not quiet:
@@ -57,4 +63,4 @@ def run(
                 console.print(f"artifacts in {o}/ (report: {o / 'export' / 'report.json'})", markup=False)
             results["report"] = report
             emit({"ok": report["passed"], **results}, as_json)
-            pipeline.gate(report)
+            stages.gate(stages.ExportResult.from_dict(report))

@@ -5,8 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from smcp_cli.common import (JsonOpt, OutOpt, QuietOpt, RecipeOpt, RichReporter, SetOpt, console, emit,
-                             guarded, load, locked, out_dir)
+from smcp_cli.common import (
+    JsonOpt,
+    OutOpt,
+    QuietOpt,
+    RecipeOpt,
+    RichReporter,
+    SetOpt,
+    console,
+    emit,
+    guarded,
+    load,
+    locked,
+    out_dir,
+)
 
 
 def slim(
@@ -21,10 +33,10 @@ def slim(
         r = load(recipe, set_)
         o = out_dir(r, out)
         with locked(o, "slim", create=False):  # missing run dir: the stage says what is missing
-            from smcp_core import pipeline
+            from smcp_core import stages
 
             with RichReporter(quiet) as rep:
-                s = pipeline.slim(r, o, reporter=rep)
+                s = stages.slim(r, o, reporter=rep).to_dict()
             if not quiet:
                 console.print(
                     f"[green]slim[/green] {o / 'slim'}: params {s['params_full']:,} -> {s['params']:,}, "

@@ -62,6 +62,7 @@ from smcp_core.data.transforms import (
     imagenet_train_transform,
 )
 from smcp_core.errors import SmcpError
+from smcp_core.utils import dist as _dist
 
 __all__ = [
     "DataBundle",
@@ -209,7 +210,8 @@ def _cifar10(p: Path, image_size, train_subset, val_subset, seed, augment) -> Da
         te_y = arrays["test_y_all"][arrays["test_idx"]]
         for k in ("train_x", "test_x"):
             if arrays[k].ndim != 4 or arrays[k].shape[1:] != (32, 32, 3) or arrays[k].dtype != np.uint8:
-                raise SmcpError(f"data cifar10: {p} key {k} must be uint8 Nx32x32x3 (got {arrays[k].dtype} {arrays[k].shape})")
+                raise SmcpError(f"data cifar10: {p} key {k} must be uint8 Nx32x32x3 "
+                                f"(got {arrays[k].dtype} {arrays[k].shape})")
         train = UInt8HWCImages(arrays["train_x"], tr_y, _train_indices(len(tr_y), train_subset, seed), train_tf)
         val = UInt8HWCImages(arrays["test_x"], te_y, _val_indices(len(te_y), val_subset), val_tf)
         layout = "exact-subset npz"
@@ -244,7 +246,8 @@ def _imagefolder(p: Path, image_size, train_subset, val_subset, seed, augment) -
     for split in ("train", "val"):
         d = p / split
         if not d.is_dir():
-            raise SmcpError(f"data imagefolder: {d} not found; {p} must contain train/ and val/ with one sub-folder per class")
+            raise SmcpError(f"data imagefolder: {d} not found; {p} must contain train/ and val/ "
+                            "with one sub-folder per class")
         splits[split] = d
     classes = sorted(q.name for q in splits["train"].iterdir() if q.is_dir() and not q.name.startswith("."))
     if not classes:
@@ -284,7 +287,8 @@ def _imagenet_samples(p: Path, image_size, train_subset, val_subset, seed) -> Da
     if p.is_dir():
         q = p / "imagenet_samples_100.npz"
         if not q.is_file():
-            raise SmcpError(f"data {src}: {p} is a folder without imagenet_samples_100.npz; point data.path at the .npz")
+            raise SmcpError(f"data {src}: {p} is a folder without imagenet_samples_100.npz; "
+                            "point data.path at the .npz")
         p = q
     arrays = _load_npz(src, p)
     _need_keys(src, p, arrays, ("jpeg_bytes", "offsets", "labels"))
@@ -362,7 +366,8 @@ def build_data(
     elif source == "cifar10":
         bundle = _cifar10(_require_path(source, path, base_dir), image_size, train_subset, val_subset, seed, augment)
     elif source == "imagefolder":
-        bundle = _imagefolder(_require_path(source, path, base_dir), image_size, train_subset, val_subset, seed, augment)
+        bundle = _imagefolder(_require_path(source, path, base_dir), image_size, train_subset, val_subset, seed,
+                              augment)
     elif source == "imagenet_samples":
         bundle = _imagenet_samples(_require_path(source, path, base_dir), image_size, train_subset, val_subset, seed)
     else:
@@ -428,7 +433,6 @@ def make_loader(
         raise SmcpError(f"workers must be a non-negative integer (got {workers!r})")
     g = torch.Generator()
     g.manual_seed(int(seed))
-    from .. import dist as _dist
 
     if shard and _dist.active():
         from torch.utils.data.distributed import DistributedSampler

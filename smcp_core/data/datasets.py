@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from smcp_core.errors import SmcpError
 from smcp_core.data.transforms import hwc_uint8_to_tensor
+from smcp_core.errors import SmcpError
 
 
 class _Indexed(Dataset):

@@ -37,6 +37,7 @@ from smcp_core.errors import SmcpError
 from smcp_core.models.cifar_resnet import DEPTHS as _CIFAR_DEPTHS
 from smcp_core.models.cifar_resnet import CifarResNet, PadShortcut, cifar_resnet
 from smcp_core.models.mobilenet_v1 import MobileNetV1
+from smcp_core.utils.tv import import_torchvision
 
 __all__ = [
     "build_model",
@@ -53,7 +54,6 @@ _counter = itertools.count()
 
 
 def _torchvision_names() -> list[str]:
-    from smcp_core.tv import import_torchvision
 
     tv = import_torchvision()
     return sorted(tv.models.list_models(module=tv.models))
@@ -137,7 +137,6 @@ def build_model(
                 f"model {source}: unknown torchvision classification model '{name}'"
                 + (f"; {hint}" if hint else "; list_models() shows the valid names")
             )
-        from smcp_core.tv import import_torchvision
 
         tv = import_torchvision()
         if num_classes is not None:

@@ -1,0 +1,388 @@
+"""Latency measurement: one definition of "latency" per backend.
+
+Latency is always the **median** wall-clock time of one forward call, measured with
+:func:`time.perf_counter` after warm-up (and after ``sync()`` for asynchronous devices).  Two models
+are compared by :func:`time_interleaved` in one process, calls alternating A, B, A, B, ... so that
+slow phases of a noisy machine hit both alike.
+
+Runners (``torch_runner``, ``ort_runner``; ``smcp_core.export.tensorrt.trt_runner`` for TensorRT) turn a model and an
+input into a zero-argument callable that runs one forward pass; the timing functions only ever see
+such callables.
+
+torch, onnxruntime and friends are imported lazily inside functions: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from smcp_core.errors import SmcpError
+from smcp_core.utils.text import first_line
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Summary of the timed runs of one callable (milliseconds).
+
+    ``stable`` is False when the loop stopped on ``max_runs``/``max_seconds`` before the median had
+    settled to within ``rel_tol``.
+    """
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    min_ms: float
+    n: int
+    stable: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_samples(cls, samples_s: list[float], *, stable: bool = True) -> Stats:
+        """Build from raw per-call durations in **seconds**."""
+        if not samples_s:
+            raise ValueError("no samples")
+        ms = sorted(s * 1e3 for s in samples_s)
+        return cls(
+            median_ms=_percentile_sorted(ms, 50.0),
+            p10_ms=_percentile_sorted(ms, 10.0),
+            p90_ms=_percentile_sorted(ms, 90.0),
+            min_ms=ms[0],
+            n=len(ms),
+            stable=stable,
+        )
+
+
+def _percentile_sorted(xs: list[float], q: float) -> float:
+    """Linear-interpolation percentile (same as ``numpy.percentile`` default) of a sorted list."""
+    n = len(xs)
+    if n == 1:
+        return xs[0]
+    pos = (n - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, n - 1)
+    frac = pos - lo
+    return xs[lo] + (xs[hi] - xs[lo]) * frac
+
+
+def _median(xs: list[float]) -> float:
+    return _percentile_sorted(sorted(xs), 50.0)
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    warmup: int = 5,
+    min_runs: int = 20,
+    max_runs: int = 2000,
+    max_seconds: float = 60.0,
+    rel_tol: float = 0.02,
+    sync: Callable[[], object] | None = None,
+) -> dict[str, Stats]:
+    """Time several callables round-robin (A, B, A, B, ...) and return a :class:`Stats` per name.
+
+    * ``warmup`` untimed rounds first (also round-robin).
+    * Then at least ``min_runs`` timed rounds.  After that the loop continues in blocks of
+      ``max(1, min_runs // 2)`` rounds until, for **every** callable, the median of all its runs and
+      the median of its runs without the last block differ by less than ``rel_tol`` (relative), or
+      ``max_runs`` rounds were made, or ``max_seconds`` (wall clock, warm-up included) have passed.
+      ``max_seconds`` is a hard cap: it can stop the loop even before ``min_runs``; every callable
+      still gets at least one timed run.
+    * Each call is timed with :func:`time.perf_counter`; ``sync`` (e.g. ``torch.cuda.synchronize``)
+      is called before the clock starts and before it stops, so asynchronous work is included.
+    """
+    names = list(fns)
+    if not names:
+        return {}
+    if min_runs < 1 or max_runs < 1:
+        raise ValueError("min_runs and max_runs must be >= 1")
+    min_runs = min(min_runs, max_runs)
+    calls = [fns[k] for k in names]
+    clock = time.perf_counter
+    t_start = clock()
+    deadline = t_start + max_seconds
+
+    for _ in range(max(0, warmup)):
+        for fn in calls:
+            fn()
+        if sync is not None:
+            sync()
+        if clock() >= deadline:
+            break
+
+    samples: list[list[float]] = [[] for _ in names]
+
+    def one_round() -> None:
+        for i, fn in enumerate(calls):
+            if sync is not None:
+                sync()
+                t0 = clock()
+                fn()
+                sync()
+                t1 = clock()
+            else:
+                t0 = clock()
+                fn()
+                t1 = clock()
+            samples[i].append(t1 - t0)
+
+    block = max(1, min_runs // 2)
+    stable = False
+    rounds = 0
+    while True:
+        one_round()
+        rounds += 1
+        if rounds >= max_runs or clock() >= deadline:
+            break
+        if rounds >= min_runs and (rounds - min_runs) % block == 0:
+            # the last `block` rounds form the "last block" of the stability check
+            if rounds - block >= 1 and all(_is_stable(s, block, rel_tol) for s in samples):
+                stable = True
+                break
+    if not stable and rounds >= min_runs and rounds - block >= 1:
+        stable = all(_is_stable(s, block, rel_tol) for s in samples)
+    return {k: Stats.from_samples(s, stable=stable) for k, s in zip(names, samples)}
+
+
+def _is_stable(samples: list[float], block: int, rel_tol: float) -> bool:
+    m_all = _median(samples)
+    m_prev = _median(samples[:-block])
+    if m_prev <= 0.0:
+        return m_all == m_prev
+    return abs(m_all - m_prev) / m_prev < rel_tol
+
+
+def time_one(
+    fn: Callable[[], object],
+    *,
+    warmup: int = 5,
+    min_runs: int = 20,
+    max_runs: int = 2000,
+    max_seconds: float = 60.0,
+    rel_tol: float = 0.02,
+    sync: Callable[[], object] | None = None,
+) -> Stats:
+    """:func:`time_interleaved` for one callable."""
+    return time_interleaved(
+        {"fn": fn},
+        warmup=warmup,
+        min_runs=min_runs,
+        max_runs=max_runs,
+        max_seconds=max_seconds,
+        rel_tol=rel_tol,
+        sync=sync,
+    )["fn"]
+
+
+_DTYPE_ALIASES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+
+
+def canonical_dtype(dtype: Any) -> str:
+    """``"float32" | "float16" | "bfloat16"`` from a string alias or a ``torch.dtype``."""
+    name = str(dtype).replace("torch.", "").lower()
+    try:
+        return _DTYPE_ALIASES[name]
+    except KeyError:
+        raise SmcpError(
+            f"unsupported precision {dtype!r}: use float32 (fp32), float16 (fp16) or bfloat16 (bf16)"
+        ) from None
+
+
+def resolve_dtype(dtype: Any) -> torch.dtype:
+    """A ``torch.dtype`` from a string alias (``"fp16"``, ``"float32"``, ...) or a ``torch.dtype``."""
+    import torch
+
+    return getattr(torch, canonical_dtype(dtype))
+
+
+def torch_sync(device: Any) -> Callable[[], None] | None:
+    """The synchronisation function to pass as ``sync=`` for ``device`` (None on CPU)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return lambda: torch.cuda.synchronize(dev)
+    return None
+
+
+def torch_runner(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    *,
+    device: Any = "cpu",
+    dtype: Any = "float32",
+    channels_last: bool = False,
+) -> Callable[[], object]:
+    """A callable running ``model(x)`` once (eval mode, ``torch.inference_mode``).
+
+    The model and input are moved to ``device``/``dtype`` (and to channels-last memory format for
+    4-D inputs when asked) once, here.  On CUDA the call is asynchronous: time it with
+    ``sync=torch_sync(device)``.
+    """
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SmcpError(f"device {device!r} requested but torch sees no CUDA GPU")
+    tdtype = resolve_dtype(dtype)
+    model = model.eval().to(device=dev, dtype=tdtype)
+    x = x.to(device=dev, dtype=tdtype)
+    if channels_last and x.dim() == 4:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def run() -> object:
+        with torch.inference_mode():
+            return model(x)
+
+    return run
+
+
+_ORT_MISSING = (
+    "onnxruntime is not installed: pip install 'smcp[cpu]' "
+    "(or 'smcp[gpu]' for onnxruntime-gpu; never both)"
+)
+
+
+def _installed(dist: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.distribution(dist)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+_ORT_MODULE = None  # set once onnxruntime was imported and checked
+
+
+def ensure_onnxruntime():
+    """Import and return ``onnxruntime``, or raise :class:`SmcpError` saying how to install it.
+
+    Also refuses an environment holding both ``onnxruntime`` and ``onnxruntime-gpu``: the two
+    distributions install the same ``onnxruntime`` package and overwrite each other's files.
+    The result is cached for the process.
+    """
+    global _ORT_MODULE
+    if _ORT_MODULE is not None:
+        return _ORT_MODULE
+    if _installed("onnxruntime") and _installed("onnxruntime-gpu"):
+        raise SmcpError(
+            "both onnxruntime and onnxruntime-gpu are installed; they overwrite each other's files: "
+            "pip uninstall -y onnxruntime onnxruntime-gpu, then install exactly one "
+            "(pip install 'smcp[cpu]' or 'smcp[gpu]')"
+        )
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise SmcpError(_ORT_MISSING) from e
+    _ORT_MODULE = onnxruntime
+    return onnxruntime
+
+
+def ort_providers(device: Any = "cpu") -> list:
+    """Execution providers for a device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``)."""
+    dev = str(device)
+    if dev.startswith("cuda"):
+        idx = int(dev.split(":", 1)[1]) if ":" in dev else 0
+        return [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def ort_session(
+    onnx_path_or_bytes: str | os.PathLike | bytes,
+    *,
+    threads: int | None = None,
+    providers: list | None = None,
+    spinning: bool = False,
+):
+    """An ``onnxruntime.InferenceSession`` set up for timing.
+
+    All graph optimisations on; ``threads`` sets ``intra_op_num_threads`` (None: ORT default);
+    thread spinning off unless ``spinning=True`` (spinning ORT threads steal CPU from torch when the
+    two are timed side by side, and distort interleaved comparisons).  ``providers`` defaults to
+    CPU only.  A provider that is asked for but not available raises :class:`SmcpError`.
+    """
+    ort = ensure_onnxruntime()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    if threads is not None:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
+    available = set(ort.get_available_providers())
+    for p in providers:
+        name = p[0] if isinstance(p, tuple) else p
+        if name not in available:
+            raise SmcpError(
+                f"onnxruntime execution provider {name} is not available here "
+                f"(available: {', '.join(sorted(available))}); for CUDA install 'smcp[gpu]'"
+            )
+    model = onnx_path_or_bytes if isinstance(onnx_path_or_bytes, (bytes, bytearray)) else str(onnx_path_or_bytes)
+    if isinstance(model, str) and not os.path.exists(model):
+        raise SmcpError(f"ONNX model {model} does not exist")
+    try:
+        return ort.InferenceSession(model, sess_options=so, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types
+        where = "in-memory model" if isinstance(model, (bytes, bytearray)) else model
+        raise SmcpError(f"onnxruntime cannot load {where}: {first_line(e)}") from e
+
+
+def ort_runner(session, x_numpy, *, device: Any = "cpu") -> Callable[[], object]:
+    """A callable running ``session`` once on ``x_numpy`` (bound to the session's first input).
+
+    On CPU this is ``session.run``.  For ``device="cuda[:i]"`` the input is copied to the GPU once and
+    inputs/outputs are bound there with IO binding, so host<->device copies are not timed.
+    """
+    import numpy as np
+
+    if hasattr(x_numpy, "detach"):  # a torch tensor
+        x_numpy = x_numpy.detach().cpu().numpy()
+    x_numpy = np.ascontiguousarray(x_numpy)
+    name = session.get_inputs()[0].name
+    dev = str(device)
+    if dev.startswith("cuda"):
+        ort = ensure_onnxruntime()
+        idx = int(dev.split(":", 1)[1]) if ":" in dev else 0
+        x_dev = ort.OrtValue.ortvalue_from_numpy(x_numpy, "cuda", idx)
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(name, x_dev)
+        for out in session.get_outputs():
+            binding.bind_output(out.name, "cuda", idx)
+
+        def run_cuda() -> object:
+            session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+            return None
+
+        return run_cuda
+
+    feeds = {name: x_numpy}
+
+    def run() -> object:
+        return session.run(None, feeds)
+
+    return run

@@ -1,0 +1,455 @@
+"""The SMCP allocation step: importance -> per-group options -> knapsack -> masks.
+
+At each mask update every group offers the options "keep the k most important channel classes"
+(k on the channel grid; frozen classes are always kept).  An option's value is the summed
+importance of the kept classes; its cost is the latency (or FLOPs/params) of every layer reading
+the group at the resulting input width, with each layer's output width taken from the current
+masks (input-side attribution; a layer is charged to the group it reads).  A multiple-choice
+knapsack picks one option per group under the budget.  Because output widths are held at their
+current value while solving, the true cost of the new masks is recomputed afterwards and, if
+needed, the solve is repeated with the new widths and a tightened budget until it fits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from smcp_core.config.recipe import PruneConfig
+from smcp_core.errors import InfeasibleTarget, SmcpError
+from smcp_core.graph.channel_graph import ChannelGraph, LayerInfo
+from smcp_core.profile.cost_model import CostModel
+from smcp_core.prune.knapsack import solve_mckp
+
+
+@dataclass
+class SolveResult:
+    keep: torch.Tensor
+    budget: float
+    cost: float  # actual layer-sum cost of ``keep``
+    value: float
+    iterations: int
+    widths: dict[int, int]  # group index -> kept classes
+    fraction: float | None = None  # the common kept fraction (solve_uniform only)
+
+
+class Allocator:
+    """Builds the option lists and solves for masks.
+
+    Cost attribution.  A layer's latency depends on its input width (set by the group it reads)
+    and its output width (set by the group its outputs belong to).  A multiple-choice knapsack
+    needs each option's cost to depend on its own group only, so every layer is charged to one
+    group and the other width is held fixed:
+
+    * groups read or written by many layers (the residual streams of ResNets, MobileNetV2's
+      linear bottlenecks) are *hubs*: their width is enumerated in an outer loop (coordinate
+      descent over hubs), so within one knapsack solve it is a known constant;
+    * a layer between a hub and an ordinary group is charged to the ordinary group, with the hub
+      width fixed at the candidate value: exact, so e.g. a CIFAR ResNet block (stream -> inner ->
+      stream) is costed exactly;
+    * any other layer is charged to the group it reads, with its output width held at the current
+      masks (SMCP's input-side attribution), and the capacity is corrected afterwards against the
+      true cost of the solution.
+    """
+
+    HUB_MIN_LAYERS = 4  # a group touched by at least this many conv/linear layers is a hub
+    HUB_CANDIDATES = 16  # widths tried per hub per round
+
+    def __init__(self, graph: ChannelGraph, cost: CostModel, *, channel_round: int = 8, min_channels: int = 8,
+                 layer_pruning: bool = False, stickiness: float = 0.0, cost_weight: float = 1.0) -> None:
+        """Kept widths are multiples of ``channel_round`` (or the full width), at least ``min_channels``;
+        ``layer_pruning`` lets a removable group go to zero; when re-solving, currently kept classes
+        count ``1 + stickiness`` times their importance; ``cost_weight`` is the share of a layer's
+        cost charged to its input group (1 = SMCP, 0 = HALP)."""
+        self.graph = graph
+        self.cost = cost
+        self.channel_round = channel_round
+        self.min_channels = min_channels
+        self.layer_pruning = layer_pruning
+        self.stickiness = stickiness
+        self.cost_weight = cost_weight
+        self.full_keep = graph.full_keep()
+        self.full_cost = cost.total(self.full_keep)
+        self._cap: dict[int, int] | None = None  # per-group width caps of a monotone solve
+        G = len(graph.groups)
+        local = torch.full((graph.n_classes,), -1, dtype=torch.long)
+        for g in graph.groups:
+            local[g.classes] = torch.arange(g.size)
+        self._local = local
+        touch = [0] * G
+        out_group: dict[int, int] = {}
+        for layer in graph.layers:
+            if layer.kind == "dwconv":
+                continue
+            og = torch.unique(graph.class_group[layer.out_labels]).tolist()
+            og = [x for x in og if x >= 0]
+            out_group[layer.index] = og[0] if len(og) == 1 else -1
+            touch[layer.group] += 1
+            for x in og:
+                touch[x] += 1
+        # every layer touching a group reads or writes a *segment* of it (its own positions);
+        # each segment keeps at least min_channels (so no layer is left without inputs/outputs
+        # unless the whole group is removed by layer pruning, which is allowed only when safe)
+        self._segments: dict[int, list[torch.Tensor]] = {g.index: [] for g in graph.groups}
+        for layer in graph.layers:
+            self._segments[layer.group].append(torch.unique(local[layer.in_labels]))
+            if layer.kind != "dwconv":
+                for x in torch.unique(graph.class_group[layer.out_labels]).tolist():
+                    if x >= 0:
+                        mine = layer.out_labels[graph.class_group[layer.out_labels] == x]
+                        self._segments[x].append(torch.unique(local[mine]))
+        for gi, segs in self._segments.items():
+            size = graph.groups[gi].size
+            uniq = {tuple(t.tolist()) for t in segs if t.numel() < size}
+            self._segments[gi] = [torch.tensor(u) for u in sorted(uniq)]
+        self.hubs = [g.index for g in graph.groups
+                     if g.prunable and touch[g.index] >= self.HUB_MIN_LAYERS and g.n_frozen == 0]
+        hubset = set(self.hubs)
+        # charge plan per group: (layer, mode, positions in the charged group)
+        #   mode "in": cin from the charged group's option, cout from the current masks
+        #   mode "out": cout from the charged group's option, cin from the current masks (hub)
+        #   mode "dw": depthwise, width from the charged group's option
+        # the last field is the share of the layer's cost charged there: with cost_weight w < 1 a
+        # layer whose input and output groups are both ordinary prunable groups is charged w to its
+        # input group (output width held) and 1 - w to its output group (input width held); w = 0
+        # is HALP's output-side view.  Hub layers stay exact whatever w is.
+        w = float(cost_weight)
+        if not 0.0 <= w <= 1.0:
+            raise SmcpError(f"prune.cost_weight = {w}: must be between 0 and 1")
+        self._plan: dict[int, list[tuple[LayerInfo, str, torch.Tensor, float]]] = {g.index: [] for g in graph.groups}
+        for layer in graph.layers:
+            if layer.kind == "dwconv":
+                self._plan[layer.group].append((layer, "dw", local[layer.in_labels], 1.0))
+                continue
+            a, b = layer.group, out_group.get(layer.index, -1)
+            b_ordinary = b >= 0 and b != a and b not in hubset and graph.groups[b].prunable
+            if a in hubset and b_ordinary:
+                self._plan[b].append((layer, "out", local[layer.out_labels], 1.0))
+            elif w < 1.0 and b_ordinary and a not in hubset and graph.groups[a].prunable:
+                if w > 0.0:
+                    self._plan[a].append((layer, "in", local[layer.in_labels], w))
+                self._plan[b].append((layer, "out", local[layer.out_labels], 1.0 - w))
+            else:
+                self._plan[a].append((layer, "in", local[layer.in_labels], 1.0))
+
+    @classmethod
+    def from_recipe(cls, graph: ChannelGraph, cost: CostModel, prune_config: PruneConfig) -> Allocator:
+        """The allocator a run's recipe asks for: its settings from the recipe's ``prune`` section."""
+        pc = prune_config
+        return cls(graph, cost, channel_round=pc.channel_round, min_channels=pc.min_channels,
+                   layer_pruning=pc.layer_pruning, stickiness=pc.stickiness, cost_weight=pc.cost_weight)
+
+    # ------------------------------------------------------------------
+    def grid(self, g, n_mandatory: int = 0) -> torch.Tensor:
+        """Allowed numbers of kept classes for group ``g`` (at least ``n_mandatory``, or 0)."""
+        if not g.prunable:
+            return torch.tensor([g.size])
+        r = max(1, self.channel_round)
+        lo = max(g.n_frozen, min(self.min_channels, g.size), 1, n_mandatory)
+        ks = set(range(r, g.size + 1, r)) | {g.size}
+        ks = {k for k in ks if k >= lo}
+        if not ks:
+            ks = {g.size}
+        if self.layer_pruning and g.removable and g.n_frozen == 0:
+            ks.add(0)
+        if self._cap is not None and g.index in self._cap:
+            # monotone solve: never wider than the group is now (its pruned classes sort last)
+            ks = {k for k in ks if k <= self._cap[g.index]} or {min(ks)}
+        return torch.tensor(sorted(ks))
+
+    def min_cost(self) -> float:
+        """Approximate smallest reachable layer-sum cost: every prunable group at its smallest
+        option (for messages; feasibility itself is decided by :meth:`solve`)."""
+        keep = self.full_keep.clone()
+        zeros = torch.zeros(self.graph.n_classes, dtype=torch.float64)
+        for g in self.graph.groups:
+            if not g.prunable:
+                continue
+            order, _, _, n_mand = self._order(g, zeros)
+            k = int(self.grid(g, n_mand)[0])
+            keep[g.classes] = False
+            keep[g.classes[order[:k]]] = True
+        return self.cost.total(keep)
+
+    def _order(self, g, scores: torch.Tensor):
+        """Keep order of a group's classes: frozen ones, then each segment's most important
+        ``min_channels`` classes, then the rest by importance.  Returns (order, cumulative value,
+        rank, number of mandatory classes)."""
+        s = scores[g.classes].clone()
+        s[g.frozen] = float("inf")
+        m = max(1, self.min_channels)
+        prio = torch.zeros(g.size, dtype=torch.int8)
+        prio[g.frozen] = 2
+        for seg in self._segments[g.index]:
+            top = seg[torch.argsort(s[seg], descending=True, stable=True)[: min(m, seg.numel())]]
+            prio[top] = torch.maximum(prio[top], torch.ones_like(prio[top]))
+        n_mand = int((prio > 0).sum())
+        key = torch.argsort(s, descending=True, stable=True)
+        order = key[torch.argsort(prio[key], descending=True, stable=True)]
+        sv = scores[g.classes][order]
+        sv = torch.where(torch.isinf(s[order]), torch.zeros_like(sv), sv)
+        csum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(sv, 0)])
+        rank = torch.empty(g.size, dtype=torch.long)
+        rank[order] = torch.arange(g.size)
+        return order, csum, rank, n_mand
+
+    def options(self, scores: torch.Tensor, keep_now: torch.Tensor, fixed: dict[int, int] | None = None,
+                cache: dict | None = None):
+        """(values, costs, ks, orders) per group for the knapsack.  Groups in ``fixed`` (hubs)
+        get the single option of that width; other widths come from ``keep_now``."""
+        graph, cost = self.graph, self.cost
+        k_now = keep_now.to(torch.long).cpu()
+        scores = scores.detach().to(torch.float64).cpu()
+        fixed = fixed or {}
+        cache = {} if cache is None else cache
+        values, costs, ks, orders = [], [], [], []
+        for g in graph.groups:
+            if g.index not in cache:
+                cache[g.index] = self._order(g, scores)
+            order, csum, rank, n_mand = cache[g.index]
+            grid = self.grid(g, n_mand) if g.index not in fixed else torch.tensor([fixed[g.index]])
+            values.append(csum[grid])
+            c = torch.zeros(len(grid), dtype=torch.float64)
+            for layer, mode, pos, share in self._plan[g.index]:
+                cnt = torch.searchsorted(torch.sort(rank[pos]).values, grid, right=False)
+                if mode == "in":
+                    lc = cost.layer_cost(layer, cnt, int(k_now[layer.out_labels].sum()))
+                elif mode == "out":
+                    cin = torch.full_like(cnt, int(k_now[layer.in_labels].sum()))
+                    lc = cost.layer_cost(layer, cin, cnt)
+                else:
+                    lc = cost.layer_cost(layer, cnt, cnt)
+                c += lc if share == 1.0 else share * lc
+            costs.append(c)
+            ks.append(grid)
+            orders.append(order)
+        return values, costs, ks, orders
+
+    def _keep_from(self, choice: torch.Tensor, ks, orders) -> torch.Tensor:
+        keep = self.full_keep.clone()
+        for g, j, grid, order in zip(self.graph.groups, choice.tolist(), ks, orders):
+            k = int(grid[j])
+            keep[g.classes] = False
+            keep[g.classes[order[:k]]] = True
+        return keep
+
+    def _set_width(self, keep: torch.Tensor, g, k: int, order: torch.Tensor) -> torch.Tensor:
+        keep = keep.clone()
+        keep[g.classes] = False
+        keep[g.classes[order[:k]]] = True
+        return keep
+
+    def _hub_candidates(self, g, current: int, n_mand: int = 0) -> list[int]:
+        grid = self.grid(g, n_mand).tolist()
+        n = self.HUB_CANDIDATES if len(self.hubs) == 1 else max(4, self.HUB_CANDIDATES // 2)
+        if len(grid) <= n:
+            return grid
+        idx = torch.linspace(0, len(grid) - 1, n).round().long().tolist()
+        cands = {grid[i] for i in idx}
+        # refine around the current width
+        j = min(range(len(grid)), key=lambda i: abs(grid[i] - current))
+        cands.update(grid[max(0, j - 2): j + 3])
+        return sorted(cands)
+
+    def _solve_at(self, scores, budget, lin, fixed, cache, inner: int, state: dict) -> SolveResult | None:
+        """Knapsack at one linearisation point, with capacity correction; best feasible result."""
+        values, costs, ks, orders = self.options(scores, lin, fixed, cache)
+        cap = budget
+        best = None
+        narrowed = False
+        lo_cap = hi_cap = None  # knapsack infeasible at lo_cap; true cost over budget at hi_cap
+        it = 0
+        while it < inner + (4 if best is None else 0):
+            it += 1
+            state["n"] += 1
+            try:
+                res = solve_mckp(values, costs, cap, unit=self.cost.unit)
+            except InfeasibleTarget:
+                if not narrowed and best is None:
+                    # output widths held at this point make every option too expensive: hold them
+                    # at their narrowest instead (an underestimate, corrected against the true cost)
+                    narrowed = True
+                    lin = self._narrowest(lin, fixed, cache)
+                    values, costs, ks, orders = self.options(scores, lin, fixed, cache)
+                    continue
+                lo_cap = cap if lo_cap is None else max(lo_cap, cap)
+                if hi_cap is None:
+                    break
+                cap = 0.5 * (lo_cap + hi_cap)
+                continue
+            keep = self._keep_from(res.choice, ks, orders)
+            actual = self.cost.total(keep)
+            value = float(res.value)
+            if actual <= budget * (1 + 1e-9):
+                if best is None or value > best.value:
+                    best = SolveResult(keep, budget, actual, value, 0, {})
+                if actual <= 0 or actual >= budget * (1 - 2e-3):
+                    break
+                lo_cap = None if lo_cap is None else max(lo_cap, cap)
+                nxt = cap * budget / actual
+                cap = nxt if hi_cap is None else min(nxt, 0.5 * (cap + hi_cap))
+            else:
+                hi_cap = cap if hi_cap is None else min(hi_cap, cap)
+                nxt = cap * budget / actual
+                cap = nxt if lo_cap is None else max(nxt, 0.5 * (lo_cap + hi_cap))
+        return best
+
+    def _narrowest(self, keep: torch.Tensor, fixed: dict[int, int], cache: dict) -> torch.Tensor:
+        keep = keep.clone()
+        for g in self.graph.groups:
+            if not g.prunable or g.index in fixed or g.index not in cache:
+                continue
+            order, _, _, n_mand = cache[g.index]
+            keep = self._set_width(keep, g, int(self.grid(g, n_mand)[0]), order)
+        return keep
+
+    def _monotone(self, scores: torch.Tensor, keep_now: torch.Tensor) -> tuple[torch.Tensor, dict[int, int]]:
+        """Scores with every currently pruned class at -inf (it sorts last and adds no value) and
+        each prunable group's current width as its cap: a solution then keeps a subset of what is
+        kept now (HALP-style permanent pruning)."""
+        s = scores.detach().to(torch.float64).cpu().clone()
+        k = keep_now.detach().cpu().bool()
+        s[~k] = float("-inf")
+        cap = {g.index: int(k[g.classes].sum()) for g in self.graph.groups if g.prunable}
+        return s, cap
+
+    def solve(self, scores: torch.Tensor, budget: float, keep_now: torch.Tensor, *,
+              rounds: int = 2, inner: int = 3, monotone: bool = False) -> SolveResult:
+        """Masks maximising kept importance with true layer-sum cost <= budget.  With
+        ``monotone`` the result keeps a subset of ``keep_now`` (a pruned class never returns)."""
+        if monotone:
+            scores, cap = self._monotone(scores, keep_now)
+            self._cap = cap
+            try:
+                res = self.solve(scores, budget, keep_now, rounds=rounds, inner=inner)
+            finally:
+                self._cap = None
+            return res
+        state = {"n": 0}
+        cache: dict = {}
+        scores_c = scores.detach().to(torch.float64).cpu()
+        cur = keep_now.clone().cpu()
+        if self.stickiness > 0:
+            scores_c = scores_c * (1.0 + self.stickiness * cur.to(torch.float64))
+        best: SolveResult | None = None
+        if not self.hubs:
+            for _ in range(rounds):
+                r = self._solve_at(scores_c, budget, cur, {}, cache, inner, state)
+                if r is not None and (best is None or r.value > best.value):
+                    best = r
+                if best is None or torch.equal(best.keep, cur):
+                    break
+                cur = best.keep
+        else:
+            groups = self.graph.groups
+            # at least two rounds even with one hub: the second is linearised at the first
+            # round's answer, and the better of the two (by kept importance, which does not depend
+            # on the linearisation) wins; with one round, successive mask updates can alternate
+            # between two very different solutions, each looking best from the other
+            n_rounds = max(2, rounds)
+            rnd = 0
+            while rnd < n_rounds or (best is None and rnd < n_rounds + 2):  # extra rounds only if nothing fit yet
+                rnd += 1
+                for h in self.hubs:
+                    g = groups[h]
+                    if g.index not in cache:
+                        cache[g.index] = self._order(g, scores_c)
+                    order, n_mand = cache[g.index][0], cache[g.index][3]
+                    cur_w = int(cur[g.classes].sum())
+                    round_best = None
+                    for k in self._hub_candidates(g, cur_w, n_mand):
+                        lin = self._set_width(cur, g, k, order)
+                        fixed = {x: int(lin[groups[x].classes].sum()) for x in self.hubs}
+                        r = self._solve_at(scores_c, budget, lin, fixed, cache, inner, state)
+                        if r is not None and (round_best is None or r.value > round_best.value):
+                            round_best = r
+                    if round_best is not None:
+                        cur = round_best.keep
+                        if best is None or round_best.value >= best.value:
+                            best = round_best
+                    elif best is None:
+                        # nothing fits while the other hubs are this wide: park this hub at its
+                        # narrowest width so the next hubs see the budget that is left
+                        k_min = self._hub_candidates(g, cur_w, n_mand)[0]
+                        cur = self._set_width(cur, g, k_min, order)
+        if best is None:
+            raise InfeasibleTarget(
+                f"cost budget {budget:.4g} {self.cost.unit} is below the minimum reachable "
+                f"{self.min_cost():.4g} {self.cost.unit} (every prunable group at its smallest width); "
+                "lower the target (e.g. a smaller prune.target.speedup) or allow smaller widths "
+                "(prune.min_channels, prune.layer_pruning)"
+            )
+        best.iterations = state["n"]
+        best.widths = self._widths(best.keep)
+        return best
+
+    def solve_uniform(self, scores: torch.Tensor, budget: float, keep_now: torch.Tensor | None = None, *,
+                      monotone: bool = False, iters: int = 48) -> SolveResult:
+        """The same kept fraction ``f`` in every prunable group: group ``g`` keeps the grid width
+        (multiple of ``channel_round`` or the full width, at least ``min_channels`` and the
+        mandatory classes) nearest to ``f * size`` (ties: the smaller), its classes chosen by
+        ``scores`` as in :meth:`solve`.  ``f`` is the largest fraction, found by bisection, whose
+        true layer-sum cost meets ``budget``.  Uniform allocation never removes a whole group.
+        With ``monotone`` (and ``keep_now``) widths are capped at the current ones and only
+        currently kept classes can be kept."""
+        if monotone and keep_now is not None:
+            scores_c, cap = self._monotone(scores, keep_now)
+        else:
+            scores_c, cap = scores.detach().to(torch.float64).cpu(), None
+        self._cap = cap
+        try:
+            plan = []
+            for g in self.graph.groups:
+                if not g.prunable:
+                    continue
+                order, _, _, n_mand = self._order(g, scores_c)
+                grid = self.grid(g, n_mand)
+                nz = grid[grid > 0]
+                plan.append((g, order, nz if nz.numel() else grid))
+        finally:
+            self._cap = None
+
+        def keep_at(f: float) -> torch.Tensor:
+            keep = self.full_keep.clone()
+            for g, order, grid in plan:
+                j = int(torch.argmin((grid.to(torch.float64) - f * g.size).abs()))  # first = smaller on ties
+                keep[g.classes] = False
+                keep[g.classes[order[: int(grid[j])]]] = True
+            return keep
+
+        lo_keep = keep_at(0.0)
+        lo_cost = self.cost.total(lo_keep)
+        if lo_cost > budget * (1 + 1e-9):
+            raise InfeasibleTarget(
+                f"cost budget {budget:.4g} {self.cost.unit} is below the minimum reachable "
+                f"{lo_cost:.4g} {self.cost.unit} with the same fraction kept in every group (every prunable "
+                "group at its smallest width); lower the target or allow smaller widths "
+                "(prune.min_channels, prune.channel_round)")
+        hi_keep = keep_at(1.0)
+        hi_cost = self.cost.total(hi_keep)
+        n = 2
+        if hi_cost <= budget * (1 + 1e-9):
+            f, keep, cost = 1.0, hi_keep, hi_cost
+        else:
+            lo, hi = 0.0, 1.0
+            keep, cost = lo_keep, lo_cost
+            for _ in range(iters):
+                mid = 0.5 * (lo + hi)
+                k = keep_at(mid)
+                c = self.cost.total(k)
+                n += 1
+                if c <= budget * (1 + 1e-9):
+                    lo, keep, cost = mid, k, c
+                else:
+                    hi = mid
+                if hi - lo < 1e-4:
+                    break
+            f = lo
+        sc = scores_c.clone()
+        sc[~torch.isfinite(sc)] = 0.0
+        value = float(sc[keep & ~self.graph.class_frozen].sum())
+        return SolveResult(keep, budget, cost, value, n, self._widths(keep), fraction=f)
+
+    def _widths(self, keep: torch.Tensor) -> dict[int, int]:
+        return {g.index: int(keep[g.classes].sum()) for g in self.graph.groups}

@@ -1,0 +1,702 @@
+"""SMCP fine-tuning: dense warm-up, budget ramp with mask updates every N samples, frozen cooldown.
+
+:class:`PruneTrainer` holds one run's state and steps; :func:`prune_train` builds one and runs it.
+Checkpoints are written atomically at the end of every epoch; with ``resume=True`` a run continues
+from the last one and, on CPU with the same recipe, reproduces the uninterrupted run exactly (data
+order is seeded per epoch, RNG states are saved).  After each checkpoint ``metrics.csv`` is
+rewritten (atomically) from the history stored in it, so a resumed run never duplicates rows.  A
+non-finite loss or weight stops the run before the checkpoint is written: the last good checkpoint
+stays as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smcp_core.config import presets
+from smcp_core.errors import InfeasibleTarget, SmcpError
+from smcp_core.events import Reporter
+from smcp_core.graph.channel_graph import ChannelGraph
+from smcp_core.profile.calibration import fit_calibration
+from smcp_core.profile.cost_model import CostModel
+from smcp_core.prune import methods
+from smcp_core.prune.allocator import Allocator, SolveResult
+from smcp_core.prune.bnscale import BNScaler
+from smcp_core.prune.importance import ImportanceTracker
+from smcp_core.prune.masking import Masker, masked_state_dict
+from smcp_core.prune.metrics import write_metrics_csv
+from smcp_core.prune.schedule import budget_at
+from smcp_core.utils import dist
+from smcp_core.utils.fsutil import atomic_torch_save, load_torch
+
+CHECKPOINT = "checkpoint.pt"
+
+
+METRICS = "metrics.csv"
+
+
+@dataclass
+class PhasePlan:
+    epochs: int
+    warmup: int
+    ramp: int
+    cooldown: int
+    steps_per_epoch: int
+    batch_size: int
+    interval_steps: int
+
+    @property
+    def prune_end_epoch(self) -> int:
+        """First epoch with frozen masks."""
+        return self.epochs - self.cooldown
+
+    def progress(self, epoch: int, step: int) -> float:
+        """Ramp progress (0..1] after ``step`` steps of ``epoch`` (step counted from 1)."""
+        if self.ramp <= 0:
+            return 1.0
+        done = (epoch - self.warmup) * self.steps_per_epoch + step
+        return min(1.0, done / (self.ramp * self.steps_per_epoch))
+
+
+@dataclass
+class TrainResult:
+    keep: torch.Tensor
+    history: list[dict] = field(default_factory=list)
+    final_top1: float | None = None
+    baseline_top1: float | None = None
+    target_cost: float = 0.0
+    final_cost: float = 0.0
+    full_cost: float = 0.0
+    unit: str = ""
+    state_dict: dict = field(default_factory=dict)  # dense weights with the final masks baked in
+
+
+@dataclass
+class LatencyCheck:
+    """Closed-loop check of the latency target at the end of the pruning window (``prune.closed_loop``).
+
+    ``measure(keep) -> (dense_ms, slim_ms)`` times the dense model and the model slimmed to ``keep``
+    interleaved on the profile backend; the ratio, times ``baseline_ms`` (the table's dense
+    latency), is the measured latency in the table's units.  When it is above ``target_ms`` (a
+    miss), or more than ``overshoot`` below ``aim_ms`` while a later round can check the result
+    (pruned deeper than asked, which costs accuracy), the measured point joins the calibration
+    ``points`` (``(layer_sum, removed_layers, measured_ms)``), the calibration is re-fitted and the
+    masks are re-solved for ``aim_ms``.  If the last measurement misses the target, the masks of the
+    slowest measured round that met it are restored."""
+
+    measure: Callable[[torch.Tensor], tuple[float, float]]
+    baseline_ms: float
+    target_ms: float
+    aim_ms: float
+    points: list = field(default_factory=list)
+    rounds: int = 2
+    overshoot: float = 0.1
+
+
+def _param_groups(model: nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for _name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_at(cfg, base_lr: float, epoch_f: float, epochs: int) -> float:
+    ls = cfg.lr_schedule
+    if ls.warmup_epochs and epoch_f < ls.warmup_epochs:
+        return base_lr * (epoch_f + 1e-9) / ls.warmup_epochs
+    if ls.name == "constant" or epochs <= 0:
+        return base_lr
+    if ls.name == "step":
+        factor = 0.1 ** sum(epoch_f >= m * epochs for m in (0.5, 0.75))
+        return base_lr * factor
+    t = (epoch_f - ls.warmup_epochs) / max(1e-9, epochs - ls.warmup_epochs)
+    return ls.min_lr + (base_lr - ls.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, *, channels_last: bool = False,
+             max_batches: int | None = None) -> float:
+    """Top-1 accuracy (%) of ``model`` on ``loader``."""
+    was = model.training
+    model.eval()
+    correct = total = 0
+    for i, (x, y) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x = x.to(device)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        pred = model(x).argmax(1).cpu()
+        correct += int((pred == y).sum())
+        total += int(y.numel())
+    model.train(was)
+    return 100.0 * correct / max(total, 1)
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    if dist.active():
+        for b in model.buffers():
+            dist.broadcast_(b)
+
+
+@dataclass
+class EpochStats:
+    """Running sums of one training epoch (tensors on the device) and the last step's learning rate."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    seen: int = 0
+    lr: float = 0.0
+
+
+@dataclass
+class _Solved:
+    """A solved mask update: the keep-mask broadcast from rank 0, the all-reduced scores it was
+    solved from, the solver's result, the common fields of its history row and the solve's start time."""
+
+    keep: torch.Tensor
+    scores: torch.Tensor
+    result: SolveResult
+    row: dict
+    t0: float
+
+
+class PruneTrainer:
+    """One SMCP fine-tuning run (see the module docstring).  Construction prepares the run (device,
+    masks, optimizer, phase plan); :meth:`run` resumes from the checkpoint if asked, trains and
+    returns the :class:`TrainResult`.  The run's state (budget, history, update counters) lives on
+    the instance."""
+
+    def __init__(self, *, recipe, model: nn.Module, graph: ChannelGraph, cost: CostModel, target_cost: float,
+                 train_set, val_set, out_dir: Path, resume: bool = False, reporter: Reporter | None = None,
+                 make_loader: Callable[..., Any], weight_masks: dict | None = None,
+                 latency_check: LatencyCheck | None = None, allocator: Allocator | None = None) -> None:
+        self.rep = reporter or Reporter()
+        self.recipe = recipe
+        self.pc = recipe.prune
+        self.graph = graph
+        self.cost = cost
+        self.target_cost = target_cost
+        self.train_set = train_set
+        self.val_set = val_set
+        self.make_loader = make_loader
+        self.resume_requested = resume
+        self.latency_check = latency_check
+        self._setup_device(model, out_dir)
+        self._setup_pruning(weight_masks, allocator)
+        self._setup_optimizer()
+        self._setup_plan()
+        self._check_target()
+        self.history: list[dict] = []
+        self.start_epoch = 0
+        self.since_update = 0  # optimizer steps since the last mask update
+        self.last_progress = 0.0  # ramp progress of the last mask update
+        self.masked_any = False  # something is masked (checkpoint or mask update)
+
+    # ------------------------------------------------------------------ setup
+    def _setup_device(self, model: nn.Module, out_dir: Path) -> None:
+        """The device, the output folder, the seed, and the model moved there (SyncBatchNorm under DDP)."""
+        pc = self.pc
+        self.device = dist.local_device(pc.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise SmcpError(f"prune.device is {pc.device} but CUDA is not available; set --set prune.device=cpu")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.ck_path = self.out_dir / CHECKPOINT
+        torch.manual_seed(self.recipe.seed)
+        model.to(self.device)
+        if pc.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.world = dist.world()
+        if pc.sync_bn and self.world > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same module names: masks still apply
+        self.model = model
+
+    def _setup_pruning(self, weight_masks: dict | None, allocator: Allocator | None) -> None:
+        """The method, masker, BN scaler, unstructured zeroer, importance tracker and allocator."""
+        pc = self.pc
+        self.method = presets.spec(getattr(pc, "method", "smcp"))
+        self.masker = Masker(self.model, self.graph, mode=pc.masking)
+        self.masker.to(self.device)
+        self.bn_scaler = BNScaler(self.model, self.graph, pc.bn_rescaling).to(self.device)
+        self.zero_weights = methods.WeightZeroer(self.model, weight_masks, self.device) if weight_masks else None
+        if self.zero_weights is not None:
+            self.zero_weights()
+        self.tracker = ImportanceTracker(self.masker, kind=pc.importance.type, accumulate=pc.importance.accumulate,
+                                         momentum=pc.importance.momentum)
+        self.alloc = allocator if allocator is not None else Allocator.from_recipe(self.graph, self.cost, pc)
+        self.full = self.alloc.full_cost
+
+    def _setup_optimizer(self) -> None:
+        """SGD, the AMP grad scaler, and the forward module (DDP-wrapped with more than one rank;
+        ``self.model`` stays the plain module)."""
+        pc = self.pc
+        self.opt = torch.optim.SGD(_param_groups(self.model, pc.optimizer.weight_decay), lr=pc.optimizer.lr,
+                                   momentum=pc.optimizer.momentum, nesterov=pc.optimizer.nesterov)
+        self.use_amp = bool(pc.amp) and self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if pc.amp_dtype == "bfloat16" else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.fwd = DistributedDataParallel(self.model, device_ids=ids)
+        else:
+            self.fwd = self.model
+
+    def _setup_plan(self) -> None:
+        """Steps per epoch, the mask-update interval, the phase plan and the validation loader."""
+        pc = self.pc
+        self.bs = bs = self.recipe.data.batch_size
+        self.accum = accum = pc.grad_accum
+        n_train = len(self.train_set)
+        self.n_local = n_train // self.world if self.world > 1 else n_train  # each rank reads its own share
+        steps_per_epoch = max(1, self.n_local // (bs * accum)) if self.n_local >= bs * accum else 1
+        if pc.max_steps:
+            steps_per_epoch = min(steps_per_epoch, pc.max_steps)
+        # the update interval is in samples of the global batch: every rank updates at the same step
+        interval_steps = max(1, math.ceil(pc.update_interval_samples / (bs * accum * self.world)))
+        self.plan = PhasePlan(pc.epochs, pc.warmup_epochs, pc.ramp_epochs, pc.cooldown_epochs, steps_per_epoch, bs,
+                              interval_steps)
+        self.val_loader = (self.make_loader(self.val_set, batch_size=max(bs, 64), shuffle=False, seed=self.recipe.seed)
+                           if self.val_set is not None else None)
+
+    def _check_target(self) -> None:
+        """Log a target at or above the full cost; a uniform method checks reachability before any epoch."""
+        if self.target_cost >= self.full:
+            self.rep.log(f"target cost {self.target_cost:.4g} {self.cost.unit} is not below the full model's "
+                         f"{self.full:.4g}: nothing to prune")
+        elif self.method.allocation == "uniform":  # reachable with one fraction everywhere?
+            self.alloc.solve_uniform(torch.zeros(self.graph.n_classes), self.target_cost)
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> TrainResult:
+        """Resume (if asked and a checkpoint exists), prune one-shot or over the epochs, and finish."""
+        if self.resume_requested and self.ck_path.exists():
+            self.resume()
+        self.masked_any = not bool(self.masker.keep().all())
+        plan = self.plan
+        if plan.prune_end_epoch <= plan.warmup and self.start_epoch == 0 and self.target_cost < self.full:
+            self.one_shot()
+        if (self.method.name != "smcp" and self.start_epoch == 0
+                and not any(r.get("event") == "method" for r in self.history)):
+            self.history.append({"event": "method", **presets.describe(self.pc)})
+        for epoch in range(self.start_epoch, plan.epochs):
+            self.train_epoch(epoch)
+        return self.finish()
+
+    def resume(self) -> None:
+        """Load the checkpoint: weights, optimizer, masks, importance, BN scales, counters, history, RNG
+        and (from the history) the closed loop's calibration and budget."""
+        ck = load_torch(self.ck_path, "checkpoint", "delete it to start over (or run without --resume)",
+                        keys=("model", "optimizer", "mask", "importance", "epoch", "since_update", "history",
+                              "rng", "n_classes"))
+        if ck.get("n_classes") != self.graph.n_classes:
+            raise SmcpError(f"checkpoint {self.ck_path} was made for a different model; delete it or use another --out")
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.masker.set_keep(ck["mask"])
+        self.tracker.load_state_dict(ck["importance"])
+        if ck.get("bn_scales") is not None and self.bn_scaler.items:
+            for (bn, _), sc in zip(self.bn_scaler.items, ck["bn_scales"]):
+                bn.parametrizations.weight[0].s.fill_(float(sc))
+        self.start_epoch = int(ck["epoch"])
+        self.since_update = int(ck["since_update"])
+        self.last_progress = float(ck.get("last_progress", 0.0))
+        self.history = list(ck["history"])
+        torch.set_rng_state(ck["rng"])
+        if ck.get("scaler") and self.use_amp:
+            self.scaler.load_state_dict(ck["scaler"])
+        self.rep.log(f"resumed from {self.ck_path} at epoch {self.start_epoch}")
+        cl = [r for r in self.history if r.get("event") == "closed_loop" and "scale" in r]
+        if cl:  # the closed loop re-calibrated the cost model and tightened the budget: keep both
+            last = cl[-1]
+            self.cost.scale, self.cost.removed_cost = last["scale"], last["removed_layer_ms"]
+            self.target_cost = last["budget"]
+
+    def one_shot(self) -> None:
+        """No training epochs in the pruning window: importance from a few batches (none for filter
+        norms), one mask update at the target, then the closed loop if there is one."""
+        loader = self.make_loader(self.train_set, batch_size=self.bs, shuffle=True, seed=self.recipe.seed)
+        self.model.train()
+        if self.method.name != "smcp":
+            self.history.append({"event": "method", **presets.describe(self.pc)})
+        # filter norms (l1, sfp) need no gradient: the weights alone decide, before any step
+        for i, (x, y) in enumerate(loader if self.tracker.kind not in methods.FILTER_KINDS else ()):
+            if i >= max(1, min(self.plan.steps_per_epoch, 8)):
+                break
+            x, y = x.to(self.device), y.to(self.device)
+            loss = F.cross_entropy(self.fwd(x), y, label_smoothing=self.pc.label_smoothing)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.tracker.update()
+        self.opt.zero_grad(set_to_none=True)
+        self.history.append(self.mask_update(1.0, 0))
+        self.last_progress = 1.0
+        if self.latency_check is not None:
+            self.closed_loop(0)
+
+    # ------------------------------------------------------------------ one epoch
+    def train_epoch(self, epoch: int) -> None:
+        """One epoch of optimizer steps (with mask updates in the pruning window), the window's
+        last update and closed loop, the epoch's history row and checkpoint."""
+        self.model.train()
+        loader = self.make_loader(self.train_set, batch_size=self.bs, shuffle=True, seed=self.recipe.seed + epoch,
+                                  drop_last=self.n_local >= self.bs, **({"shard": True} if self.world > 1 else {}))
+        batches = iter(loader)
+        pruning = self.plan.warmup <= epoch < self.plan.prune_end_epoch and self.target_cost < self.full
+        t_epoch = time.perf_counter()
+        stats = EpochStats(loss_sum=torch.zeros((), dtype=torch.float64, device=self.device),
+                           correct=torch.zeros((), dtype=torch.long, device=self.device))
+        for step in range(1, self.plan.steps_per_epoch + 1):
+            micro = self._next_micro_batches(batches)
+            if micro is None:
+                break
+            self._step(epoch, step, micro, pruning, stats)
+        self._end_of_window(epoch, pruning)
+        if not all(bool(torch.isfinite(p.detach()).all()) for p in self.model.parameters()):
+            raise self._diverged("the weights became non-finite (inf/nan)", epoch, None)
+        _sync_buffers(self.model)  # batch-norm statistics of rank 0 everywhere (no-op in one process)
+        self.epoch_row(epoch, stats, t_epoch)
+        if dist.is_main():
+            self.checkpoint(epoch)
+
+    def _next_micro_batches(self, batches) -> list | None:
+        """The next ``grad_accum`` batches, or None when the loader has fewer left."""
+        micro = []
+        for _ in range(self.accum):
+            try:
+                micro.append(next(batches))
+            except StopIteration:
+                break
+        return micro if len(micro) == self.accum else None
+
+    def _step(self, epoch: int, step: int, micro: list, pruning: bool, stats: EpochStats) -> None:
+        """One optimizer step over ``micro``: LR, forward/backward, importance, the step itself,
+        re-zeroing, a mask update when the interval is reached, progress."""
+        pc, plan, opt = self.pc, self.plan, self.opt
+        stats.lr = lr = _lr_at(pc, pc.optimizer.lr, epoch + (step - 1) / plan.steps_per_epoch, plan.epochs)
+        for gparam in opt.param_groups:
+            gparam["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        for i, (x, y) in enumerate(micro):
+            self._forward_backward(epoch, step, i, x, y, stats)
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(opt)
+        importance = pruning and not self.method.soft_filter
+        if importance:
+            self.tracker.update()
+        self.masker.apply_pruned_decay(pc.pruned_decay)
+        self.scaler.step(opt)
+        self.scaler.update()
+        if self.method.rezero and self.masker.mode == "permanent" and self.masked_any:
+            methods.rezero_pruned_(self.masker)  # pruned weights stay exactly zero (HALP re-zeroes every step)
+        if self.zero_weights is not None:
+            self.zero_weights()  # unstructured: the zeroed weights stay zero
+        if importance:
+            self.since_update += 1
+            prog = plan.progress(epoch, step)
+            if self.since_update >= plan.interval_steps:
+                self.history.append(self.mask_update(prog, epoch))
+                self.last_progress = prog
+                self.since_update = 0
+        if self._host_check(step) or step == plan.steps_per_epoch:
+            self.rep.progress("epoch", step, plan.steps_per_epoch,
+                              f"epoch {epoch + 1}/{plan.epochs} loss {float(stats.loss_sum) / max(stats.seen, 1):.3f}")
+
+    def _forward_backward(self, epoch: int, step: int, i: int, x, y, stats: EpochStats) -> None:
+        """Forward and backward of micro-batch ``i``, with the finiteness check and the running sums."""
+        pc, device = self.pc, self.device
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if pc.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # gradients are all-reduced across ranks once per optimizer step, at the last micro-batch
+        sync = contextlib.nullcontext() if (self.world == 1 or i == self.accum - 1) else self.fwd.no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                logits = self.fwd(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=pc.label_smoothing)
+            # the finiteness check reads the loss on the host: every step on CPU (free), every
+            # 20th on a GPU so that the hot path does not wait for the device
+            if self._host_check(step) and not torch.isfinite(loss.detach()).all():
+                raise self._diverged(f"loss became {float(loss.detach())}", epoch, step)
+            self.scaler.scale(loss / self.accum if self.accum > 1 else loss).backward()
+        stats.correct = stats.correct + (logits.detach().argmax(1) == y).sum()
+        stats.loss_sum = stats.loss_sum + loss.detach().float() * x.shape[0]
+        stats.seen += x.shape[0]
+
+    def _host_check(self, step: int) -> bool:
+        """Whether ``step`` reads device values on the host (every step on CPU, every 20th on a GPU)."""
+        return self.device.type != "cuda" or step % 20 == 0
+
+    def _diverged(self, what: str, epoch: int, step: int | None) -> SmcpError:
+        """The error for a non-finite loss or weight, naming the checkpoint to resume from."""
+        at = f"epoch {epoch + 1} step {step}" if step is not None else f"the end of epoch {epoch + 1}"
+        where = (f"the last good checkpoint is {self.ck_path} (epoch {epoch}); lower prune.optimizer.lr and "
+                 "resume with --resume" if self.ck_path.exists() else
+                 "no checkpoint was written yet; lower prune.optimizer.lr and start again")
+        return SmcpError(f"{what} at {at}; {where}")
+
+    def _end_of_window(self, epoch: int, pruning: bool) -> None:
+        """After a pruning-window epoch's steps: SFP's zeroing, the window's last update at the full
+        target, and the closed loop after the window's last epoch."""
+        plan = self.plan
+        last = epoch == plan.prune_end_epoch - 1
+        if pruning and self.method.soft_filter:
+            prog = plan.progress(epoch, plan.steps_per_epoch)
+            # SFP: filters zeroed at every window epoch's end; the last one (at the target) is masked
+            self.history.append(self.sfp_step(prog, epoch) if prog < 1.0 else self.mask_update(1.0, epoch))
+            self.last_progress = prog
+        elif pruning and last and (self.last_progress < 1.0 or self.since_update > 0):
+            # the last update of the pruning window is always at the full target
+            self.history.append(self.mask_update(1.0, epoch))
+            self.last_progress = 1.0
+            self.since_update = 0
+        if (self.latency_check is not None and pruning and last
+                and not any(r.get("event") == "closed_loop" for r in self.history)):
+            self.closed_loop(epoch)
+
+    def epoch_row(self, epoch: int, stats: EpochStats, t_epoch: float) -> dict:
+        """The epoch's history row (loss, LR, cost, budget, accuracy), appended and reported."""
+        pc, cost = self.pc, self.cost
+        keep_now = self.masker.keep().cpu()
+        budget_now = next((r["budget"] for r in reversed(self.history) if r.get("event") == "mask_update"), self.full)
+        row = {"event": "epoch", "epoch": epoch + 1, "loss": float(stats.loss_sum) / max(stats.seen, 1), "lr": stats.lr,
+               "seconds": time.perf_counter() - t_epoch, "cost": cost.total(keep_now)}
+        row["predicted"] = cost.calibrated(row["cost"])
+        row["train_top1"] = 100.0 * int(stats.correct) / max(stats.seen, 1)
+        row["budget"] = budget_now
+        row["budget_predicted"] = cost.calibrated(budget_now)
+        row["kept_classes"] = int(keep_now.sum())
+        row["total_classes"] = int(self.graph.n_classes)
+        if self.val_loader is not None and (pc.eval_every and ((epoch + 1) % pc.eval_every == 0
+                                                               or epoch + 1 == self.plan.epochs)):
+            row["top1"] = evaluate(self.model, self.val_loader, self.device, channels_last=pc.channels_last)
+        self.history.append(row)
+        self.rep.metrics(row)
+        return row
+
+    def checkpoint(self, epoch: int) -> None:
+        """Write the end-of-epoch checkpoint (atomically), then ``metrics.csv`` from its history."""
+        atomic_torch_save({
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "mask": self.masker.class_mask.detach().cpu(), "importance": self.tracker.state_dict(),
+            "epoch": epoch + 1, "since_update": self.since_update, "last_progress": self.last_progress,
+            "history": self.history, "rng": torch.get_rng_state(), "n_classes": self.graph.n_classes,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "bn_scales": self.bn_scaler.scales() or None,
+        }, self.ck_path, checksum=True)
+        write_metrics_csv(self.out_dir / METRICS, self.history, unit=self.cost.unit)  # from the checkpointed history
+
+    # ------------------------------------------------------------------ mask updates
+    def apply_keep(self, keep: torch.Tensor, scores: torch.Tensor) -> None:
+        """Install a keep-mask chosen from the (all-reduced) ``scores``: masks, SFP's zeroed filters,
+        BN rescaling, and a new importance window."""
+        self.masker.set_keep(keep)
+        self.masked_any = not bool(keep.all())
+        if self.method.soft_filter:  # SFP's final selection: producers' filters zeroed too, then masked
+            methods.zero_filters_(self.masker, keep)
+        self.bn_scaler.update(keep, scores)
+        self.tracker.reset()
+
+    def _solve(self, progress: float, epoch: int, solve: Callable[[torch.Tensor, float], SolveResult], *,
+               soft_filter: bool = False) -> _Solved:
+        """The sequence every mask update shares: the scheduled budget at ``progress``, the scores
+        all-reduced over ranks, ``solve(scores, budget)``, its keep-mask broadcast from rank 0, and
+        the common fields of the ``mask_update`` history row."""
+        budget = budget_at(progress, self.full, self.target_cost, self.pc.schedule)
+        t0 = time.perf_counter()
+        scores = dist.all_reduce_mean_(self.tracker.scores().detach().clone())  # identical on every rank
+        res = solve(scores, budget)
+        keep = dist.broadcast_(res.keep.to(device=scores.device, dtype=torch.uint8)).cpu().bool()
+        row = {"event": "mask_update", **({"soft_filter": True} if soft_filter else {}), "epoch": epoch,
+               "progress": round(progress, 4), "budget": budget, "cost": res.cost,
+               "predicted": self.cost.calibrated(res.cost), "kept_classes": int(keep.sum())}
+        return _Solved(keep, scores, res, row, t0)
+
+    def _allocate(self, scores: torch.Tensor, budget: float) -> SolveResult:
+        """The method's allocation: SMCP's knapsack, or the method's (uniform, monotone) variant."""
+        if self.method.name == "smcp":
+            return self.alloc.solve(scores, budget, self.masker.keep())
+        return methods.allocate(self.alloc, self.method, scores, budget, self.masker.keep().cpu())
+
+    def mask_update(self, progress: float, epoch: int) -> dict:
+        """Solve the masks for the budget at ``progress`` and install them; returns the history row."""
+        solved = self._solve(progress, epoch, self._allocate)
+        dt = time.perf_counter() - solved.t0
+        self.apply_keep(solved.keep, solved.scores)
+        row = solved.row
+        row["solve_ms"] = 1000 * dt
+        if solved.result.fraction is not None:
+            row["fraction"] = solved.result.fraction
+        self.rep.metrics(row)
+        return row
+
+    def sfp_step(self, progress: float, epoch: int) -> dict:
+        """SFP at the end of a pruning-window epoch: zero the producers' output filters of the
+        lowest-L2 classes at the uniform fraction for the scheduled budget; no masks."""
+        solved = self._solve(progress, epoch, self.alloc.solve_uniform, soft_filter=True)
+        zeroed = methods.zero_filters_(self.masker, solved.keep)
+        row = solved.row
+        row.update(zeroed_filters=zeroed, fraction=solved.result.fraction,
+                   solve_ms=1000 * (time.perf_counter() - solved.t0))
+        self.rep.metrics(row)
+        return row
+
+    def _record(self, row: dict) -> None:
+        """Append ``row`` to the history and report it."""
+        self.history.append(row)
+        self.rep.metrics(row)
+
+    # ------------------------------------------------------------------ latency closed loop
+    def closed_loop(self, epoch: int) -> None:
+        """Measure the slim model at the current masks; while it misses the target (or lands far
+        below the aim with a round left to check a correction), add the point to the calibration,
+        re-fit it and re-solve at the aim (:class:`LatencyCheck`)."""
+        chk, cost = self.latency_check, self.cost
+        best = None  # the slowest measured state that met the target: (measured, round, keep, calibration, budget)
+        for rnd in range(chk.rounds + 1):
+            keep = self.masker.keep().cpu()
+            dense_ms, slim_ms = self._measure(keep)
+            measured = slim_ms / dense_ms * chk.baseline_ms
+            n_removed = sum(1 for ci, co in self.graph.widths(keep) if ci == 0 or co == 0)
+            free_sum = cost.total(keep) - cost.removed_cost * n_removed
+            met = measured <= chk.target_ms
+            # a correction upwards is measured again in the next round; SFP's zeroed filters cannot return
+            over = (met and measured < chk.aim_ms * (1 - chk.overshoot) and rnd < chk.rounds
+                    and not self.method.soft_filter)
+            row = {"event": "closed_loop", "epoch": epoch, "round": rnd, "predicted_ms": cost.predict(keep),
+                   "measured_ms": measured, "dense_ms": dense_ms, "slim_ms": slim_ms, "target_ms": chk.target_ms,
+                   "met": met}
+            if met and (best is None or measured > best[0]):
+                best = (measured, rnd, keep.clone(), (cost.scale, cost.removed_cost), self.target_cost)
+            if (met and not over) or rnd == chk.rounds:
+                self._closed_loop_done(row, measured, met, best)
+                return
+            if not self._recalibrate(epoch, row, (free_sum, n_removed, measured), over):
+                return
+
+    def _measure(self, keep: torch.Tensor) -> tuple[float, float]:
+        """``(dense_ms, slim_ms)`` measured on rank 0 and broadcast; a failure stops every rank."""
+        vals = torch.zeros(2, dtype=torch.float64)
+        failure = None
+        if dist.is_main():
+            try:
+                vals = torch.tensor(self.latency_check.measure(keep), dtype=torch.float64)
+            except SmcpError as exc:  # every rank must hear of it, not wait in the broadcast
+                failure, vals = exc, torch.full((2,), float("nan"), dtype=torch.float64)
+        dense_ms, slim_ms = (float(v) for v in dist.broadcast_(vals.to(self.device)).cpu())
+        if failure is not None or not (math.isfinite(dense_ms) and math.isfinite(slim_ms)):
+            raise SmcpError("closed loop: measuring the slimmed model failed"
+                            + (f": {failure}" if failure is not None else " on rank 0")) from None
+        return dense_ms, slim_ms
+
+    def _closed_loop_done(self, row: dict, measured: float, met: bool, best: tuple | None) -> None:
+        """The loop's last round: a miss restores the slowest measured state that met the target
+        (if any) or says so; the row is recorded."""
+        chk, cost = self.latency_check, self.cost
+        if not met and best is not None:  # a correction made it worse: back to what was measured good
+            _, brnd, bkeep, (cost.scale, cost.removed_cost), self.target_cost = best
+            self.apply_keep(bkeep, dist.all_reduce_mean_(self.tracker.scores().detach().clone()))
+            row.update(reverted_to_round=brnd, scale=cost.scale, removed_layer_ms=cost.removed_cost,
+                       budget=self.target_cost)
+            self.rep.log(f"closed loop: {measured:.4g} ms misses the target {chk.target_ms:.4g} ms; restored "
+                         f"the masks of round {brnd} (measured {best[0]:.4g} ms)")
+        elif not met:
+            self.rep.log(f"closed loop: still {measured:.4g} ms > target {chk.target_ms:.4g} ms after "
+                         f"{chk.rounds} corrections; raise prune.closed_loop or prune.target_margin")
+        self._record(row)
+
+    def _recalibrate(self, epoch: int, row: dict, point: tuple[float, int, float], over: bool) -> bool:
+        """Add the measured ``point`` to the calibration, re-fit it and re-solve the masks at the aim.
+        Returns False (calibration, budget and masks kept) when the re-fitted aim is out of reach."""
+        chk, cost = self.latency_check, self.cost
+        prev = (cost.scale, cost.removed_cost, self.target_cost)
+        chk.points.append(point)
+        scale, removed = fit_calibration(chk.points)
+        cost.scale, cost.removed_cost = scale, removed
+        budget = cost.budget_for(chk.aim_ms)
+        measured = point[2]
+        what = (f"more than {100 * chk.overshoot:.0f} % below the aim {chk.aim_ms:.4g} ms" if over
+                else f"> target {chk.target_ms:.4g} ms")
+        self.rep.log(f"closed loop: measured {measured:.4g} ms {what} (predicted {row['predicted_ms']:.4g}); "
+                     f"re-calibrated (scale {scale:.3f}, {removed:.4g} ms per removed layer) and re-solving for "
+                     f"{chk.aim_ms:.4g} ms")
+        if over:
+            row["overshoot"] = True
+        self.target_cost = budget
+        try:
+            update = self.mask_update(1.0, epoch)
+        except InfeasibleTarget as exc:  # keep the masks, calibration and budget we have; the run goes on
+            cost.scale, cost.removed_cost, self.target_cost = prev
+            row.update(error=str(exc))
+            self._record(row)
+            self.rep.log(f"closed loop: the re-fitted target is out of reach ({exc}); keeping the current masks")
+            return False
+        row.update(scale=scale, removed_layer_ms=removed, budget=budget)
+        self._record(row)
+        self.history.append(update)
+        return True
+
+    # ------------------------------------------------------------------ the end
+    def finish(self) -> TrainResult:
+        """``metrics.csv`` once more, the target enforced, the final accuracy, BN scales baked in,
+        and the dense state dict with the masks applied."""
+        # again after the epochs: a run killed between its last checkpoint and the CSV resumes with no epoch left
+        if dist.is_main():
+            write_metrics_csv(self.out_dir / METRICS, self.history, unit=self.cost.unit)
+        keep = self.masker.keep().cpu()
+        final_cost = self.cost.total(keep)
+        if self.target_cost < self.full and final_cost > self.target_cost * (1 + 1e-9):
+            # e.g. resumed after the pruning window with a changed target: enforce it now
+            self.history.append(self.mask_update(1.0, self.plan.epochs))
+            keep = self.masker.keep().cpu()
+            final_cost = self.cost.total(keep)
+        final_top1 = next((r["top1"] for r in reversed(self.history) if r.get("event") == "epoch" and "top1" in r),
+                          None)
+        if final_top1 is None and self.val_loader is not None:
+            final_top1 = evaluate(self.model, self.val_loader, self.device, channels_last=self.pc.channels_last)
+        self.bn_scaler.bake()  # gamma_orig * s into plain parameters before the weights are handed over
+        state = {k: v.detach().cpu().clone() for k, v in masked_state_dict(self.model, self.masker).items()}
+        return TrainResult(keep=keep, history=self.history, final_top1=final_top1, target_cost=self.target_cost,
+                           final_cost=final_cost, full_cost=self.full, unit=self.cost.unit, state_dict=state)
+
+
+def prune_train(
+    *,
+    recipe,
+    model: nn.Module,
+    graph: ChannelGraph,
+    cost: CostModel,
+    target_cost: float,
+    train_set,
+    val_set,
+    out_dir: Path,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+    make_loader: Callable[..., Any],
+    weight_masks: dict | None = None,
+    latency_check: LatencyCheck | None = None,
+    allocator: Allocator | None = None,
+) -> TrainResult:
+    """Run SMCP on ``model`` (modified in place: masks are registered on it) and return the final
+    keep-mask.  ``target_cost`` is the layer-sum budget the final masks must meet.
+    ``weight_masks`` (unstructured methods): ``{module name: bool mask}`` of weights held at zero
+    from the first step on.  ``allocator``: the run's :class:`Allocator` (built from the recipe
+    when not given)."""
+    return PruneTrainer(recipe=recipe, model=model, graph=graph, cost=cost, target_cost=target_cost,
+                        train_set=train_set, val_set=val_set, out_dir=out_dir, resume=resume, reporter=reporter,
+                        make_loader=make_loader, weight_masks=weight_masks, latency_check=latency_check,
+                        allocator=allocator).run()

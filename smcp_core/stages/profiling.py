@@ -1,0 +1,110 @@
+"""The profile stage: the latency table of the recipe's model and its whole-model calibration."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from smcp_core.config.recipe import Recipe
+from smcp_core.errors import SmcpError
+from smcp_core.events import Reporter
+from smcp_core.export.tensorrt import ensure_tensorrt
+from smcp_core.profile.calibration import fit_calibration
+from smcp_core.profile.cost_model import CostModel
+from smcp_core.profile.measure import measure_table
+from smcp_core.profile.table import LatencyTable
+from smcp_core.stages.artifacts import stamp
+from smcp_core.stages.builders import build_graph, build_model, input_shape
+from smcp_core.stages.measure import (
+    _removal_keep,
+    _removed_layers,
+    _uniform_keep,
+    measure_lowest,
+    slim_structure,
+)
+from smcp_core.stages.results import ProfileResult
+from smcp_core.utils.fsutil import (
+    atomic_write_json,
+)
+
+
+def profile(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, force: bool = False) -> ProfileResult:
+    """Measure the latency table of the recipe's model and the whole-model calibration."""
+
+    rep = reporter or Reporter()
+    prof = recipe.profile
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "latency.json"
+    if prof.backend == "tensorrt":
+        ensure_tensorrt()  # one clear line when TensorRT or a GPU is missing
+    model = build_model(recipe, load_weights=False)  # latency does not depend on the weights
+    graph = build_graph(recipe, model)
+    existing = None
+    if path.exists() and not force:
+        try:  # a corrupt cached table stops here: it is never silently replaced
+            existing = LatencyTable.load(path)
+        except SmcpError as exc:
+            raise SmcpError(f"{exc}; `smcp profile --force` re-measures it from scratch") from None
+    t0 = time.perf_counter()
+    sigs = [layer.sig for layer in graph.layers]
+    table = measure_table(
+        sigs, backend=prof.backend, batch_size=prof.batch_size, dtype=prof.dtype, layout=prof.layout,
+        device=prof.device, channel_step=prof.channel_step, threads=prof.threads, warmup=prof.warmup,
+        min_runs=prof.min_runs, max_seconds=prof.max_seconds, existing=existing,
+        progress=lambda d, t, k: rep.progress("profile", d, t, k),
+    )
+    t_layers = time.perf_counter() - t0
+    # whole-model latency of the baseline, two uniformly thinned variants and (when layers can be
+    # removed) two variants with every other removable group removed -> calibration
+    cost = CostModel(graph, "latency", table)
+    cost.removed_cost = 0.0  # plain layer sums (a reused table carries the previous calibration)
+    keeps = {"baseline": graph.full_keep(), "uniform75": _uniform_keep(graph, 0.75),
+             "uniform50": _uniform_keep(graph, 0.5)}
+    for name, frac in (("removed", 1.0), ("removed_uniform75", 0.75)):
+        k = _removal_keep(graph, frac)
+        if k is not None:
+            keeps[name] = k
+    rep.log(f"measuring whole-model latency ({', '.join(keeps)}) for calibration")
+    sums = {k: cost.total(v) for k, v in keeps.items()}
+    removed = {k: _removed_layers(graph, v) for k, v in keeps.items()}
+    variants = {name: (model if name == "baseline" else slim_structure(recipe, graph, keep))
+                for name, keep in keeps.items()}
+    # two independent interleaved loops, the lower median per model
+    meas = measure_lowest(variants, recipe, workdir=out / ".profile_tmp", repeats=2,
+                          min_runs=max(20, prof.min_runs), max_seconds=min(60.0, prof.max_seconds / 2))
+    names = list(variants)
+    ms = [meas["stats"][k]["median_ms"] for k in names]
+    # proportional fit, measured ~= scale * (sum of layer latencies + removed_ms * removed layers):
+    # the work outside conv/linear layers (activations, adds, pooling, per-op overhead) shrinks with
+    # the layers, so a constant offset would be wrong for strongly pruned models (seen on onnxruntime
+    # CPU: a fitted offset made a 2x target demand a 4x cut of the layer time); a removed layer
+    # leaves its residual join behind, hence the per-removed-layer term
+    scale, removed_ms = fit_calibration([(sums[k], removed[k], m_) for k, m_ in zip(names, ms)])
+    offset = 0.0
+    pred = [scale * (sums[k] + removed_ms * removed[k]) + offset for k in names]
+    xs = torch.tensor([sums[k] for k in names], dtype=torch.float64)
+    ys = torch.tensor(ms, dtype=torch.float64)
+    table.model = {
+        "stamp": stamp(recipe, "profile"),
+        "model_source": recipe.model.source,
+        "input_shape": list(input_shape(recipe)),
+        "measured_ms": float(ys[0]),
+        "layer_sum_ms": float(xs[0]),
+        "calibration": {
+            "scale": scale, "offset_ms": offset, "removed_layer_ms": removed_ms,
+            "points": [{"name": k, "layer_sum_ms": float(s), "removed_layers": removed[k], "measured_ms": float(m),
+                        "predicted_ms": float(p)}
+                       for k, s, m, p in zip(names, xs.tolist(), ys.tolist(), pred)],
+        },
+        "seconds": {"layers": t_layers, "total": time.perf_counter() - t0},
+        "stats": meas["stats"],
+    }
+    atomic_write_json(path, table.to_dict(), indent=1, checksum=True)
+    table.path = path
+    return ProfileResult(
+        path=str(path), layers=len(table), baseline_ms=float(ys[0]), scale=scale, offset_ms=offset,
+        removed_layer_ms=removed_ms, seconds=time.perf_counter() - t0,
+        interpolated_points=int(table.meta.get("measure", {}).get("interpolated_points", 0) or 0),
+        calibration=table.model["calibration"]["points"])

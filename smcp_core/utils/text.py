@@ -1,0 +1,29 @@
+"""Text helpers shared by every stage: one-line error messages and markdown tables."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (colour codes removed, at most ``limit``
+    characters), or its type name when the message is empty."""
+    for line in _ANSI.sub("", str(exc)).splitlines():
+        line = line.strip()
+        if line:
+            return line if len(line) <= limit else line[: limit - 3] + "..."
+    return type(exc).__name__
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], *,
+                   numeric_from: int | None = None) -> list[str]:
+    """A markdown table as lines (``|`` in cells escaped); columns from ``numeric_from`` on are
+    right-aligned."""
+    def cells(values: Sequence[object]) -> str:
+        return "| " + " | ".join(str(v).replace("|", "\\|") for v in values) + " |"
+
+    align = ["---:" if numeric_from is not None and i >= numeric_from else "---" for i in range(len(header))]
+    return [cells(header), "|" + "|".join(align) + "|"] + [cells(r) for r in rows]

@@ -1,0 +1,91 @@
+"""Import torchvision safely next to a CPU-only torch.
+
+The torchvision wheel on PyPI is a CUDA build.  Installed next to a CPU-only torch its compiled
+extension does not load, so ``import torchvision`` dies at import time with
+``RuntimeError: operator torchvision::nms does not exist`` (the Python side registers fake/meta
+kernels for ``torchvision::nms`` and expects the schema to have been defined by the C++ library).
+
+:func:`import_torchvision` defines the missing operator schemas (only the schemas: calling
+``torchvision.ops.nms`` still fails, which this project never does) and then imports torchvision.
+All project code imports torchvision through this helper.  torchvision's image decoders
+(``torchvision.io.decode_jpeg`` ...) are compiled ops as well and unavailable; decode images with
+Pillow.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import ModuleType
+
+import torch
+
+from smcp_core.errors import SmcpError
+
+# Kept at module level: a torch.library.Library's definitions live as long as the object.
+_LIB: torch.library.Library | None = None
+
+
+_LOCK = threading.Lock()
+
+
+_TV: ModuleType | None = None
+
+
+_SCHEMAS = (
+    "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+)
+
+
+def _nms_defined() -> bool:
+    try:
+        torch.ops.torchvision.nms  # noqa: B018 - attribute lookup resolves the operator
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _define_missing_schemas() -> None:
+    global _LIB
+    if _LIB is not None or _nms_defined():
+        return
+    lib = torch.library.Library("torchvision", "DEF")
+    for schema in _SCHEMAS:
+        name = schema.split("(", 1)[0]
+        try:
+            getattr(torch.ops.torchvision, name)
+        except (AttributeError, RuntimeError):
+            lib.define(schema)
+    _LIB = lib
+
+
+def import_torchvision() -> ModuleType:
+    """Return the ``torchvision`` module, working around a CUDA torchvision next to CPU torch.
+
+    Idempotent and thread-safe.  Raises :class:`SmcpError` when torchvision cannot be imported.
+    """
+    global _TV
+    if _TV is not None:
+        return _TV
+    with _LOCK:
+        if _TV is not None:
+            return _TV
+        try:
+            _define_missing_schemas()
+        except Exception as exc:  # pragma: no cover - depends on the installed torch
+            raise SmcpError(
+                f"torchvision: could not register the missing torchvision operator schemas "
+                f"({type(exc).__name__}: {exc}); install matching builds, e.g. "
+                f"`pip install torch=={torch.__version__.split('+')[0]} torchvision` from the same index"
+            ) from None
+        try:
+            import torchvision  # noqa: PLC0415 - deliberate late import
+        except Exception as exc:
+            summary = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SmcpError(
+                f"torchvision could not be imported ({type(exc).__name__}: {summary}); torch is "
+                f"{torch.__version__}: install a torchvision built for it (CPU torch: "
+                f"`pip install torchvision --index-url https://download.pytorch.org/whl/cpu`)"
+            ) from None
+        _TV = torchvision
+        return torchvision

@@ -1,0 +1,122 @@
+"""Helpers the graph, slim and zoo tests share: random BN statistics, random keep-masks, the
+masked-then-slim comparison, and a small model with concatenation, split and squeeze-excitation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from smcp_core.graph.channel_graph import ChannelGraph
+from smcp_core.prune.masking import Masker
+from smcp_core.slim.surgery import slim_model
+
+TOL = 1e-4
+
+
+def randomise(model: nn.Module, gen: torch.Generator) -> nn.Module:
+    """Random BN statistics/affine parameters and conv/linear biases, so that a pruned channel is
+    never trivially zero downstream (BN of a zero input gives a non-zero constant)."""
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                n = mod.num_features
+                mod.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
+                mod.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                if mod.affine:
+                    mod.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.5)
+                    mod.bias.copy_(torch.randn(n, generator=gen) * 0.5)
+            elif isinstance(mod, (nn.Conv2d, nn.Linear)) and mod.bias is not None:
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.1)
+    return model.eval()
+
+
+def random_keep(graph: ChannelGraph, gen: torch.Generator, n_remove: int = 2):
+    """A random class keep-mask: frozen classes kept, >= 1 class kept in every prunable group except
+    ``n_remove`` randomly chosen *removable* groups, which keep nothing (layer pruning).
+
+    In a kept group every producing layer keeps at least one of its output channels there: a layer
+    left with no output channel while its output is still used crashes slim (a known bug, see
+    ``test_slim_when_the_stem_loses_all_outputs``)."""
+    keep = graph.full_keep()
+    removable = [g.index for g in graph.groups if g.removable]
+    perm = torch.randperm(len(removable), generator=gen).tolist()
+    removed = [removable[i] for i in perm[:n_remove]]
+    for g in graph.groups:
+        if not g.prunable:
+            continue
+        free = g.classes[~g.frozen]
+        keep[free] = False
+        if g.index in removed:
+            continue
+        k = int(torch.randint(1, len(free) + 1, (1,), generator=gen))
+        keep[free[torch.randperm(len(free), generator=gen)[:k]]] = True
+        for l in graph.layers:
+            if l.kind == "dwconv":
+                continue
+            mine = l.out_labels[graph.class_group[l.out_labels] == g.index]
+            if mine.numel() and not bool(keep[mine].any()):
+                keep[mine[int(torch.randint(0, mine.numel(), (1,), generator=gen))]] = True
+    keep[graph.class_frozen] = True
+    return keep, removed
+
+
+def masked_then_slim(model: nn.Module, graph: ChannelGraph, keep: torch.Tensor, x: torch.Tensor):
+    """(masked model output, slim model, slim output); ``model`` ends up with baked weights."""
+    mk = Masker(model, graph)
+    mk.set_keep(keep)
+    with torch.no_grad():
+        ref = model(x)
+    mk.remove(bake=True)
+    slim = slim_model(model, graph, keep)
+    with torch.no_grad():
+        out = slim(x)
+    return ref, slim, out
+
+
+def check_slim_shapes(slim: nn.Module, graph: ChannelGraph, keep: torch.Tensor) -> None:
+    """Every layer still present in the slim model has exactly the kept widths."""
+    mods = dict(slim.named_modules())
+    for l, (cin, cout) in zip(graph.layers, graph.widths(keep)):
+        m = mods.get(l.name)
+        if m is None:
+            continue
+        if l.kind == "dwconv":
+            assert m.weight.shape[0] == cin and m.groups == cin, l.name
+        elif l.kind == "conv":
+            assert tuple(m.weight.shape[:2]) == (cout, cin), l.name
+        else:
+            assert tuple(m.weight.shape) == (cout, cin), l.name
+
+
+def group_of(graph: ChannelGraph, layer: str):
+    return graph.groups[graph.layer(layer).group]
+
+
+class CatSplitSE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.a = nn.Conv2d(16, 8, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(16, 12, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(20)
+        self.c = nn.Conv2d(10, 10, 3, padding=1, bias=True)
+        self.d = nn.Conv2d(6, 10, 1, bias=True)
+        self.bn2 = nn.BatchNorm2d(24)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(24, 6, 1)
+        self.fc2 = nn.Conv2d(6, 24, 1)
+        self.e = nn.Conv2d(24, 24, 3, stride=2, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(24)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        y = self.bn1(torch.cat([self.a(x), self.b(x)], dim=1))  # 8 + 12 channels
+        y1, y2 = torch.chunk(y, 2, dim=1)  # 10 + 10
+        p, q = y2.split([4, 6], dim=1)
+        u = self.bn2(torch.cat([self.c(F.relu(y1)), self.d(q), p], 1))  # 10 + 10 + 4
+        u = u * torch.sigmoid(self.fc2(F.relu(self.fc1(self.pool(u)))))  # squeeze-excitation
+        z = F.relu(self.bn3(self.e(u)))
+        return self.head(torch.flatten(self.pool(z), 1))

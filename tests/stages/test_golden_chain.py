@@ -1,0 +1,117 @@
+"""The quickstart chain with a fixed (synthetic, deterministic) latency table gives bit-identical
+masks, weights and report fields (timing aside) to the run recorded before the package layout
+changed (``quickstart_chain.json`` was written by the code before the move).
+
+Regenerate (only when a behaviour change is intended):
+``SMCP_UPDATE_GOLDEN=1 pytest tests/stages/test_golden_chain.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from smcp_core import stages
+from smcp_core.config.recipe import load_recipe
+from smcp_core.profile import measure as profile_measure
+from smcp_core.stages import profiling
+
+GOLDEN = Path(__file__).with_name("quickstart_chain.json")
+
+# the quickstart recipe, shortened (a few steps per epoch), with its latency target kept
+OVERRIDES = [
+    "data.train_subset=256",
+    "data.val_subset=128",
+    "data.batch_size=32",
+    "prune.epochs=5",
+    "prune.warmup_epochs=1",
+    "prune.ramp_epochs=3",
+    "prune.cooldown_epochs=1",
+    "prune.max_steps=3",
+    "prune.update_interval_samples=64",
+    "export.min_runs=3",
+    "export.max_seconds=5",
+]
+
+# timing and machine-dependent fields: everything else must be identical
+_VOLATILE = {"seconds", "solve_ms", "stats", "latency_ms", "speedup", "passed", "environment", "files",
+             "measured_ms", "dense_ms", "slim_ms", "path"}
+
+
+def _fake_point(sig, cin, cout, **kw) -> float:
+    """A deterministic 'latency' of one layer: a fixed overhead plus its multiply-adds."""
+    hw = sig.in_hw[0] * sig.in_hw[1] // (sig.stride[0] * sig.stride[1])
+    k = sig.kernel[0] * sig.kernel[1]
+    macs = (cin * k * hw) if sig.depthwise else (cin * cout * k * hw)
+    return 0.002 + macs * kw.get("batch_size", 1) * 1e-7
+
+
+def _fake_lowest(models, recipe, **kw) -> dict:
+    """Whole-model 'latency': proportional to the parameter count (deterministic)."""
+    stats = {k: {"median_ms": 0.01 + 1e-5 * sum(p.numel() for p in m.parameters())} for k, m in models.items()}
+    return {"stats": stats, "repeats": [stats]}
+
+
+def _digest(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _scrub(obj):
+    if isinstance(obj, dict):
+        return {k: _scrub(v) for k, v in obj.items() if k not in _VOLATILE}
+    if isinstance(obj, list):
+        return [_scrub(v) for v in obj]
+    if isinstance(obj, float):
+        return float(f"{obj:.12g}")
+    return obj
+
+
+def run_chain(out: Path) -> dict:
+    recipe = load_recipe("quickstart", OVERRIDES)
+    stages.profile(recipe, out)
+    summary = stages.prune(recipe, out).to_dict()
+    slim = stages.slim(recipe, out).to_dict()
+    report = stages.export(recipe, out).to_dict()
+    pruned = torch.load(out / "prune" / "pruned.pt", weights_only=True)
+    slim_w = torch.load(out / "slim" / "weights.pt", weights_only=True)
+    table = json.loads((out / "latency.json").read_text())
+    return {
+        "keep": [int(v) for v in torch.nonzero(pruned["keep"]).flatten()],
+        "pruned_weights": _digest(pruned["state_dict"]),
+        "slim_weights": _digest(slim_w),
+        "channel_spec": json.loads((out / "slim" / "channel_spec.json").read_text()),
+        "calibration": _scrub(table["model"]["calibration"]),
+        "prune_summary": _scrub(summary),
+        "slim_summary": _scrub(slim),
+        "export_report": _scrub({k: v for k, v in report.items() if k not in ("baseline", "pruned")}),
+    }
+
+
+def test_quickstart_chain_is_bit_identical_to_the_recorded_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(profile_measure, "_measure_point", _fake_point)
+    monkeypatch.setattr(profiling, "measure_lowest", _fake_lowest)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: float reductions in the same order on every run
+    try:
+        got = run_chain(tmp_path / "run")
+    finally:
+        torch.set_num_threads(old)
+    got = json.loads(json.dumps(got))  # tuples -> lists, as stored
+    if os.environ.get("SMCP_UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+        pytest.skip("golden file rewritten")
+    want = json.loads(GOLDEN.read_text())
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert got[key] == want[key], key
