@@ -10,7 +10,10 @@ Loading (:func:`load_recipe`) goes through these steps:
 
 1. find the file: a path, or a bare built-in name (``quickstart``) looked up in the package's
    ``recipes/`` directory and then in ``./recipes/``;
-2. parse the YAML (duplicate keys are an error; ``1e-4`` is read as a number);
+2. parse the YAML (duplicate keys are an error, merge keys ``<<: *base`` are not: explicit keys
+   override merged ones; ``1e-4`` is read as a number); a recipe is a regular file of at most
+   1 MiB, nested at most 50 levels, with at most 100,000 values once aliases are expanded (the
+   ``MAX_*`` constants; checked on the YAML node graph, before any Python object is built);
 3. reject unknown keys, with a "did you mean" suggestion;
 4. apply ``--set a.b.c=value`` overrides (values parsed as YAML; setting one target key clears the
    other two);
@@ -27,6 +30,7 @@ import difflib
 import importlib.resources
 import os
 import re
+import stat
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -285,6 +289,15 @@ class TargetConfig(_Section):
     def value(self) -> float:
         return float(getattr(self, self.kind()))
 
+    @staticmethod
+    def relax_hint_for(kind: str) -> str:
+        """How to make an unreachable target of ``kind`` reachable: a speed-up is lowered; a
+        latency_ms or flops_ratio target (the most it may cost) is raised."""
+        return "lower the target" if kind == "speedup" else "raise the target"
+
+    def relax_hint(self) -> str:
+        return self.relax_hint_for(self.kind())
+
 
 class OptimizerConfig(_Section):
     name: Literal["sgd"] = "sgd"
@@ -483,6 +496,16 @@ class Recipe(_Section):
     def target_value(self) -> float:
         return self.prune.target.value()
 
+    @staticmethod
+    def relax_hint_for(kind: str) -> str:
+        """``"lower the target"`` for speedup, ``"raise the target"`` for latency_ms and flops_ratio:
+        the direction that makes an unreachable target reachable."""
+        return TargetConfig.relax_hint_for(kind)
+
+    def relax_hint(self) -> str:
+        """:meth:`relax_hint_for` of this recipe's target kind."""
+        return self.prune.target.relax_hint()
+
     def export_batch_size(self) -> int:
         """Batch size used to validate exports (``export.batch_size`` or ``profile.batch_size``)."""
         return self.export.batch_size if self.export.batch_size is not None else self.profile.batch_size
@@ -492,8 +515,55 @@ class Recipe(_Section):
         return self.export.backend or self.profile.backend
 
 
+# Limits on what one recipe (or one --set value) may hold: it is a small hand-written file, and
+# without them a huge file or a YAML alias bomb (`b: &b [*a, *a, ...]`) takes minutes and all memory.
+MAX_RECIPE_BYTES = 1 << 20  # 1 MiB
+MAX_DEPTH = 50  # nested mappings/lists
+MAX_NODES = 100_000  # values after expanding every alias
+
+
+class _LimitError(yaml.YAMLError):
+    """A recipe over one of the limits above (its message is the whole sentence)."""
+
+
+def _measure(node: yaml.Node, depth: int, memo: dict, active: set) -> int:
+    """Number of values ``node`` stands for once every alias is expanded (memoised per node, so an
+    alias bomb is counted in linear time); raises :class:`_LimitError` past a limit."""
+    if depth > MAX_DEPTH:
+        raise _LimitError(f"values are nested more than {MAX_DEPTH} levels deep (line {node.start_mark.line + 1}); "
+                          "a value is nested too deeply: recipes are plain mappings, lists and values")
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:  # a recursive alias: refused later with its own message (_TOO_DEEP)
+        return 0
+    if isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    active.add(key)
+    total = 1
+    for child in children:
+        total += _measure(child, depth + 1, memo, active)
+        if total > MAX_NODES:
+            raise _LimitError(
+                f"more than {MAX_NODES:,} values once YAML aliases (*name) are expanded (at line "
+                f"{node.start_mark.line + 1}); a recipe is a small file: write the values out or drop the aliases")
+    active.discard(key)
+    memo[key] = total
+    return total
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e-4`` as a float and rejects duplicate keys."""
+    """SafeLoader that reads ``1e-4`` as a float, rejects duplicate keys (merge keys ``<<`` are
+    allowed; explicit keys override merged ones) and refuses documents over the limits above before
+    building any Python object."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _measure(node, 0, {}, set())
+        return super().construct_document(node)
 
 
 _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
@@ -511,9 +581,12 @@ _Loader.add_implicit_resolver(
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    # duplicates among the keys written here; merged keys (``<<: *base``) come first after
+    # flatten_mapping, so an explicit key overrides a merged one
+    explicit = [k for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
     loader.flatten_mapping(node)
     seen: dict[Any, Any] = {}
-    for key_node, _ in node.value:
+    for key_node in explicit:
         key = loader.construct_object(key_node, deep=deep)
         try:
             hash(key)
@@ -535,6 +608,8 @@ def _one_line(text: str) -> str:
 
 
 def _yaml_error(err: yaml.YAMLError) -> str:
+    if isinstance(err, _LimitError):
+        return _one_line(err)
     mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
     problem = getattr(err, "problem", None) or getattr(err, "context", None)
     if mark is not None and problem and str(problem).startswith("duplicate key"):
@@ -582,6 +657,8 @@ def find_recipe(spec: str | Path | None) -> tuple[Path, str]:
                     return candidate, label
     if path.is_dir():
         raise SmcpError(f"recipe path is a directory, not a YAML file: {text}")
+    if path.exists():  # a FIFO, socket or device: reading it could block forever
+        raise SmcpError(f"recipe {text} is not a regular file (a FIFO, socket or device?); give a YAML file")
     names = builtin_recipe_names()
     close = difflib.get_close_matches(Path(text).stem, names, n=1)
     hint = f"did you mean {close[0]}? " if close else ""
@@ -872,10 +949,7 @@ def load_recipe(
     if isinstance(overrides, str):
         overrides = [overrides]
     path, label = find_recipe(spec)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise SmcpError(f"recipe {label}: cannot read the file: {_one_line(err)}") from None
+    text = _read_recipe_text(path, label)
     try:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as err:
@@ -896,6 +970,24 @@ def load_recipe(
         raise SmcpError(f"recipe {label}: {err}") from None
     except RecursionError:
         raise SmcpError(f"recipe {label}: {_TOO_DEEP}") from None
+
+
+def _read_recipe_text(path: Path, label: str) -> str:
+    """The file's text: a regular file (a FIFO would block) of at most MAX_RECIPE_BYTES."""
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise SmcpError(f"recipe {label} is not a regular file (a FIFO, socket or device?); give a YAML file")
+        if st.st_size > MAX_RECIPE_BYTES:
+            raise SmcpError(f"recipe {label}: the file is {st.st_size:,} bytes, over the limit of "
+                            f"{MAX_RECIPE_BYTES:,} (1 MiB); a recipe is a small YAML file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+        if len(raw) > MAX_RECIPE_BYTES:  # it grew since the stat
+            raise SmcpError(f"recipe {label}: the file is over the limit of {MAX_RECIPE_BYTES:,} bytes (1 MiB)")
+        return raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SmcpError(f"recipe {label}: cannot read the file: {_one_line(err)}") from None
 
 
 _TOO_DEEP = ("a value is nested too deeply or refers to itself (a recursive YAML alias such as "

@@ -9,7 +9,9 @@
   ``cifar10_exact_subset.npz`` (train 5085 / val 1017 exact images) or ``cifar10_jpeg.npz``
   (train 50,000 / val 10,000 JPEG images, decoded lazily).  ImageNet normalisation; train
   augmentation: random crop 32 with padding 4 + horizontal flip.
-* ``imagefolder`` — ``path`` has ``train/`` and ``val/``, each with one sub-folder per class.
+* ``imagefolder`` — ``path`` has ``train/`` and ``val/``, each with one sub-folder per class (at
+  least two; an empty class folder in ``train/`` is an error, not a class; :func:`class_count` gives
+  the count that the model's ``num_classes`` defaults to).
   Train: RandomResizedCrop(image_size) + flip; val: resize to int(image_size / 0.875), centre crop.
   ``image_size`` defaults to 224.  ImageNet normalisation.
 * ``imagenet_samples`` — ``path`` is ``imagenet_samples_100.npz`` (or its folder): 100 ImageNet
@@ -24,6 +26,10 @@ builds the validation set from another source/path, e.g. train on ``cifar10_jpeg
 validate on ``cifar10_exact_subset.npz``::
 
     build_data("cifar10", path=".../cifar10_jpeg.npz", val_path=".../cifar10_exact_subset.npz")
+
+Labels and indices stored in an npz must be integers (whole-valued floats are accepted) inside
+their range (class indices 0..9 for cifar10, 0..999 for imagenet_samples; indices and offsets within
+the arrays they point into); anything else is one line naming the file and the key.
 
 Subsets: ``train_subset`` takes the first N training items after a shuffle seeded by ``seed``;
 ``val_subset`` takes the first N validation items (no shuffle).  Sizes larger than the set are
@@ -67,6 +73,7 @@ from smcp_core.utils import dist as _dist
 __all__ = [
     "DataBundle",
     "build_data",
+    "class_count",
     "make_loader",
     "list_sources",
     "IMAGENET_MEAN",
@@ -132,6 +139,40 @@ def _need_keys(source: str, p: Path, arrays: dict, keys: tuple[str, ...]) -> Non
     missing = [k for k in keys if k not in arrays]
     if missing:
         raise SmcpError(f"data {source}: {p} lacks keys {', '.join(missing)} (has {', '.join(sorted(arrays))})")
+
+
+def _int_array(source: str, p: Path, arrays: dict, key: str, lo: int, hi: int, what: str,
+               values: np.ndarray | None = None) -> np.ndarray:
+    """``arrays[key]`` (or ``values`` taken from it) as int64, refusing what a cast would silently
+    change: fractional or non-finite numbers, and values outside ``[lo, hi)`` (a negative index
+    would wrap around, a label past the last class would fail deep inside the loss)."""
+    a = np.asarray(arrays[key] if values is None else values)
+    if a.ndim != 1:
+        raise SmcpError(f"data {source}: {p} key {key} must be a 1-D array of {what} (got shape {a.shape})")
+    if a.dtype.kind == "b" or a.dtype.kind not in "iuf":
+        raise SmcpError(f"data {source}: {p} key {key} must hold integer {what} (got dtype {a.dtype})")
+    if a.dtype.kind == "f":
+        bad = ~np.isfinite(a) | (a != np.round(a))
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise SmcpError(f"data {source}: {p} key {key} must hold integer {what}, but item {k} is {a[k]!r} "
+                            f"(dtype {a.dtype}); store them as integers")
+    if a.size:
+        mn, mx = int(a.min()), int(a.max())
+        if mn < lo or mx >= hi:
+            raise SmcpError(f"data {source}: {p} key {key} has {what} outside the range {lo}..{hi - 1} "
+                            f"(min {mn}, max {mx})")
+    return a.astype(np.int64)
+
+
+def _check_offsets(source: str, p: Path, arrays: dict, key: str, blob_key: str) -> None:
+    """Offsets into a byte blob: integers from 0 to len(blob), never decreasing."""
+    blob = np.asarray(arrays[blob_key])
+    if blob.ndim != 1:
+        raise SmcpError(f"data {source}: {p} key {blob_key} must be a 1-D uint8 array (got shape {blob.shape})")
+    off = _int_array(source, p, arrays, key, 0, len(blob) + 1, f"offsets into {blob_key}")
+    if np.any(np.diff(off) < 0):
+        raise SmcpError(f"data {source}: {p} key {key} must never decrease (offsets into {blob_key})")
 
 
 def _train_indices(n: int, subset: int | None, seed: int) -> np.ndarray | None:
@@ -206,12 +247,21 @@ def _cifar10(p: Path, image_size, train_subset, val_subset, seed, augment) -> Da
     val_tf = Compose(post + [norm])
     if "train_x" in arrays or "test_x" in arrays:
         _need_keys(src, p, arrays, ("train_x", "train_idx", "train_y_all", "test_x", "test_idx", "test_y_all"))
-        tr_y = arrays["train_y_all"][arrays["train_idx"]]
-        te_y = arrays["test_y_all"][arrays["test_idx"]]
         for k in ("train_x", "test_x"):
             if arrays[k].ndim != 4 or arrays[k].shape[1:] != (32, 32, 3) or arrays[k].dtype != np.uint8:
                 raise SmcpError(f"data cifar10: {p} key {k} must be uint8 Nx32x32x3 "
                                 f"(got {arrays[k].dtype} {arrays[k].shape})")
+        ys = {}
+        for split in ("train", "test"):
+            n_all = len(np.atleast_1d(arrays[f"{split}_y_all"]))
+            idx = _int_array(src, p, arrays, f"{split}_idx", 0, n_all, f"indices into {split}_y_all")
+            if len(idx) != len(arrays[f"{split}_x"]):
+                raise SmcpError(f"data cifar10: {p}: {split}_idx has {len(idx)} entries but {split}_x holds "
+                                f"{len(arrays[f'{split}_x'])} images; they must match")
+            y_all = arrays[f"{split}_y_all"]
+            ys[split] = _int_array(src, p, arrays, f"{split}_y_all", 0, 10, "labels (class indices)",
+                                   values=np.asarray(y_all)[idx] if np.ndim(y_all) == 1 else y_all)
+        tr_y, te_y = ys["train"], ys["test"]
         train = UInt8HWCImages(arrays["train_x"], tr_y, _train_indices(len(tr_y), train_subset, seed), train_tf)
         val = UInt8HWCImages(arrays["test_x"], te_y, _val_indices(len(te_y), val_subset), val_tf)
         layout = "exact-subset npz"
@@ -220,7 +270,9 @@ def _cifar10(p: Path, image_size, train_subset, val_subset, seed, augment) -> Da
         for split in ("train", "test"):
             if len(arrays[f"{split}_offsets"]) != len(arrays[f"{split}_y"]) + 1:
                 raise SmcpError(f"data cifar10: {p}: {split}_offsets must have len({split}_y)+1 entries")
-        tr_y, te_y = arrays["train_y"], arrays["test_y"]
+            _check_offsets(src, p, arrays, f"{split}_offsets", f"{split}_jpeg")
+        tr_y = _int_array(src, p, arrays, "train_y", 0, 10, "labels (class indices)")
+        te_y = _int_array(src, p, arrays, "test_y", 0, 10, "labels (class indices)")
         train = JpegBlob(arrays["train_jpeg"], arrays["train_offsets"], tr_y,
                          _train_indices(len(tr_y), train_subset, seed), train_tf, origin=f"{p} train")
         val = JpegBlob(arrays["test_jpeg"], arrays["test_offsets"], te_y,
@@ -238,8 +290,7 @@ def _cifar10(p: Path, image_size, train_subset, val_subset, seed, augment) -> Da
     )
 
 
-def _imagefolder(p: Path, image_size, train_subset, val_subset, seed, augment) -> DataBundle:
-    size = image_size or 224
+def _imagefolder_splits(p: Path) -> dict[str, Path]:
     if not p.is_dir():
         raise SmcpError(f"data imagefolder: path {p} is not a folder; it must contain train/ and val/")
     splits = {}
@@ -249,9 +300,43 @@ def _imagefolder(p: Path, image_size, train_subset, val_subset, seed, augment) -
             raise SmcpError(f"data imagefolder: {d} not found; {p} must contain train/ and val/ "
                             "with one sub-folder per class")
         splits[split] = d
-    classes = sorted(q.name for q in splits["train"].iterdir() if q.is_dir() and not q.name.startswith("."))
+    return splits
+
+
+def _has_image(d: Path) -> bool:
+    return any(q.is_file() and q.suffix.lower() in IMAGE_EXTS for q in d.rglob("*"))
+
+
+def _imagefolder_classes(train_dir: Path) -> list[str]:
+    """The class folders of ``train/`` (sorted; hidden ones skipped).  An empty class folder is an
+    error, not a class: it would be an output the model never sees trained."""
+    classes = sorted(q.name for q in train_dir.iterdir() if q.is_dir() and not q.name.startswith("."))
     if not classes:
-        raise SmcpError(f"data imagefolder: {splits['train']} has no class sub-folders")
+        raise SmcpError(f"data imagefolder: {train_dir} has no class sub-folders")
+    empty = [c for c in classes if not _has_image(train_dir / c)]
+    if empty:
+        more = f" (and {len(empty) - 1} more: {', '.join(empty[1:4])})" if len(empty) > 1 else ""
+        raise SmcpError(f"data imagefolder: class folder {train_dir / empty[0]} has no images "
+                        f"({', '.join(IMAGE_EXTS[:4])}, ...){more}; add images or remove the folder")
+    if len(classes) < 2:
+        raise SmcpError(f"data imagefolder: {train_dir} has only one class folder ({classes[0]}); "
+                        "classification needs at least two")
+    return classes
+
+
+def class_count(source: str, path: str | Path | None = None, base_dir: str | Path | None = None) -> int | None:
+    """How many classes ``source`` has, without building the datasets: 10 (digits, cifar10), 1000
+    (imagenet_samples), the class folders of ``path/train`` (imagefolder), None for synthetic (its
+    ``num_classes`` is chosen, default 10).  The model's ``num_classes`` when the recipe leaves it out."""
+    if source == "imagefolder":
+        return len(_imagefolder_classes(_imagefolder_splits(_require_path(source, path, base_dir))["train"]))
+    return {"digits": 10, "cifar10": 10, "imagenet_samples": 1000}.get(source)
+
+
+def _imagefolder(p: Path, image_size, train_subset, val_subset, seed, augment) -> DataBundle:
+    size = image_size or 224
+    splits = _imagefolder_splits(p)
+    classes = _imagefolder_classes(splits["train"])
     class_idx = {c: i for i, c in enumerate(classes)}
     val_classes = sorted(q.name for q in splits["val"].iterdir() if q.is_dir() and not q.name.startswith("."))
     extra = [c for c in val_classes if c not in class_idx]
@@ -292,9 +377,10 @@ def _imagenet_samples(p: Path, image_size, train_subset, val_subset, seed) -> Da
         p = q
     arrays = _load_npz(src, p)
     _need_keys(src, p, arrays, ("jpeg_bytes", "offsets", "labels"))
-    y = arrays["labels"].astype(np.int64)
+    y = _int_array(src, p, arrays, "labels", 0, 1000, "labels (ImageNet class indices)")
     if len(arrays["offsets"]) != len(y) + 1:
         raise SmcpError(f"data {src}: {p}: offsets must have len(labels)+1 entries")
+    _check_offsets(src, p, arrays, "offsets", "jpeg_bytes")
     size = image_size or 224
     tf = imagenet_eval_transform(size)
     train = JpegBlob(arrays["jpeg_bytes"], arrays["offsets"], y, _train_indices(len(y), train_subset, seed), tf,

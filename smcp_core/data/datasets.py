@@ -21,6 +21,25 @@ from smcp_core.data.transforms import hwc_uint8_to_tensor
 from smcp_core.errors import SmcpError
 
 
+class DataError(SmcpError):
+    """An :class:`SmcpError` raised while reading an item.  A DataLoader worker process hands it back
+    as ``DataError("Caught DataError in DataLoader worker process N.\\nOriginal Traceback ...")``;
+    this constructor keeps the original one-line message (and which worker) instead of the whole
+    traceback."""
+
+    def __init__(self, message: str = "", *args):
+        text = str(message)
+        if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+            where = text.split("\n", 1)[0].rstrip(".")
+            where = where.split(" in ", 1)[1] if " in " in where else "a worker"
+            lines = [ln for ln in text.splitlines() if ln.strip()]
+            last = lines[-1] if lines else ""
+            name = type(self).__name__ + ": "
+            original = last.split(name, 1)[1] if name in last else last
+            text = f"{original} (in {where})"
+        super().__init__(text, *args)
+
+
 class _Indexed(Dataset):
     def __init__(self, labels: np.ndarray, indices: np.ndarray | None, transform: Callable | None):
         all_labels = np.asarray(labels, dtype=np.int64)
@@ -81,7 +100,7 @@ class JpegBlob(_Indexed):
         try:
             img = Image.open(io.BytesIO(data)).convert("RGB")
         except (UnidentifiedImageError, OSError) as exc:
-            raise SmcpError(f"{self.origin}: image {k} cannot be decoded ({exc})") from None
+            raise DataError(f"{self.origin}: image {k} cannot be decoded ({_first_line(exc)})") from None
         if self.as_tensor:
             return hwc_uint8_to_tensor(np.array(img, dtype=np.uint8))
         return img
@@ -100,7 +119,7 @@ class ImageFiles(_Indexed):
             with Image.open(path) as img:
                 return img.convert("RGB")
         except (UnidentifiedImageError, OSError) as exc:
-            raise SmcpError(f"image {path} cannot be read ({exc}); remove or replace the file") from None
+            raise DataError(f"image {path} cannot be read ({_first_line(exc)}); remove or replace the file") from None
 
 
 class SyntheticImages(_Indexed):
@@ -123,6 +142,11 @@ class SyntheticImages(_Indexed):
         proto = self.prototypes[int(self.all_labels[k])][None]
         pattern = F.interpolate(proto, size=self.shape[1:], mode="bilinear", align_corners=False)[0]
         return noise + pattern
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def image_files(root: Path, exts: tuple[str, ...]) -> list[Path]:

@@ -11,6 +11,8 @@ Sources accepted by :func:`build_model`:
 * ``path/to/file.py:factory`` — user code: the file is imported by path and ``factory(**kwargs)``
   is called (with ``num_classes=`` too when given and the factory accepts it).  A relative path is
   resolved against ``base_dir`` (e.g. the recipe's folder) when given, else the working directory.
+  The built model runs once on a small guessed input (eval mode, no grad): one that returns a dict
+  or tuple instead of a tensor of logits is an error here (:func:`check_logits`).
 
 Every user mistake raises :class:`~smcp_core.errors.SmcpError` with a one-line message.
 """
@@ -32,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from smcp_core.errors import SmcpError
 from smcp_core.models.cifar_resnet import DEPTHS as _CIFAR_DEPTHS
@@ -41,6 +44,7 @@ from smcp_core.utils.tv import import_torchvision
 
 __all__ = [
     "build_model",
+    "check_logits",
     "load_checkpoint",
     "list_models",
     "CifarResNet",
@@ -245,7 +249,67 @@ def _build_user(source: str, num_classes: int | None, kwargs: dict, base_dir) ->
             f"model {source}: {factory}() returned {type(model).__name__}, not a torch.nn.Module; "
             f"make it return the model"
         )
+    _probe_output(model, source)
     return model
+
+
+def _kind_of_output(out: Any) -> str:
+    if isinstance(out, dict):
+        keys = ", ".join(map(repr, list(out)[:4])) + (", ..." if len(out) > 4 else "")
+        return f"a dict (keys {keys})" if out else "an empty dict"
+    if isinstance(out, tuple) and hasattr(out, "_fields"):
+        return f"a namedtuple {type(out).__name__} ({', '.join(out._fields[:4])})"
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)}"
+    return "None" if out is None else f"a {type(out).__name__}"
+
+
+def check_logits(output: Any, what: str) -> None:
+    """Raise a one-line :class:`SmcpError` unless ``output`` (of one forward of model ``what``) is a
+    tensor of logits: every stage (graph, loss, accuracy, export) takes the output as one tensor."""
+    if isinstance(output, torch.Tensor):
+        return
+    raise SmcpError(
+        f"model {what} returns {_kind_of_output(output)}; smcp needs a tensor of logits (batch x classes) "
+        "- wrap it in an nn.Module whose forward returns only the logits (e.g. `return self.net(x)['logits']`"
+        " or `[0]`)"
+    )
+
+
+def _probe_shapes(model: nn.Module) -> list[tuple[int, ...]]:
+    """Guessed inputs from the first layer: images for a conv, feature vectors for a linear layer;
+    none for a model with lazy layers (a forward would fix their sizes)."""
+    if any(isinstance(m, LazyModuleMixin) for m in model.modules()):
+        return []
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    if isinstance(first, nn.Conv2d):
+        return [(2, first.in_channels, 32, 32), (2, first.in_channels, 224, 224)]
+    if isinstance(first, nn.Linear):
+        return [(2, first.in_features)]
+    return []
+
+
+def _probe_output(model: nn.Module, what: str) -> None:
+    """One eval-mode forward of a user model on a small guessed input (batch 2, 32x32, then
+    224x224), so a model that returns a dict or tuple is reported now, in one line, not after
+    profiling.  A forward that fails (the guess is wrong) is left to the channel graph, which runs
+    the recipe's real input; the training flag and the RNG are left as they were."""
+    shapes = _probe_shapes(model)
+    if not shapes:
+        return
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            for shape in shapes:
+                try:
+                    out = model(torch.zeros(shape))
+                except Exception:  # noqa: BLE001, S112 - a wrong guess of the input, not the model's fault
+                    continue
+                check_logits(out, what)
+                return
+    finally:
+        model.train(was_training)
 
 
 def _accepts(fn, name: str) -> bool:
@@ -321,8 +385,17 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, trust: bool = False) 
     (from ``DataParallel``) is stripped.  Loads with ``weights_only=True`` unless ``trust``.
     """
     p = Path(path).expanduser()
+    if p.is_dir():
+        found = sorted(q.name for q in p.iterdir() if q.is_file() and q.suffix.lower() in _CKPT_EXTS)
+        raise SmcpError(f"checkpoint {p} is a directory, not a file; point model.checkpoint at the file "
+                        "written by torch.save" + (f" (found there: {_fmt_keys(found)})" if found else ""))
+    if p.exists() and not p.is_file():
+        raise SmcpError(f"checkpoint {p} is not a regular file (a FIFO, socket or device?); give a torch.save file")
     if not p.is_file():
         raise SmcpError(f"checkpoint {p} not found; check the path")
+    if _truncated_zip(p):
+        raise SmcpError(f"checkpoint {p}: the file is truncated (a zip archive written by torch.save, cut off "
+                        "before its end: an interrupted copy or download?); copy or save it again")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
@@ -342,6 +415,9 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, trust: bool = False) 
             raise SmcpError(
                 f"checkpoint {p}: not a PyTorch checkpoint (expected a file written by torch.save)"
             ) from None
+        if "unexpected eof" in str(exc).lower() or "truncated" in str(exc).lower():
+            raise SmcpError(f"checkpoint {p}: the file is truncated or corrupt ({_one_line(exc)}); "
+                            "copy or save it again") from None
         raise SmcpError(f"checkpoint {p}: loading failed ({_one_line(exc)})") from None
 
     sd, meta = _extract_state_dict(obj, p)
@@ -367,8 +443,36 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, trust: bool = False) 
             f"checkpoint {p} does not match the model ({'; '.join(parts)}); check the model source, "
             f"its kwargs and num_classes"
         )
+    _check_finite(p, sd, own)
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
         raise SmcpError(f"checkpoint {p}: load_state_dict failed ({_one_line(exc)})") from None
     return meta
+
+
+_CKPT_EXTS = (".pt", ".pth", ".th", ".tar", ".ckpt", ".bin")
+
+
+def _truncated_zip(p: Path) -> bool:
+    """A file that starts like a zip archive (torch.save's format) but has no end record."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04" and not zipfile.is_zipfile(p)
+
+
+def _check_finite(p: Path, sd: dict, own: dict) -> None:
+    """Weights and batch-norm statistics must be finite: NaN/Inf in a checkpoint (a diverged run)
+    would otherwise surface much later as a NaN loss or a 0 % accuracy."""
+    for k, v in sd.items():
+        if k in own and isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel():
+            bad = ~torch.isfinite(v)
+            if bad.any():
+                n = int(bad.sum())
+                kinds = "/".join(w for w, hit in (("NaN", bool(torch.isnan(v).any())),
+                                                 ("Inf", bool(torch.isinf(v).any()))) if hit)
+                raise SmcpError(f"checkpoint {p}: {k} holds {kinds} values ({n} of {v.numel()}); the "
+                                "checkpoint is broken (saved from a diverged run?): use an earlier one")
