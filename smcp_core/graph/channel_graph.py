@@ -58,8 +58,10 @@ from smcp_core.graph.ops import (
     _SPLIT,
     _channels_last_ok,
     _known_pass_function,
+    is_inplace,
 )
 from smcp_core.graph.signature import LayerSig
+from smcp_core.models import check_logits
 
 
 @dataclass
@@ -205,7 +207,7 @@ class ChannelGraph:
             self.gm = trace(model)
             try:
                 with torch.no_grad():
-                    self.gm(example)  # fails cleanly (ShapeProp would print its own traceback)
+                    output = self.gm(example)  # fails cleanly (ShapeProp would print its own traceback)
                     ShapeProp(self.gm).propagate(example)
             except Exception as exc:  # noqa: BLE001
                 line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -215,6 +217,7 @@ class ChannelGraph:
                 ) from None
         finally:
             model.train(was_training)
+        check_logits(output, type(model).__name__)  # a dict or tuple output is one line here, not after profiling
         self.input_shape = tuple(example.shape[1:])
         self.modules = dict(self.gm.named_modules())
         self._uf = _UF()
@@ -227,6 +230,8 @@ class ChannelGraph:
         self.layers: list[LayerInfo] = []
         self.bns: dict[str, str] = {}  # bn module name -> node name (labels via node_labels)
         self.unsupported: list[str] = []  # human-readable notes on frozen spots
+        self._shared = self._shared_modules()
+        self._shared_seen: set[str] = set()
         self._propagate()
         self._apply_unpruned(list(unpruned))
         self._finalise()
@@ -315,6 +320,8 @@ class ChannelGraph:
             return None
         if node.op == "get_attr":
             return None  # constants: an elementwise op with a channel tensor freezes it (below)
+        if node.op == "call_module" and str(node.target) in self._shared:
+            return self._visit_shared(node)
         if node.op == "call_module":
             return self._visit_module(node, self.modules[str(node.target)])
         if node.op == "call_function":
@@ -322,6 +329,39 @@ class ChannelGraph:
         if node.op == "call_method":
             return self._visit_method(node, str(node.target))
         return self._barrier(node, f"unknown node kind {node.op}")
+
+    def _shared_modules(self) -> dict[str, int]:
+        """Modules with weights (or per-channel buffers) called more than once, and how often: the
+        same weights read different channel spaces, which one slicing cannot serve."""
+        calls: dict[str, int] = {}
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module":
+                calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+        out = {}
+        for name, n in calls.items():
+            mod = self.modules[name]
+            if n > 1 and (next(mod.parameters(), None) is not None or next(mod.buffers(), None) is not None):
+                out[name] = n
+        return out
+
+    def _visit_shared(self, node: fx.Node) -> Any:
+        """A module called several times (shared weights): every channel it reads or writes is
+        frozen.  Its first call is analysed as usual (so its cost is counted), the others are
+        barriers."""
+        name = str(node.target)
+        reason = f"{name}: called {self._shared[name]} times (shared weights)"
+        if name in self._shared_seen:
+            return self._barrier(node, reason)
+        self._shared_seen.add(name)
+        n_layers = len(self.layers)
+        self._freeze(self._inp(node), reason)
+        out = self._visit_module(node, self.modules[name])
+        self._freeze(out, reason)
+        for layer in self.layers[n_layers:]:
+            self._uf.freeze(layer.in_labels, reason)
+            self._uf.freeze(layer.out_labels, reason)
+        self.unsupported.append(reason)
+        return out
 
     def _inp(self, node: fx.Node, i: int = 0) -> Any:
         return self._in_labels(node.args[i]) if len(node.args) > i else None
@@ -821,6 +861,8 @@ class ChannelGraph:
                     live.add(node.name)
                     if node.op == "output":
                         out_live = True
+                    if is_inplace(node, self.modules) and node.args and isinstance(node.args[0], fx.Node):
+                        live.add(node.args[0].name)  # it writes into its input: later readers see it
             g.removable = out_live
 
     # ---------------------------------------------------------------- helpers

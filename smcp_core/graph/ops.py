@@ -4,6 +4,7 @@ reshape them (flatten, split, permute, shuffle)."""
 
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import Any
 
@@ -115,3 +116,54 @@ def _channels_last_ok(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         return (m in _PASS_METHODS or m in _BINARY_METHODS or m in _PERMUTE_METHODS
                 or m in ("size", "dim", "numel"))
     return node.op == "output"
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+# ops whose output may share memory with their (first) input: an in-place op on their output
+# also writes into that input
+_ALIAS_METHODS = {
+    "view", "view_as", "reshape", "reshape_as", "permute", "transpose", "swapaxes", "swapdims", "t",
+    "flatten", "unflatten", "contiguous", "expand", "expand_as", "squeeze", "unsqueeze", "narrow",
+    "chunk", "split", "unbind", "select", "detach", "to", "float", "half", "type_as",
+}
+_ALIAS_FUNCTIONS = {operator.getitem, torch.flatten, torch.permute, torch.transpose, torch.reshape,
+                    torch.split, torch.chunk, torch.squeeze, torch.unsqueeze, torch.narrow}
+_ALIAS_MODULES: tuple[type, ...] = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d,
+                                    nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` writes into its first argument (``x.relu_()``, ``x.add_(y)``,
+    ``torch.relu_(x)``, ``F.relu(x, inplace=True)``, ``nn.ReLU(inplace=True)``, ``x += y``): it
+    has an effect even when its result is unused, so it must never be dropped as dead code."""
+    if node.op == "call_method":
+        m = str(node.target)
+        return m.endswith("_") and not m.startswith("_")
+    if node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True:
+            return True
+        if len(node.args) > 1 and callable(node.target):  # F.relu(x, True), F.dropout(x, p, False, True)
+            try:
+                bound = inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments
+            except (TypeError, ValueError):
+                bound = {}
+            if bound.get("inplace") is True:
+                return True
+        name = getattr(node.target, "__name__", "")
+        return name.endswith("_") and not name.startswith("_")
+    if node.op == "call_module":
+        return getattr(modules.get(str(node.target)), "inplace", False) is True
+    return False
+
+
+def is_alias(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node``'s output may be (a view of) its first argument's memory."""
+    if node.op == "call_method":
+        return str(node.target) in _ALIAS_METHODS or is_inplace(node, modules)
+    if node.op == "call_function":
+        return node.target in _ALIAS_FUNCTIONS or is_inplace(node, modules)
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), _ALIAS_MODULES) or is_inplace(node, modules)
+    return False

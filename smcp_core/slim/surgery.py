@@ -33,6 +33,8 @@ from smcp_core.graph.ops import (
     _ELEMENTWISE_MODULES,
     _PASS_FUNCTIONS,
     _known_pass_function,
+    is_alias,
+    is_inplace,
 )
 from smcp_core.utils.fsutil import atomic_write_with
 
@@ -105,7 +107,9 @@ def slim_model(model: nn.Module, graph: ChannelGraph, keep: torch.Tensor) -> fx.
     dead += _channelless_nodes(gm, graph.node_labels, keep, {n for n, _ in dead})
     _replace_by_constants(gm, graph, keep, dead, nodes, ref_nodes)
 
-    gm.graph.eliminate_dead_code()
+    # an in-place op whose result is unused (``x.relu_()``) still changes ``x``: never dead code
+    mods = dict(gm.named_modules())
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or is_inplace(n, mods))
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
@@ -241,6 +245,31 @@ def _replace_by_constants(gm: fx.GraphModule, graph: ChannelGraph, keep: torch.T
         node.replace_all_uses_with(cnode)
         gm.graph.erase_node(node)
         _fold_constant(gm, cnode, ref_nodes)
+        _copy_if_written(gm, cnode)
+
+
+def _copy_if_written(gm: fx.GraphModule, cnode: fx.Node) -> None:
+    """A constant is an expanded view of a buffer: when an in-place op writes into it (or into a
+    view of it), give that op a fresh copy (``clone``) instead."""
+    if getattr(cnode, "_erased", False):
+        return  # folded into a broadcast buffer (read by binary ops only)
+    mods = dict(gm.named_modules())
+    todo, written = [cnode], False
+    while todo and not written:
+        cur = todo.pop()
+        for u in cur.users:
+            if not u.args or u.args[0] is not cur:
+                continue
+            if is_inplace(u, mods):
+                written = True
+                break
+            if is_alias(u, mods):
+                todo.append(u)
+    if not written:
+        return
+    with gm.graph.inserting_after(cnode):
+        copy_node = gm.graph.call_method("clone", (cnode,))
+    cnode.replace_all_uses_with(copy_node, delete_user_cb=lambda u: u is not copy_node)
 
 
 def _constant_of(tensor_meta: Any, cd: int, iout: torch.Tensor, old: nn.Module | None) -> ConstantChannels:
