@@ -27,13 +27,17 @@ def prune(
     recipe: Optional[str] = RecipeOpt,
     set_: Optional[list[str]] = SetOpt,
     out: Optional[Path] = OutOpt,
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/prune/checkpoint.pt."),
+    resume: bool = typer.Option(False, "--resume", help=(
+        "Continue from OUT/prune/checkpoint.pt.  Without it the prune starts over: it deletes "
+        "OUT/prune/checkpoint.pt (an interrupted prune's work), metrics.csv and weight_masks.pt.")),
     force_table: bool = typer.Option(False, "--force-table",
                                      help="Use a latency table measured on another device/setting."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Fine-tune with soft input-channel masks; writes OUT/prune/pruned.pt and summary.json."""
+    """Fine-tune with soft input-channel masks; writes OUT/prune/pruned.pt and summary.json.
+
+    Without --resume this starts over and discards OUT/prune/checkpoint.pt."""
     with guarded(as_json):
         r = load(recipe, set_)
         o = out_dir(r, out)

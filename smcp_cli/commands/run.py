@@ -28,22 +28,34 @@ def run(
     recipe: Optional[str] = RecipeOpt,
     set_: Optional[list[str]] = SetOpt,
     out: Optional[Path] = OutOpt,
-    force: bool = typer.Option(False, "--force", help="Re-run every stage even if its outputs are up to date."),
+    force: bool = typer.Option(False, "--force", help=(
+        "Re-run every stage even if its outputs are up to date; the prune starts over (an interrupted "
+        "prune's OUT/prune/checkpoint.pt is deleted) unless --resume is given too.")),
+    resume: bool = typer.Option(False, "--resume", help=(
+        "Continue an interrupted prune from OUT/prune/checkpoint.pt (the other stages run or are "
+        "skipped as usual).")),
     trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT engine at export."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Run the whole chain into OUT (default runs/<recipe name>)."""
+    """Run the whole chain into OUT (default runs/<recipe name>).
+
+    An interrupted prune (OUT/prune/checkpoint.pt while the prune is not up to date) is never
+    discarded unasked: pass --resume to continue it or --force to start over; without either the
+    run stops with exit 1 before any stage runs."""
     with guarded(as_json):
         r = load(recipe, set_)
         o = out_dir(r, out)
         with locked(o, "run"):
             from smcp_core import stages
+            from smcp_core.stages.pruning import refuse_to_discard_checkpoint
 
+            if not force and not resume:
+                refuse_to_discard_checkpoint(r, o)
             stages.write_resolved(r, o)
             results: dict = {"out": str(o), "stages": {}}
             with RichReporter(quiet) as rep:
-                options = {"trt": trt}
+                options = {"trt": trt, "resume": resume}
                 for stage in stages.PIPELINE:
                     if not force and stages.up_to_date(r, o, stage.name):
                         rep.log(f"{stage.name}: up to date, skipped")

@@ -103,6 +103,37 @@ class LatencyCheck:
     overshoot: float = 0.1
 
 
+# recipe sections whose values shape the training run: a resumed run must have been started with the
+# same values, else its result belongs to neither recipe
+RESUME_SECTIONS = ("model", "data", "prune", "seed")
+# keys that may change on --resume: they do not change what is trained (how often to evaluate, how
+# many loader processes), or they are the documented way out of a diverged run ("lower
+# prune.optimizer.lr and resume with --resume")
+RESUME_MAY_CHANGE = frozenset({"prune.eval_every", "data.workers", "prune.optimizer.lr"})
+
+
+def started_with(recipe) -> dict:
+    """What a checkpoint records of the recipe it was trained with (plain JSON values)."""
+    r = recipe.model_dump(mode="json")
+    return {k: r[k] for k in RESUME_SECTIONS if k in r}
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two :func:`started_with` records (those in
+    :data:`RESUME_MAY_CHANGE` left out), sorted."""
+    a, b = _flatten(old, ""), _flatten(new, "")
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_MAY_CHANGE)
+
+
 def _param_groups(model: nn.Module, weight_decay: float):
     decay, no_decay = [], []
     for _name, p in model.named_parameters():
@@ -305,6 +336,12 @@ class PruneTrainer:
                               "rng", "n_classes"))
         if ck.get("n_classes") != self.graph.n_classes:
             raise SmcpError(f"checkpoint {self.ck_path} was made for a different model; delete it or use another --out")
+        if ck.get("recipe") is not None:  # (checkpoints written before it was recorded: nothing to compare)
+            changed = changed_keys(ck["recipe"], started_with(self.recipe))
+            if changed:
+                raise SmcpError(f"checkpoint {self.ck_path} was started with another recipe (changed: "
+                                f"{', '.join(changed)}); resume with the same recipe, or run without --resume "
+                                "to start over")
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
         self.masker.set_keep(ck["mask"])
@@ -497,6 +534,7 @@ class PruneTrainer:
             "history": self.history, "rng": torch.get_rng_state(), "n_classes": self.graph.n_classes,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "bn_scales": self.bn_scaler.scales() or None,
+            "recipe": started_with(self.recipe),
         }, self.ck_path, checksum=True)
         write_metrics_csv(self.out_dir / METRICS, self.history, unit=self.cost.unit)  # from the checkpointed history
 

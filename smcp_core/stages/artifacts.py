@@ -49,9 +49,24 @@ def _file_sig(path: str | None) -> Any:
     return _SIG_CACHE[key]
 
 
+def _model_file(source: str) -> str | None:
+    """The Python file of a ``path/to/file.py:factory`` model source (resolved as the model registry
+    resolves it: relative to the working directory), else None."""
+    file_part, sep, _ = source.strip().rpartition(":")
+    if sep and file_part.endswith(".py"):
+        return str(Path(file_part).expanduser())
+    return None
+
+
 def stamp(recipe: Recipe, stage: str) -> str:
+    """The hash of what ``stage``'s outputs are made from: the recipe sections it depends on, the
+    bytes of the checkpoint and, for a ``file.py:factory`` model, the bytes of that file (editing its
+    ``forward`` makes every stage out of date; modules it imports in turn are not covered)."""
     r = recipe.model_dump(mode="json")
     model = {**r["model"], "checkpoint": _file_sig(recipe.model.checkpoint)}  # its bytes, not its path
+    src_file = _model_file(recipe.model.source)
+    if src_file is not None:  # only then: the stamps of registry models stay as they were
+        model["source_file"] = _file_sig(src_file)
     prof = _digest(model, r["profile"], r["data"]["source"], r["data"]["image_size"])
     if stage == "profile":
         return prof
@@ -82,7 +97,15 @@ def _redo_hint(stage: str) -> str:
 def up_to_date(recipe: Recipe, out: Path, stage: str) -> bool:
     """True when ``stage``'s outputs exist, are intact and were made from the same inputs.
 
-    A corrupt or truncated output raises :class:`SmcpError` (it is never silently re-created)."""
+    A corrupt or truncated output raises :class:`SmcpError` (it is never silently re-created).
+
+    Failed gates: a slim model that differs from the masked one never gets a ``slim/slim.json``
+    (:func:`smcp_core.stages.slimming.slim` removes it first and keeps its figures in
+    ``slim/slim.failed.json``), so slim is never up to date after a failed gate and export refuses
+    to use it.  A failed ``export/report.json`` (target missed, parity out of tolerance) *is* up to
+    date: it is the verdict on exactly these inputs, and ``smcp run`` re-applies the gate from it
+    (exit 2 again) rather than re-measuring until timing noise lets it pass; ``--force`` (or
+    ``smcp export``) measures again on purpose."""
     outputs = STAGE_OUTPUTS[stage]
     f = out / outputs[0][0]
     if not f.exists():

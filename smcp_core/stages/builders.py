@@ -3,7 +3,6 @@ data, the latency table of a run directory, and the layer-sum budget of the targ
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -35,15 +34,35 @@ def input_shape(recipe: Recipe) -> tuple[int, int, int]:
 def num_classes(recipe: Recipe) -> int | None:
     if recipe.model.num_classes:
         return int(recipe.model.num_classes)
-    return _DEFAULT_CLASSES.get(recipe.data.source)
+    return _DEFAULT_CLASSES.get(recipe.data.source) or data_sources.class_count(recipe.data.source,
+                                                                      recipe.data.path)
+
+
+# Whether checkpoints that need full unpickling may be loaded.  Off unless a caller in this process
+# switches it on (the CLI's ``--trust-checkpoint``): deliberately not read from the environment, so
+# an inherited ``SMCP_TRUST_CHECKPOINT=1`` (CI settings, a wrapper script, a shell profile) cannot
+# turn unpickling on behind the user's back.
+_TRUST_CHECKPOINT = False
+
+
+def set_trust_checkpoint(on: bool) -> None:
+    """Allow (``True``) or refuse (``False``, the default) pickled checkpoints for the rest of this
+    process; called by the CLI for ``--trust-checkpoint`` on every command."""
+    global _TRUST_CHECKPOINT
+    _TRUST_CHECKPOINT = bool(on)
+
+
+def trust_checkpoint() -> bool:
+    """What :func:`set_trust_checkpoint` last set (never the environment)."""
+    return _TRUST_CHECKPOINT
 
 
 def build_model(recipe: Recipe, *, load_weights: bool = True, trust: bool | None = None) -> torch.nn.Module:
-    """The recipe's model with its checkpoint loaded.  ``trust`` (default: the environment variable
-    ``SMCP_TRUST_CHECKPOINT=1``, set by ``smcp --trust-checkpoint``) allows checkpoints that need full
+    """The recipe's model with its checkpoint loaded.  ``trust`` (default: :func:`trust_checkpoint`,
+    i.e. ``smcp --trust-checkpoint``; the environment plays no part) allows checkpoints that need full
     unpickling; otherwise they load with ``weights_only=True``."""
     if trust is None:
-        trust = os.environ.get("SMCP_TRUST_CHECKPOINT") == "1"
+        trust = _TRUST_CHECKPOINT
 
     torch.manual_seed(recipe.seed)  # from-scratch initial weights depend on the recipe only
     model = model_sources.build_model(recipe.model.source, num_classes=num_classes(recipe),

@@ -11,7 +11,7 @@ from smcp_core import __version__
 from smcp_core.config.presets import UNSTRUCTURED
 from smcp_core.config.recipe import Recipe
 from smcp_core.data import make_loader
-from smcp_core.errors import InfeasibleTarget
+from smcp_core.errors import InfeasibleTarget, SmcpError
 from smcp_core.events import Reporter
 from smcp_core.graph.channel_graph import ChannelGraph
 from smcp_core.profile.cost_model import CostModel
@@ -19,7 +19,7 @@ from smcp_core.prune.allocator import Allocator
 from smcp_core.prune.methods import unstructured_masks
 from smcp_core.prune.trainer import LatencyCheck, TrainResult, prune_train
 from smcp_core.prune.unstructured import unstructured_speed_note
-from smcp_core.stages.artifacts import stamp
+from smcp_core.stages.artifacts import stamp, up_to_date
 from smcp_core.stages.builders import (
     build_data,
     build_graph,
@@ -87,6 +87,16 @@ def prune(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, resume
     return summary
 
 
+def refuse_to_discard_checkpoint(recipe: Recipe, out: Path) -> None:
+    """For ``smcp run`` without ``--resume``/``--force``: a prune that is not up to date would start
+    over and delete ``prune/checkpoint.pt`` (an interrupted prune's work); stop instead, with one
+    line naming both ways on."""
+    ck = out / "prune" / "checkpoint.pt"
+    if ck.exists() and not up_to_date(recipe, out, "prune"):
+        raise SmcpError(f"an interrupted prune exists ({ck}); pass --resume to continue it, "
+                        "or --force to start over (deletes the checkpoint)")
+
+
 def _ignored_target(pc, tdesc: dict) -> dict:
     """The target description of a method that removes no channel (``none``, unstructured)."""
     note = ("target ignored, nothing pruned" if pc.method == "none" else
@@ -111,8 +121,8 @@ def _check_reachable(alloc: Allocator, cost: CostModel, graph: ChannelGraph, bud
     else:
         hint = f"minimum {lo:.4g} {cost.unit}"
     raise InfeasibleTarget(
-        f"target {tdesc['kind']}={tdesc['value']} is out of reach: {hint}; lower the target or allow smaller "
-        "widths (prune.min_channels, prune.channel_round, prune.layer_pruning)"
+        f"target {tdesc['kind']}={tdesc['value']} is out of reach: {hint}; {Recipe.relax_hint_for(tdesc['kind'])} "
+        "or allow smaller widths (prune.min_channels, prune.channel_round, prune.layer_pruning)"
     )
 
 

@@ -20,7 +20,7 @@ class Stage:
 
 PIPELINE: tuple[Stage, ...] = (
     Stage("profile", profile),
-    Stage("prune", prune),
+    Stage("prune", prune, ("resume",)),
     Stage("slim", slim),
     Stage("export", export, ("trt",)),
 )

@@ -267,17 +267,32 @@ NAN_SETS = [
 @pytest.mark.parametrize("case", ["loss", "weights"])
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, case):
     """loss: an absurd learning rate, the loss of the next step is nan; weights: the last step of an
-    epoch makes a weight inf (no later loss to see it): the end-of-epoch check catches it."""
+    epoch makes a weight inf (no later loss to see it): the end-of-epoch check catches it.  The run
+    is interrupted after epoch 2 of 4 and resumed with the same recipe (only the learning rate,
+    which --resume may change, differs in the loss case)."""
+    from smcp_core.prune.trainer import PruneTrainer
+
     run = tmp_path / "run"
-    code, out, err = cli("prune", "--out", run, *sets(NAN_SETS), "--quiet")
-    assert code == 0, err
+    recipe = NAN_SETS + ["prune.epochs=4", "prune.cooldown_epochs=3"]
+    if case == "weights":
+        recipe = [s for s in recipe if not s.startswith("prune.max_steps=")] + ["prune.max_steps=1"]
+    train_epoch = PruneTrainer.train_epoch
+
+    def interrupt_at_epoch_3(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return train_epoch(self, epoch)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(PruneTrainer, "train_epoch", interrupt_at_epoch_3)
+        code, out, err = cli("prune", "--out", run, *sets(recipe), "--quiet")
+    assert code == 130, err
     before = snapshot(run / "prune")
-    diverge = NAN_SETS + ["prune.epochs=4", "prune.cooldown_epochs=3"]
-    if case == "loss":  # resume for two more epochs: the weights overflow at the first step
+    diverge = list(recipe)
+    if case == "loss":  # resume for the two remaining epochs: the weights overflow at the first step
         diverge += ["prune.optimizer.lr=1e38"]
         expect = "loss became nan"
     else:
-        diverge += ["prune.max_steps=1"]
         expect = "weights became non-finite"
         step = torch.optim.SGD.step
 
@@ -294,7 +309,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_pat
     assert expect in line and "epoch 3" in line, line
     assert f"the last good checkpoint is {ck} (epoch 2)" in line and "--resume" in line
     assert json.loads(out)["kind"] == "input"
-    assert snapshot(run / "prune") == before  # checkpoint, metrics.csv, SHA256SUMS, pruned.pt untouched
+    assert snapshot(run / "prune") == before  # checkpoint, metrics.csv, SHA256SUMS untouched
     assert load_torch(ck, "checkpoint")["epoch"] == 2
 
 
