@@ -2,11 +2,13 @@
 
 Exit codes: 0 success; 1 bad input (recipe, file, model, arguments) with one line on stderr;
 2 a validation gate failed (target missed, parity out of tolerance); 3 internal error;
-130 interrupted.
+130 interrupted (SIGINT); 143 terminated (SIGTERM); 141 stdout closed early (broken pipe).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 
 import typer
@@ -53,10 +55,14 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
               help="Allow model.checkpoint files that need full unpickling (runs code from the file: only for "
                    "files you trust). Default: torch.load(weights_only=True).")) -> None:
     """smcp: Soft Masking for Cost-Constrained Channel Pruning, from recipe to measured deployment."""
+    # the flag, never the environment, opens unpickling: set (or reset, for in-process callers) the
+    # library's switch on every command; torch is imported only when it must be switched on
     if trust_checkpoint:
-        import os
+        from smcp_core.stages.builders import set_trust_checkpoint
 
-        os.environ["SMCP_TRUST_CHECKPOINT"] = "1"
+        set_trust_checkpoint(True)
+    elif "smcp_core.stages.builders" in sys.modules:
+        sys.modules["smcp_core.stages.builders"].set_trust_checkpoint(False)
 
 
 def _usage_error(msg: str, argv: list[str], code: int = 1, kind: str = "usage") -> None:
@@ -71,9 +77,54 @@ def _usage_error(msg: str, argv: list[str], code: int = 1, kind: str = "usage") 
     sys.exit(code)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from typer._click import exceptions as cx
+def _quiet_broken_pipe() -> None:
+    """stdout's reader went away (`smcp --help | head`): point stdout at /dev/null so that the
+    interpreter's final flush does not print a second BrokenPipeError, and exit 141 (128 + SIGPIPE,
+    what a shell reports for a process killed by the broken pipe) without a message."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (tests redirect it)
+        pass
+    sys.exit(EXIT_BROKEN_PIPE)
 
+
+def _is_broken_pipe(exc: BaseException) -> bool:
+    """The exception, or the one it was raised while handling (rich and click raise SystemExit(1)
+    from a BrokenPipeError), is a broken pipe."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 5:
+        if isinstance(e, BrokenPipeError) or (isinstance(e, OSError) and e.errno == errno.EPIPE):
+            return True
+        e, seen = e.__context__, seen + 1
+    return False
+
+
+EXIT_BROKEN_PIPE = 141
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except SystemExit as exc:  # rich and click answer a broken pipe with SystemExit(1)
+        if _is_broken_pipe(exc):
+            _quiet_broken_pipe()
+        raise
+    except OSError as exc:
+        if _is_broken_pipe(exc):
+            _quiet_broken_pipe()
+        raise
+
+
+def _main(argv: list[str] | None) -> int:
+    # typer 0.29 bundles its own click (typer._click) without Abort/Exit: those live in typer.exceptions
+    from typer._click import exceptions as cx
+    from typer.exceptions import Abort
+
+    from smcp_cli import common
+
+    common._terminated = False
     args = list(sys.argv[1:] if argv is None else argv)
     cmd = typer.main.get_command(app)
     try:
@@ -81,11 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     except cx.UsageError as exc:  # bad arguments are bad input: exit 1, one line
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
         _usage_error(f"{exc.format_message()}{hint}", args)
-    except cx.Abort:
+    except Abort:
         _usage_error("aborted", args, 130, "interrupted")
     except cx.ClickException as exc:
         _usage_error(exc.format_message(), args)
-    except cx.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
     code = rv if isinstance(rv, int) else 0
+    if code == 130 and common._terminated:  # SIGTERM that reached typer (outside a command's guard)
+        code = common.EXIT_TERMINATED
     sys.exit(code)

@@ -14,6 +14,7 @@ before its rename) is ignored.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -298,6 +299,77 @@ def _remove_stale_temps(directory: Path) -> list[Path]:
 LOCK_NAME = ".smcp.lock"
 
 
+def _exists(p: Path) -> bool:
+    try:
+        return p.exists() or p.is_symlink()
+    except OSError:  # e.g. a name too long for the file system
+        return False
+
+
+def _first_file_above(directory: Path) -> Path | None:
+    """The nearest existing ancestor of ``directory`` (itself included) that is not a directory."""
+    for p in (directory, *directory.parents):
+        if _exists(p):
+            return None if p.is_dir() else p
+    return None
+
+
+def run_dir_error(directory: Path, exc: OSError) -> SmcpError:
+    """One-line :class:`SmcpError` for an ``OSError`` met while creating the run directory."""
+    reason = exc.strerror or first_line(exc)
+    if exc.errno == errno.ENAMETOOLONG:
+        longest = max(directory.parts, key=len, default=str(directory))
+        return SmcpError(f"run directory {str(directory)[:80]}... has a name too long for the file system "
+                         f"({len(longest)} characters in one component, {len(str(directory))} in all); use a "
+                         "shorter recipe `name` or --out")
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        blocker = _first_file_above(directory)
+        if blocker == directory:
+            return SmcpError(f"run directory {directory} exists and is a file, not a directory; remove it or use "
+                             "another --out")
+        if blocker is not None:
+            return SmcpError(f"run directory {directory} cannot be created: {blocker} is a file, not a directory; "
+                             "use another --out")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return SmcpError(f"run directory {directory} cannot be created or written ({reason}); make its parent "
+                         "writable or use another --out")
+    if exc.errno == errno.ELOOP:
+        return SmcpError(f"run directory {directory} cannot be created ({reason}: a symbolic link loop in the "
+                         "path); fix the link or use another --out")
+    return SmcpError(f"run directory {directory} cannot be created ({reason}); use another --out")
+
+
+def _lock_error(path: Path, exc: OSError) -> SmcpError:
+    reason = exc.strerror or first_line(exc)
+    if exc.errno == errno.ELOOP or path.is_symlink():
+        return SmcpError(f"lock file {path} is a symbolic link ({reason}); delete it (rm {path}) and retry")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return SmcpError(f"run directory {path.parent} is not writable ({reason}); make it writable or use "
+                         "another --out")
+    return SmcpError(f"cannot lock run directory {path.parent} ({reason}: {path}); delete {path} or use another "
+                     "--out")
+
+
+def make_run_dir(directory: Path) -> None:
+    """``directory.mkdir(parents=True, exist_ok=True)``; an ``OSError`` (a file in the way, a read-only
+    parent, a name too long) becomes a one-line :class:`SmcpError` and the parents created by the
+    failed call are removed again (no empty ``runs/`` left behind)."""
+    missing = []
+    for p in (directory, *directory.parents):
+        if _exists(p):
+            break
+        missing.append(p)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        for p in missing:  # deepest first; rmdir leaves anything that is not an empty directory
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+        raise run_dir_error(directory, exc) from None
+
+
 @contextmanager
 def run_lock(directory: str | os.PathLike, command: str = "smcp", *, create: bool = True) -> Iterator[Path]:
     """Hold an exclusive lock on a run directory for the duration of the block.
@@ -313,12 +385,12 @@ def run_lock(directory: str | os.PathLike, command: str = "smcp", *, create: boo
     if not create and not directory.is_dir():
         yield directory
         return
-    directory.mkdir(parents=True, exist_ok=True)
+    make_run_dir(directory)
     lock = FileLock(str(directory / LOCK_NAME), timeout=0)
     info_path = directory / (LOCK_NAME + ".info")
     try:
         lock.acquire()
-    except Timeout:
+    except Timeout:  # (a TimeoutError, so an OSError too: before the clause below)
         holder = "another smcp process"
         try:
             info = json.loads(info_path.read_text(encoding="utf-8"))
@@ -327,6 +399,8 @@ def run_lock(directory: str | os.PathLike, command: str = "smcp", *, create: boo
             pass
         raise SmcpError(f"run directory {directory} is in use by {holder}; wait for it to finish or use "
                         "another --out") from None
+    except OSError as exc:  # a symlink loop, a read-only directory, ...: bad input, not a bug
+        raise _lock_error(directory / LOCK_NAME, exc) from None
     try:
         _remove_stale_temps(directory)
         try:
