@@ -26,6 +26,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from smcp_core.utils.text import first_line  # light: no torch, keeps --help fast
+
 # logs and progress go to stderr; stdout carries only the --json document
 console = Console(stderr=True, highlight=False)
 
@@ -195,11 +197,7 @@ def _os_error_message(exc: OSError) -> str:
            errno.ENAMETOOLONG: "use a shorter recipe `name` or --out",
            errno.ELOOP: "remove the symbolic link loop"}.get(
         exc.errno, "make the path writable, remove what is in the way, or use another --out")
-    return f"cannot write {where}: {exc.strerror or first_line_of(exc)}; {fix}"
-
-
-def first_line_of(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"cannot write {where}: {exc.strerror or first_line(exc)}; {fix}"
 
 
 @contextmanager
@@ -241,7 +239,7 @@ def guarded(as_json: bool = False) -> Iterator[None]:
     except MemoryError:
         _fail(f"out of memory; {_OOM_HINT}", EXIT_INPUT, as_json, "input")
     except RuntimeError as exc:  # torch: "DefaultCPUAllocator: can't allocate memory", "CUDA out of memory"
-        text = first_line_of(exc)
+        text = first_line(exc)
         if "can't allocate memory" in text or "out of memory" in text.lower():
             _fail(f"out of memory ({' '.join(text.split())[:160]}); {_OOM_HINT}", EXIT_INPUT, as_json, "input")
         _internal(exc, as_json)

@@ -195,14 +195,19 @@ def _error_location(exc: BaseException, file: Path) -> str:
     return str(file)
 
 
+def user_model_file(source: str) -> Path | None:
+    """The Python file of a ``path/to/file.py:factory`` model source (relative paths as given), else None."""
+    file_part, sep, _ = source.rpartition(":")
+    return Path(file_part).expanduser() if sep and file_part.endswith(".py") else None
+
+
 def _build_user(source: str, num_classes: int | None, kwargs: dict, base_dir) -> nn.Module:
-    file_part, sep, factory = source.rpartition(":")
-    if not sep or not file_part.endswith(".py") or not factory:
+    path, factory = user_model_file(source), source.rpartition(":")[2]
+    if path is None or not factory:
         raise SmcpError(
             f"model {source}: user models are given as path/to/file.py:factory "
             f"(the function or class in that file that returns the nn.Module)"
         )
-    path = Path(file_part).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path
     path = path.resolve()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from smcp_core.config.recipe import Recipe, resolved_dump
+from smcp_core.models import user_model_file
 from smcp_core.utils.fsutil import (
     atomic_write_text,
     read_json,
@@ -49,24 +50,15 @@ def _file_sig(path: str | None) -> Any:
     return _SIG_CACHE[key]
 
 
-def _model_file(source: str) -> str | None:
-    """The Python file of a ``path/to/file.py:factory`` model source (resolved as the model registry
-    resolves it: relative to the working directory), else None."""
-    file_part, sep, _ = source.strip().rpartition(":")
-    if sep and file_part.endswith(".py"):
-        return str(Path(file_part).expanduser())
-    return None
-
-
 def stamp(recipe: Recipe, stage: str) -> str:
     """The hash of what ``stage``'s outputs are made from: the recipe sections it depends on, the
     bytes of the checkpoint and, for a ``file.py:factory`` model, the bytes of that file (editing its
     ``forward`` makes every stage out of date; modules it imports in turn are not covered)."""
     r = recipe.model_dump(mode="json")
     model = {**r["model"], "checkpoint": _file_sig(recipe.model.checkpoint)}  # its bytes, not its path
-    src_file = _model_file(recipe.model.source)
+    src_file = user_model_file(recipe.model.source)  # read as the model registry reads it
     if src_file is not None:  # only then: the stamps of registry models stay as they were
-        model["source_file"] = _file_sig(src_file)
+        model["source_file"] = _file_sig(str(src_file))
     prof = _digest(model, r["profile"], r["data"]["source"], r["data"]["image_size"])
     if stage == "profile":
         return prof
