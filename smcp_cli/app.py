@@ -3,24 +3,49 @@
 Exit codes: 0 success; 1 bad input (recipe, file, model, arguments) with one line on stderr;
 2 a validation gate failed (target missed, parity out of tolerance); 3 internal error;
 130 interrupted (SIGINT); 143 terminated (SIGTERM); 141 stdout closed early (broken pipe).
+``smcp`` without a command prints one line listing the commands (exit 1).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 
-import typer
 
-from smcp_cli.commands.compare import compare
-from smcp_cli.commands.export import export
-from smcp_cli.commands.inspect_cmd import inspect
-from smcp_cli.commands.profile import profile
-from smcp_cli.commands.prune import prune
-from smcp_cli.commands.report import report
-from smcp_cli.commands.run import run
-from smcp_cli.commands.slim import slim
+def _terminated_while_importing(signum: int, frame) -> None:
+    """SIGTERM while the `smcp` process imports its modules (before :func:`main` runs): the one
+    line (and the --json document) and exit 143; SystemExit leaves the import without a traceback."""
+    msg = "terminated (SIGTERM) while smcp was starting; nothing was written, run the command again"
+    sys.stderr.write(f"error: {msg}\n")
+    if "--json" in sys.argv[1:]:
+        import json
+
+        sys.stdout.write(json.dumps({"ok": False, "error": msg, "kind": "interrupted", "exit_code": 143}) + "\n")
+    sys.exit(143)
+
+
+def _is_smcp_process() -> bool:
+    """This process is the `smcp` command (console script or `python -m smcp_cli`), not a program
+    importing smcp_cli (tests call main() in-process and keep their own handlers)."""
+    argv0 = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return os.path.basename(argv0) == "smcp" or argv0.endswith(os.path.join("smcp_cli", "__main__.py"))
+
+
+if _is_smcp_process() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    signal.signal(signal.SIGTERM, _terminated_while_importing)  # as early as this module can
+
+import typer  # noqa: E402
+
+from smcp_cli.commands.compare import compare  # noqa: E402
+from smcp_cli.commands.export import export  # noqa: E402
+from smcp_cli.commands.inspect_cmd import inspect  # noqa: E402
+from smcp_cli.commands.profile import profile  # noqa: E402
+from smcp_cli.commands.prune import prune  # noqa: E402
+from smcp_cli.commands.report import report  # noqa: E402
+from smcp_cli.commands.run import run  # noqa: E402
+from smcp_cli.commands.slim import slim  # noqa: E402
 
 app = typer.Typer(
     name="smcp",
@@ -29,14 +54,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=True,
 )
-app.command("profile")(profile)
-app.command("prune")(prune)
-app.command("slim")(slim)
-app.command("export")(export)
-app.command("run")(run)
-app.command("inspect")(inspect)
-app.command("report")(report)
-app.command("compare")(compare)
+COMMANDS = {"profile": profile, "prune": prune, "slim": slim, "export": export, "run": run, "inspect": inspect,
+            "report": report, "compare": compare}
+for _name, _command in COMMANDS.items():
+    app.command(_name)(_command)
 
 
 def _version(value: bool) -> None:
@@ -101,12 +122,43 @@ def _is_broken_pipe(exc: BaseException) -> bool:
     return False
 
 
-EXIT_BROKEN_PIPE = 141
+EXIT_BROKEN_PIPE, EXIT_TERMINATED = 141, 143
+
+
+class _TerminatedOutsideCommand(BaseException):
+    """SIGTERM before a command's guard is installed (argument parsing) or after it is removed:
+    not a KeyboardInterrupt, so that click does not turn it into an Abort (after an empty line)."""
+
+
+def _on_early_sigterm(signum: int, frame) -> None:
+    from smcp_cli import common
+
+    common._terminated = True
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise _TerminatedOutsideCommand()
+
+
+def _install_sigterm():
+    """SIGTERM handled from the first line of :func:`main` (before that, while Python imports this
+    module, the default action ends the process with status 143 and no output).  Returns the handler
+    it replaced, or None when it cannot be set (not the main thread)."""
+    try:
+        return signal.signal(signal.SIGTERM, _on_early_sigterm)
+    except (ValueError, TypeError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
+    previous = _install_sigterm()
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        return _main(argv)
+        return _main(args)
+    except _TerminatedOutsideCommand:
+        from smcp_cli import common
+
+        # a command that already wrote its --json document gets no second one
+        _usage_error("terminated (SIGTERM) outside a running stage; files written so far are kept, run the "
+                     "command again", [] if common._emitted else args, EXIT_TERMINATED, "interrupted")
     except SystemExit as exc:  # rich and click answer a broken pipe with SystemExit(1)
         if _is_broken_pipe(exc):
             _quiet_broken_pipe()
@@ -115,24 +167,37 @@ def main(argv: list[str] | None = None) -> int:
         if _is_broken_pipe(exc):
             _quiet_broken_pipe()
         raise
+    finally:
+        if previous is not None:  # in-process callers (tests) get their handler back
+            try:
+                signal.signal(signal.SIGTERM, previous)
+            except (ValueError, TypeError):
+                pass
 
 
-def _main(argv: list[str] | None) -> int:
+NO_COMMAND = ("no command given; usage: smcp COMMAND [OPTIONS], COMMAND one of " + ", ".join(COMMANDS)
+              + " (`smcp --help` describes them, `smcp COMMAND --help` their options)")
+
+
+def _main(args: list[str]) -> int:
     # typer 0.29 bundles its own click (typer._click) without Abort/Exit: those live in typer.exceptions
     from typer._click import exceptions as cx
     from typer.exceptions import Abort
 
     from smcp_cli import common
 
-    common._terminated = False
-    args = list(sys.argv[1:] if argv is None else argv)
+    common._terminated = common._emitted = False
+    if not args or args == ["--json"]:  # not click's help on stdout followed by an empty error line
+        _usage_error(NO_COMMAND, args)
     cmd = typer.main.get_command(app)
     try:
         rv = cmd.main(args=args, prog_name="smcp", standalone_mode=False)
     except cx.UsageError as exc:  # bad arguments are bad input: exit 1, one line
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
         _usage_error(f"{exc.format_message()}{hint}", args)
-    except Abort:
+    except Abort:  # Ctrl-C (or SIGTERM that reached click as a KeyboardInterrupt) while parsing
+        if common._terminated:
+            _usage_error("terminated (SIGTERM); run the command again", args, common.EXIT_TERMINATED, "interrupted")
         _usage_error("aborted", args, 130, "interrupted")
     except cx.ClickException as exc:
         _usage_error(exc.format_message(), args)

@@ -51,6 +51,17 @@ def out_dir(recipe, out: Optional[Path]) -> Path:
     return Path(out) if out else Path("runs") / recipe.name
 
 
+def _file_in_the_way(o: Path) -> bool:
+    """``o``, or the nearest of its parents that exists, is a file (not a directory)."""
+    for p in (o, *o.parents):
+        try:
+            if p.exists():
+                return not p.is_dir()
+        except OSError:  # a name too long: the stage's own access says so
+            return False
+    return False
+
+
 def locked(o: Path, command: str, *, create: bool = True):
     """Exclusive lock on the run directory: a second smcp process writing into it fails at once
     (exit 1, one line); the OS releases the lock when the holder exits or is killed."""
@@ -59,12 +70,24 @@ def locked(o: Path, command: str, *, create: bool = True):
 
     from smcp_core.utils.fsutil import run_lock
 
+    if not create and _file_in_the_way(o):  # not "pruned checkpoint OUT/prune/pruned.pt not found"
+        from smcp_core.utils.fsutil import run_dir_error
+
+        raise run_dir_error(o, OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(o)))
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 writes (and locks)
         from smcp_core.utils.fsutil import make_run_dir
 
         make_run_dir(o)
         return contextlib.nullcontext()
     return run_lock(o, "smcp " + command, create=create)
+
+
+def check_run_dir(o: Path, command: str) -> None:
+    """Before ``command`` writes anything: the JSON artifacts it reads from ``o`` are intact and of
+    the right structure (one line naming the file and key otherwise)."""
+    from smcp_core.stages.artifacts import check_json_artifacts
+
+    check_json_artifacts(o, command)
 
 
 class RichReporter:
@@ -228,8 +251,8 @@ def guarded(as_json: bool = False) -> Iterator[None]:
     except SmcpError as exc:
         _fail(str(exc), EXIT_INPUT, as_json, "input")
     except KeyboardInterrupt:
-        _fail("interrupted; continue the prune with `smcp run --resume` or `smcp prune --resume` "
-              "(other stages: run them again)", 130, as_json, "interrupted")
+        _fail("interrupted; files written so far are kept; an interrupted prune continues with `smcp run --resume` "
+              "or `smcp prune --resume`, other commands: run them again", 130, as_json, "interrupted")
     except SystemExit as exc:
         where = _user_model_frame(exc)
         if where is None:

@@ -14,6 +14,7 @@ from smcp_cli.common import (
     RecipeOpt,
     RichReporter,
     SetOpt,
+    check_run_dir,
     console,
     emit,
     guarded,
@@ -46,6 +47,11 @@ def prune(
 
             from smcp_core import stages
 
+            check_run_dir(o, "prune")
+            if not resume:  # a model with nothing to prune: one line before any data or table is read
+                from smcp_core.stages.registry import check_prunable
+
+                check_prunable(r)
             rank = int(os.environ.get("RANK", "0"))
             if rank > 0:  # torchrun: the other ranks train silently, rank 0 reports and writes
                 quiet = True

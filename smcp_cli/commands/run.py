@@ -15,6 +15,7 @@ from smcp_cli.common import (
     RecipeOpt,
     RichReporter,
     SetOpt,
+    check_run_dir,
     console,
     emit,
     guarded,
@@ -29,8 +30,9 @@ def run(
     set_: Optional[list[str]] = SetOpt,
     out: Optional[Path] = OutOpt,
     force: bool = typer.Option(False, "--force", help=(
-        "Re-run every stage even if its outputs are up to date; the prune starts over (an interrupted "
-        "prune's OUT/prune/checkpoint.pt is deleted) unless --resume is given too.")),
+        "Re-run every stage even if its outputs are up to date (the latency table is re-measured from "
+        "scratch, so a corrupt or truncated artifact is re-created); the prune starts over (an "
+        "interrupted prune's OUT/prune/checkpoint.pt is deleted) unless --resume is given too.")),
     resume: bool = typer.Option(False, "--resume", help=(
         "Continue an interrupted prune from OUT/prune/checkpoint.pt (the other stages run or are "
         "skipped as usual).")),
@@ -49,18 +51,25 @@ def run(
         with locked(o, "run"):
             from smcp_core import stages
             from smcp_core.stages.pruning import refuse_to_discard_checkpoint
+            from smcp_core.stages.registry import check_prunable
 
+            if not force:  # --force re-creates them (a corrupt one included)
+                check_run_dir(o, "run")
             if not force and not resume:
                 refuse_to_discard_checkpoint(r, o)
             stages.write_resolved(r, o)
             results: dict = {"out": str(o), "stages": {}}
             with RichReporter(quiet) as rep:
-                options = {"trt": trt, "resume": resume}
+                options = {"trt": trt, "resume": resume, "force": force}
+                checked = False
                 for stage in stages.PIPELINE:
                     if not force and stages.up_to_date(r, o, stage.name):
                         rep.log(f"{stage.name}: up to date, skipped")
                         results["stages"][stage.name] = "skipped"
                         continue
+                    if stage.needs_prunable and not checked:  # before profiling, not after it
+                        check_prunable(r)
+                        checked = True
                     rep.heading(stage.name)
                     res = stage.run(r, o, reporter=rep, **{k: options[k] for k in stage.options})
                     if res.headline():

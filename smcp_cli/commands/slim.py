@@ -12,6 +12,7 @@ from smcp_cli.common import (
     RecipeOpt,
     RichReporter,
     SetOpt,
+    check_run_dir,
     console,
     emit,
     guarded,
@@ -35,6 +36,7 @@ def slim(
         with locked(o, "slim", create=False):  # missing run dir: the stage says what is missing
             from smcp_core import stages
 
+            check_run_dir(o, "slim")
             with RichReporter(quiet) as rep:
                 s = stages.slim(r, o, reporter=rep).to_dict()
             if not quiet:

@@ -36,7 +36,7 @@ from typing import Any
 from smcp_core import __version__
 from smcp_core.errors import SmcpError
 from smcp_core.prune.metrics import metrics_rows, read_metrics_csv
-from smcp_core.stages.artifacts import check_artifacts
+from smcp_core.stages.artifacts import check_artifacts, check_json_artifacts
 from smcp_core.utils.fsutil import (
     atomic_write_bytes,
     atomic_write_text,
@@ -53,9 +53,15 @@ def load_run(run: Path) -> dict:
     """Everything the report shows, read from a run directory (artifacts are verified first)."""
 
     run = Path(run)
+    if run.exists() and not run.is_dir():
+        inside = next((d for d in run.parents if (d / "recipe.resolved.yaml").is_file()), None)
+        hint = f"`smcp report {inside}`" if inside is not None else "the --out of an `smcp run`/`smcp prune`"
+        what = "a file" if run.is_file() else "not a directory"
+        raise SmcpError(f"{run} is {what}, not a run directory; `smcp report` takes a run directory: give {hint}")
     if not run.is_dir():
         raise SmcpError(f"run directory {run} does not exist; give the --out of an `smcp run`/`smcp prune`")
     integrity = check_artifacts(run)
+    check_json_artifacts(run, "report")
     d: dict[str, Any] = {"run": run, "integrity": integrity}
     d["table"] = _opt_json(run / "latency.json", "latency table")
     d["summary"] = _opt_json(run / "prune" / "summary.json", "prune summary")

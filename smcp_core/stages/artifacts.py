@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from smcp_core.config.recipe import Recipe, resolved_dump
+from smcp_core.errors import SmcpError
 from smcp_core.models import user_model_file
 from smcp_core.utils.fsutil import (
     atomic_write_text,
@@ -82,6 +83,108 @@ STAGE_OUTPUTS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
+# the structure every JSON artifact must have (key -> type, or a nested dict), checked after its
+# checksum by check_json_artifacts() and up_to_date(): valid JSON of the wrong shape (a list, a
+# string where a number belongs) is bad input, one line, never an exception deep inside a stage.
+# Keys marked "!" are required; "num" is an int or float (not a bool), "num?" also null.
+_SHAPES: dict[str, dict] = {
+    "latency.json": {"!format": "str", "!schema_version": "int", "!meta": {"measure": "dict"},
+                     "model": {"stamp": "str", "measured_ms": "num", "calibration": "dict", "input_shape": "ints"},
+                     "!entries": "dict"},
+    "prune/summary.json": {"!stamp": "str", "!target": "dict", "budget": "num?", "cost_unit": "str",
+                           "full_cost": "num?", "final_cost": "num?", "meets_budget": "bool", "predicted_ms": "num?",
+                           "predicted_speedup": "num?", "flops_ratio": "num?", "params_ratio": "num?",
+                           "top1": "num?", "seconds": "num?", "groups": "dicts", "layers": "dicts",
+                           "history": "dicts", "world_size": "int"},
+    "slim/slim.json": {"!stamp": "str", "max_abs_diff": "num?", "tolerance": "num?", "params": "int",
+                       "params_full": "int", "flops": "int", "flops_full": "int", "seconds": "num?"},
+    "slim/channel_spec.json": {"!format": "str", "!model": {"!source": "str", "kwargs": "dict", "num_classes": "int?",
+                                                              "unpruned": "strs"},
+                               "!input_shape": "ints", "!n_classes": "int", "!kept_classes": "ints", "layers": "dicts"},
+    "export/report.json": {"!stamp": "str", "backend": "str", "device": "str", "batch_size": "int",
+                           "input_shape": "ints", "!baseline": {"!latency_ms": "num", "stats": "dict"},
+                           "!pruned": {"!latency_ms": "num", "stats": "dict"}, "!speedup": "num",
+                           "target": "dict", "target_speedup": "num?", "!passed": "bool", "parity": "dict?",
+                           "flops_ratio": "num?", "params_ratio": "num?", "accuracy": "dict?", "gate": "dict?",
+                           "environment": "dict", "files": "dict"},
+}
+_KIND_TEXT = {"str": "a string", "int": "an integer", "num": "a number", "bool": "true or false", "dict": "an object",
+              "dicts": "a list of objects", "ints": "a list of integers", "strs": "a list of strings"}
+
+
+def _is(kind: str, v: Any) -> bool:
+    if kind.endswith("?"):
+        return v is None or _is(kind[:-1], v)
+    if kind in ("int", "num"):
+        return not isinstance(v, bool) and isinstance(v, int if kind == "int" else (int, float))
+    if kind in ("dicts", "ints", "strs"):
+        return isinstance(v, list) and all(_is(kind[:-1], x) for x in v)
+    return isinstance(v, {"str": str, "bool": bool, "dict": dict}[kind])
+
+
+def _shape_error(data: Any, shape: dict, where: str = "") -> str | None:
+    """What is wrong with ``data`` against ``shape`` (None when nothing)."""
+    if not isinstance(data, dict):
+        return f"{where or 'the top level'} must be an object, not {type(data).__name__}"
+    for key, kind in shape.items():
+        name = key.lstrip("!")
+        path = f"{where}.{name}" if where else name
+        if name not in data:
+            if key.startswith("!"):
+                return f"{path} is missing"
+            continue
+        if isinstance(kind, dict):
+            err = _shape_error(data[name], kind, path)
+            if err:
+                return err
+        elif not _is(kind, data[name]):
+            return f"{path} must be {_KIND_TEXT[kind.rstrip('?')]}{' or null' if kind.endswith('?') else ''}"
+    return None
+
+
+def _spec_error(d: dict) -> str | None:
+    """Channel spec values a model cannot have (negative or repeated kept classes, empty shapes)."""
+    n, kept = d["n_classes"], d["kept_classes"]
+    bad = next((c for c in kept if not 0 <= c < n), None)
+    if bad is not None:
+        return f"kept_classes has {bad}, outside 0..{n - 1} (n_classes {n})"
+    if len(set(kept)) != len(kept):
+        return "kept_classes repeats a class"
+    if not d["input_shape"] or any(x < 1 for x in d["input_shape"]):
+        return f"input_shape {d['input_shape']} is not a list of positive sizes"
+    return None
+
+
+def check_json_shape(path: Path, rel: str, data: Any, stage: str) -> None:
+    """Raise :class:`SmcpError` (one line naming the file, the key and the fix) when ``data``, the
+    content of ``rel`` in a run directory, does not have that artifact's structure."""
+    err = _shape_error(data, _SHAPES[rel])
+    if err is None and rel == "slim/channel_spec.json":
+        err = _spec_error(data)
+    if err:
+        what = dict(o for outs in STAGE_OUTPUTS.values() for o in outs)[rel]
+        raise SmcpError(f"{what} {path} is valid JSON of the wrong structure ({err}); {_redo_hint(stage)}")
+
+
+# the JSON artifacts each command reads (checked before it writes anything)
+COMMAND_READS: dict[str, tuple[str, ...]] = {
+    "profile": ("latency.json",), "prune": ("latency.json",), "slim": ("prune/summary.json",),
+    "export": ("prune/summary.json", "slim/slim.json", "slim/channel_spec.json"),
+    "run": tuple(_SHAPES), "report": tuple(_SHAPES),
+}
+
+
+def check_json_artifacts(out: Path, command: str) -> None:
+    """Every JSON artifact ``command`` reads that exists in ``out``: intact (checksum, parse) and of
+    the right structure; the first one that is not raises a one-line :class:`SmcpError`."""
+    owner = {rel: st for st, outs in STAGE_OUTPUTS.items() for rel, _ in outs}
+    for rel in COMMAND_READS[command]:
+        f = out / rel
+        if f.exists():
+            what = dict(STAGE_OUTPUTS[owner[rel]])[rel]
+            check_json_shape(f, rel, read_json(f, what, _redo_hint(owner[rel])), owner[rel])
+
+
 def _redo_hint(stage: str) -> str:
     return f"delete it and re-run `smcp {stage}` (or `smcp run --force`)"
 
@@ -103,7 +206,8 @@ def up_to_date(recipe: Recipe, out: Path, stage: str) -> bool:
     if not f.exists():
         return False
     d = read_json(f, outputs[0][1], _redo_hint(stage))
-    st = d.get("stamp") or (d.get("model") or {}).get("stamp") if isinstance(d, dict) else None
+    check_json_shape(f, outputs[0][0], d, stage)  # a list or a string stamp is corrupt, not merely stale
+    st = d.get("stamp") or (d.get("model") or {}).get("stamp")
     if st != stamp(recipe, stage):
         return False
     if stage == "profile" and ((d.get("meta") or {}).get("measure") or {}).get("interpolated_points"):

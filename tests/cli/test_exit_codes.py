@@ -16,39 +16,13 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import TINY, cli
+from conftest import TINY, cli, one_error_line, sets
+from conftest import cli_env as env
 
 from smcp_core.errors import GateFailed
 from smcp_core.utils.fsutil import load_torch, run_lock
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def sets(items: list[str]) -> list[str]:
-    out: list[str] = []
-    for s in items:
-        out += ["--set", s]
-    return out
-
-
 TINY_SETS = sets(TINY)
-
-
-def one_error_line(err: str) -> str:
-    assert "Traceback" not in err, err
-    assert not err.startswith("\n"), repr(err[:200])
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and len(lines[0]) > len("error: ") + 5, lines[0]
-    return lines[0]
-
-
-def env() -> dict:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    e["OMP_NUM_THREADS"] = "1"
-    e.pop("SMCP_DEBUG", None)
-    return e
 
 
 @pytest.fixture(autouse=True)

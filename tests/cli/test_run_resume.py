@@ -12,10 +12,13 @@ import csv
 from pathlib import Path
 
 import pytest
-from conftest import TINY, cli
+from conftest import TINY, cli, one_error_line, sets
 
 import smcp_core.stages
+from smcp_core.config.recipe import load_recipe
 from smcp_core.prune.trainer import PruneTrainer
+from smcp_core.stages.artifacts import up_to_date
+from smcp_core.stages.pruning import refuse_to_discard_checkpoint
 from smcp_core.stages.registry import PIPELINE
 
 FAST = TINY
@@ -30,20 +33,6 @@ def _prune_only(monkeypatch):
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread(torch_single_thread):
     yield
-
-
-def sets(items: list[str]) -> list[str]:
-    out: list[str] = []
-    for s in items:
-        out += ["--set", s]
-    return out
-
-
-def one_error_line(err: str) -> str:
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip().startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 ORIGINAL_CHECKPOINT = PruneTrainer.checkpoint
@@ -91,7 +80,7 @@ def test_interrupted_run_is_kept_resumed_or_restarted_only_when_asked(tmp_path, 
     monkeypatch.setattr(PruneTrainer, "checkpoint", ORIGINAL_CHECKPOINT)
     code, out, err = cli("run", "--out", run, *sets(FAST), "--quiet")
     assert code == 1, err[-2000:]
-    line = one_error_line(err)
+    line = one_error_line(err, alone=False)
     assert "interrupted prune" in line and "--resume" in line and "--force" in line, line
     assert out == ""
     assert ck.read_bytes() == saved and _epochs(run) == [1]
@@ -102,6 +91,11 @@ def test_interrupted_run_is_kept_resumed_or_restarted_only_when_asked(tmp_path, 
     assert "resumed from" in " ".join((out + err).split())
     assert _epochs(run) == [1, 2, 3, 4]
     assert (run / "prune" / "pruned.pt").exists()
+
+    # the checkpoint of a finished prune that a recipe change made out of date holds no unfinished work
+    changed = load_recipe("quickstart", FAST + ["prune.label_smoothing=0.2"])
+    assert not up_to_date(changed, run, "prune")
+    refuse_to_discard_checkpoint(changed, run)  # no error
 
 
 def test_force_starts_the_interrupted_prune_over(tmp_path, monkeypatch):
