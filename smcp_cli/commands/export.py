@@ -15,6 +15,7 @@ from smcp_cli.common import (
     RecipeOpt,
     RichReporter,
     SetOpt,
+    check_run_dir,
     console,
     emit,
     guarded,
@@ -33,6 +34,7 @@ def print_report(rep: dict) -> None:
     t.add_column("baseline", justify="right")
     t.add_column("pruned", justify="right")
     t.add_row("latency (median ms)", f"{rep['baseline']['latency_ms']:.3f}", f"{rep['pruned']['latency_ms']:.3f}")
+    t.add_row("p10-p90 (ms)", _spread(rep["baseline"]), _spread(rep["pruned"]))
     if rep["pruned"].get("predicted_ms") is not None:
         t.add_row("predicted by table (ms)", "", f"{rep['pruned']['predicted_ms']:.3f}")
     acc = rep.get("accuracy")
@@ -48,10 +50,21 @@ def print_report(rep: dict) -> None:
         console.print(f"[dim]* baseline top-1: {escape(str(acc['baseline_from']))}[/dim]")
     verdict = "[bold green]PASS[/bold green]" if rep["passed"] else "[bold red]FAIL[/bold red]"
     tgt = rep["target"]
+    gate = rep.get("gate") or {}
+    iv = gate.get("speedup_interval")
+    interval = f" [{iv[0]:.2f}-{iv[1]:.2f}x, {gate['rounds']} rounds]" if iv else ""
     console.print(
-        f"measured speed-up {rep['speedup']:.2f}x (target {tgt['kind']}={tgt['value']}), "
+        f"measured speed-up {rep['speedup']:.2f}x{interval} (target {tgt['kind']}={tgt['value']}), "
         f"ONNX parity max |diff| {rep['parity']['max_abs_diff']:.2e}: {verdict}"
     )
+    reason = (gate.get("verdict") or {}).get("reason")
+    if reason:
+        console.print(f"[dim]gate: {escape(reason)}[/dim]")
+
+
+def _spread(side: dict) -> str:
+    st = side.get("stats") or {}
+    return f"{st['p10_ms']:.3f}-{st['p90_ms']:.3f}" if "p10_ms" in st else ""
 
 
 def export(
@@ -69,6 +82,7 @@ def export(
         with locked(o, "export", create=False):  # missing run dir: the stage says what is missing
             from smcp_core import stages
 
+            check_run_dir(o, "export")
             with RichReporter(quiet) as rep:
                 result = stages.export(r, o, reporter=rep, trt=trt)
             report = result.to_dict()

@@ -14,6 +14,7 @@ from smcp_cli.common import (
     RecipeOpt,
     RichReporter,
     SetOpt,
+    check_run_dir,
     console,
     emit,
     guarded,
@@ -21,6 +22,10 @@ from smcp_cli.common import (
     locked,
     out_dir,
 )
+
+
+def _spread(p10_p90) -> str:
+    return f" (p10-p90 {p10_p90[0]:.3f}-{p10_p90[1]:.3f})" if p10_p90 else ""
 
 
 def profile(
@@ -56,14 +61,19 @@ def profile(
         o = out_dir(r, out)
         with locked(o, "profile"):
             from smcp_core import stages
+            from smcp_core.stages.registry import check_prunable
 
+            if not force:  # --force re-measures (and so re-creates) the table
+                check_run_dir(o, "profile")
             stages.write_resolved(r, o)
+            check_prunable(r)  # a table for a model with nothing to prune would be minutes wasted
             with RichReporter(quiet) as rep:
                 res = stages.profile(r, o, reporter=rep, force=force).to_dict()
             if not quiet:
                 console.print(
                     f"[green]latency table[/green] {res['path']}: {res['layers']} layer shapes, baseline "
-                    f"{res['baseline_ms']:.3f} ms on {r.profile.backend}/{r.profile.device} "
+                    f"{res['baseline_ms']:.3f} ms{_spread(res.get('baseline_spread_ms'))} on "
+                    f"{r.profile.backend}/{r.profile.device} "
                     f"batch {r.profile.batch_size}; "
                     f"calibration: measured = {res['scale']:.3f} x (table + {res['removed_layer_ms']:.4f} ms per "
                     f"removed layer) + {res['offset_ms']:.3f} ms ({res['seconds']:.0f}s)"

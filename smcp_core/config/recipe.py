@@ -350,6 +350,9 @@ class PruneConfig(_Section):
     masking: Literal["soft", "hard", "permanent"] = "soft"
     # rescale the batch norm after a conv by the kept fraction of its inputs (or of their importance)
     bn_rescaling: Literal["off", "kept_fraction", "kept_importance"] = "off"
+    # after a mask change, re-estimate the batch norms' running statistics on this many training
+    # batches (at the current masks) before the next evaluation and before the final save (0 = off)
+    bn_recalibration_batches: NonNegInt = 8
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     lr_schedule: LrScheduleConfig = Field(default_factory=LrScheduleConfig)
     label_smoothing: Fraction = 0.1
@@ -363,9 +366,9 @@ class PruneConfig(_Section):
     stickiness: NonNegFloat = 0.0
     cost_weight: Annotated[Float, Field(ge=0, le=1)] = 1.0
     # latency targets: at the end of the pruning window, measure the slimmed model against the dense
-    # one; while it misses the target, re-fit the table's calibration with the measured point and
-    # re-solve (at most this many corrections; 0 = off)
-    closed_loop: NonNegInt = 0
+    # one (paired rounds, as the export gate does); while it misses the target, re-fit the table's
+    # calibration with the measured point and re-solve (at most this many corrections; 0 = off)
+    closed_loop: NonNegInt = 2
     max_steps: PosInt | None = None
     eval_every: PosInt = 1
     amp: bool = False
@@ -432,8 +435,14 @@ class ExportConfig(_Section):
     tolerance: PosFloat = 1.0e-4
     opset: Annotated[Int, Field(ge=18)] = 18
     backend: Backend | None = None
+    # the gate: paired rounds until the confidence interval of the speed-up is on one side of the
+    # target (at least min_runs rounds, at most max_seconds); see the README's "The gate"
     min_runs: PosInt = 50
     max_seconds: PosFloat = 120.0
+    confidence: Annotated[Float, Field(ge=0.5, lt=1)] = 0.9
+    # the target the gate checks; null = prune.target (set it to gate a pruned model against another
+    # target without pruning again: only the export stage re-runs)
+    target: TargetConfig | None = None
     trt_precision: Literal["fp32", "fp16", "int8"] = "fp16"
 
     @field_validator("formats", mode="before")
@@ -495,6 +504,10 @@ class Recipe(_Section):
 
     def target_value(self) -> float:
         return self.prune.target.value()
+
+    def gate_target(self) -> TargetConfig:
+        """The target the export gate checks: ``export.target``, else ``prune.target``."""
+        return self.export.target if self.export.target is not None else self.prune.target
 
     @staticmethod
     def relax_hint_for(kind: str) -> str:
@@ -816,13 +829,18 @@ def _expand(value: Any, where: str, env: Mapping[str, str]) -> Any:
     return value
 
 
+def _optional(cls: type[BaseModel], name: str) -> bool:
+    ann = cls.model_fields[name].annotation
+    return typing.get_origin(ann) in (Union, types.UnionType) and type(None) in typing.get_args(ann)
+
+
 def _none_sections_to_empty(data: dict, cls: type[BaseModel]) -> None:
     """``prune:`` with every key commented out parses as null; treat it as an empty section."""
     for key in list(data):
         if key in cls.model_fields:
             kind = _field_kind(cls, key)
             if isinstance(kind, type):
-                if data[key] is None:
+                if data[key] is None and not _optional(cls, key):  # an optional section (export.target) may be null
                     data[key] = {}
                 if isinstance(data[key], dict):
                     _none_sections_to_empty(data[key], kind)

@@ -31,6 +31,7 @@ from smcp_core.profile.calibration import fit_calibration
 from smcp_core.profile.cost_model import CostModel
 from smcp_core.prune import methods
 from smcp_core.prune.allocator import Allocator, SolveResult
+from smcp_core.prune.bn_recalibration import recalibrate_bn
 from smcp_core.prune.bnscale import BNScaler
 from smcp_core.prune.importance import ImportanceTracker
 from smcp_core.prune.masking import Masker, masked_state_dict
@@ -85,16 +86,18 @@ class TrainResult:
 class LatencyCheck:
     """Closed-loop check of the latency target at the end of the pruning window (``prune.closed_loop``).
 
-    ``measure(keep) -> (dense_ms, slim_ms)`` times the dense model and the model slimmed to ``keep``
-    interleaved on the profile backend; the ratio, times ``baseline_ms`` (the table's dense
-    latency), is the measured latency in the table's units.  When it is above ``target_ms`` (a
-    miss), or more than ``overshoot`` below ``aim_ms`` while a later round can check the result
+    ``measure(keep) -> (dense_ms, slim_ms, slim_slow_ms)`` times the dense model and the model
+    slimmed to ``keep`` in paired rounds on the profile backend; ``slim_ms / dense_ms`` (the median
+    per-round ratio), times ``baseline_ms`` (the table's dense latency), is the measured latency in
+    the table's units, ``slim_slow_ms`` the slow end of its confidence interval.  When that slow end
+    is above ``target_ms`` (a miss, or too close to call: the export gate might not pass it), or the
+    median is more than ``overshoot`` below ``aim_ms`` while a later round can check the result
     (pruned deeper than asked, which costs accuracy), the measured point joins the calibration
     ``points`` (``(layer_sum, removed_layers, measured_ms)``), the calibration is re-fitted and the
-    masks are re-solved for ``aim_ms``.  If the last measurement misses the target, the masks of the
-    slowest measured round that met it are restored."""
+    masks are re-solved for ``aim_ms`` (corrected: ``PruneTrainer._corrected_aim``).  If the last
+    measurement misses the target, the masks of the slowest measured round that met it are restored."""
 
-    measure: Callable[[torch.Tensor], tuple[float, float]]
+    measure: Callable[[torch.Tensor], tuple[float, float, float]]
     baseline_ms: float
     target_ms: float
     aim_ms: float
@@ -235,6 +238,7 @@ class PruneTrainer:
         self.since_update = 0  # optimizer steps since the last mask update
         self.last_progress = 0.0  # ramp progress of the last mask update
         self.masked_any = False  # something is masked (checkpoint or mask update)
+        self.bn_stale = False  # the masks changed since the batch norms' running statistics were estimated
 
     # ------------------------------------------------------------------ setup
     def _setup_device(self, model: nn.Module, out_dir: Path) -> None:
@@ -352,6 +356,7 @@ class PruneTrainer:
         self.start_epoch = int(ck["epoch"])
         self.since_update = int(ck["since_update"])
         self.last_progress = float(ck.get("last_progress", 0.0))
+        self.bn_stale = bool(ck.get("bn_stale", True))  # (older checkpoints: recalibrate to be safe)
         self.history = list(ck["history"])
         torch.set_rng_state(ck["rng"])
         if ck.get("scaler") and self.use_amp:
@@ -520,6 +525,7 @@ class PruneTrainer:
         row["total_classes"] = int(self.graph.n_classes)
         if self.val_loader is not None and (pc.eval_every and ((epoch + 1) % pc.eval_every == 0
                                                                or epoch + 1 == self.plan.epochs)):
+            self.recalibrate_bn_stats(epoch)
             row["top1"] = evaluate(self.model, self.val_loader, self.device, channels_last=pc.channels_last)
         self.history.append(row)
         self.rep.metrics(row)
@@ -533,7 +539,7 @@ class PruneTrainer:
             "epoch": epoch + 1, "since_update": self.since_update, "last_progress": self.last_progress,
             "history": self.history, "rng": torch.get_rng_state(), "n_classes": self.graph.n_classes,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "bn_scales": self.bn_scaler.scales() or None,
+            "bn_scales": self.bn_scaler.scales() or None, "bn_stale": self.bn_stale,
             "recipe": started_with(self.recipe),
         }, self.ck_path, checksum=True)
         write_metrics_csv(self.out_dir / METRICS, self.history, unit=self.cost.unit)  # from the checkpointed history
@@ -544,6 +550,7 @@ class PruneTrainer:
         BN rescaling, and a new importance window."""
         self.masker.set_keep(keep)
         self.masked_any = not bool(keep.all())
+        self.bn_stale = True
         if self.method.soft_filter:  # SFP's final selection: producers' filters zeroed too, then masked
             methods.zero_filters_(self.masker, keep)
         self.bn_scaler.update(keep, scores)
@@ -587,11 +594,30 @@ class PruneTrainer:
         lowest-L2 classes at the uniform fraction for the scheduled budget; no masks."""
         solved = self._solve(progress, epoch, self.alloc.solve_uniform, soft_filter=True)
         zeroed = methods.zero_filters_(self.masker, solved.keep)
+        self.bn_stale = True  # zeroed filters change the forward pass like a mask
         row = solved.row
         row.update(zeroed_filters=zeroed, fraction=solved.result.fraction,
                    solve_ms=1000 * (time.perf_counter() - solved.t0))
         self.rep.metrics(row)
         return row
+
+    def recalibrate_bn_stats(self, epoch: int) -> None:
+        """Re-estimate the batch norms' running statistics at the current masks when a mask change
+        made them stale (``prune.bn_recalibration_batches`` training batches; 0 = off).  The batches
+        come from a loader of their own (seeded per epoch, sharded like training): the training
+        run's batches and RNG stream are unchanged (:func:`recalibrate_bn`).  Recorded as a
+        ``bn_recalibration`` history row."""
+        n = self.pc.bn_recalibration_batches
+        if not n or not self.bn_stale:
+            return
+        t0 = time.perf_counter()
+        loader = self.make_loader(self.train_set, batch_size=self.bs, shuffle=True,
+                                  seed=self.recipe.seed + 100_003 + epoch, drop_last=self.n_local >= self.bs,
+                                  **({"shard": True} if self.world > 1 else {}))
+        used = recalibrate_bn(self.model, loader, n, device=self.device, channels_last=self.pc.channels_last)
+        self.bn_stale = False
+        self._record({"event": "bn_recalibration", "epoch": epoch, "batches": used,
+                      "seconds": time.perf_counter() - t0})
 
     def _record(self, row: dict) -> None:
         """Append ``row`` to the history and report it."""
@@ -602,22 +628,26 @@ class PruneTrainer:
     def closed_loop(self, epoch: int) -> None:
         """Measure the slim model at the current masks; while it misses the target (or lands far
         below the aim with a round left to check a correction), add the point to the calibration,
-        re-fit it and re-solve at the aim (:class:`LatencyCheck`)."""
+        re-fit it and re-solve at the aim (:class:`LatencyCheck`); once one round missed and another
+        met it, the budget is interpolated between the two (:meth:`_bracketed_budget`)."""
         chk, cost = self.latency_check, self.cost
         best = None  # the slowest measured state that met the target: (measured, round, keep, calibration, budget)
+        self._measured_rounds: list[tuple[torch.Tensor, float, float]] = []  # (keep, median ms, slow end ms)
         for rnd in range(chk.rounds + 1):
             keep = self.masker.keep().cpu()
-            dense_ms, slim_ms = self._measure(keep)
+            dense_ms, slim_ms, slim_slow_ms = self._measure(keep)
             measured = slim_ms / dense_ms * chk.baseline_ms
+            slow_end = slim_slow_ms / dense_ms * chk.baseline_ms
             n_removed = sum(1 for ci, co in self.graph.widths(keep) if ci == 0 or co == 0)
             free_sum = cost.total(keep) - cost.removed_cost * n_removed
-            met = measured <= chk.target_ms
+            met = slow_end <= chk.target_ms  # as the export gate decides: the whole interval meets it
             # a correction upwards is measured again in the next round; SFP's zeroed filters cannot return
             over = (met and measured < chk.aim_ms * (1 - chk.overshoot) and rnd < chk.rounds
                     and not self.method.soft_filter)
             row = {"event": "closed_loop", "epoch": epoch, "round": rnd, "predicted_ms": cost.predict(keep),
-                   "measured_ms": measured, "dense_ms": dense_ms, "slim_ms": slim_ms, "target_ms": chk.target_ms,
-                   "met": met}
+                   "measured_ms": measured, "measured_slow_ms": slow_end, "dense_ms": dense_ms, "slim_ms": slim_ms,
+                   "target_ms": chk.target_ms, "met": met}
+            self._measured_rounds.append((keep.clone(), measured, slow_end))
             if met and (best is None or measured > best[0]):
                 best = (measured, rnd, keep.clone(), (cost.scale, cost.removed_cost), self.target_cost)
             if (met and not over) or rnd == chk.rounds:
@@ -626,20 +656,20 @@ class PruneTrainer:
             if not self._recalibrate(epoch, row, (free_sum, n_removed, measured), over):
                 return
 
-    def _measure(self, keep: torch.Tensor) -> tuple[float, float]:
-        """``(dense_ms, slim_ms)`` measured on rank 0 and broadcast; a failure stops every rank."""
-        vals = torch.zeros(2, dtype=torch.float64)
+    def _measure(self, keep: torch.Tensor) -> tuple[float, float, float]:
+        """``(dense_ms, slim_ms, slim_slow_ms)`` measured on rank 0 and broadcast; a failure stops every rank."""
+        vals = torch.zeros(3, dtype=torch.float64)
         failure = None
         if dist.is_main():
             try:
                 vals = torch.tensor(self.latency_check.measure(keep), dtype=torch.float64)
             except SmcpError as exc:  # every rank must hear of it, not wait in the broadcast
-                failure, vals = exc, torch.full((2,), float("nan"), dtype=torch.float64)
-        dense_ms, slim_ms = (float(v) for v in dist.broadcast_(vals.to(self.device)).cpu())
+                failure, vals = exc, torch.full((3,), float("nan"), dtype=torch.float64)
+        dense_ms, slim_ms, slim_slow_ms = (float(v) for v in dist.broadcast_(vals.to(self.device)).cpu())
         if failure is not None or not (math.isfinite(dense_ms) and math.isfinite(slim_ms)):
             raise SmcpError("closed loop: measuring the slimmed model failed"
                             + (f": {failure}" if failure is not None else " on rank 0")) from None
-        return dense_ms, slim_ms
+        return dense_ms, slim_ms, slim_slow_ms
 
     def _closed_loop_done(self, row: dict, measured: float, met: bool, best: tuple | None) -> None:
         """The loop's last round: a miss restores the slowest measured state that met the target
@@ -657,6 +687,45 @@ class PruneTrainer:
                          f"{chk.rounds} corrections; raise prune.closed_loop or prune.target_margin")
         self._record(row)
 
+    def _corrected_aim(self, row: dict) -> float:
+        """The predicted latency to re-solve for: the aim, lowered where the measured interval is so
+        wide that its slow end (``measured_slow_ms``) would pass the target with the median at the aim,
+        then divided by what the re-fitted calibration still under-predicts at the current masks
+        (measured / predicted, when above 1): a local correction, since the next masks are near these.
+        It only ever tightens: giving capacity back (an overshoot) trusts the re-fitted calibration,
+        so a correction cannot jump past the target."""
+        chk = self.latency_check
+        measured, slow = row["measured_ms"], row["measured_slow_ms"]
+        aim = chk.aim_ms
+        if math.isfinite(slow) and slow > measured > 0:
+            aim = min(aim, chk.target_ms * measured / slow)
+        predicted = self.cost.predict(self.masker.keep().cpu())
+        return aim * min(1.0, predicted / measured) if predicted > 0 and measured > 0 else aim
+
+    def _bracketed_budget(self, solve_for: float) -> tuple[float, str]:
+        """The layer-sum budget for the next round.  Once a measured structure missed the target (the
+        dense model always does) and another met it, the budget is interpolated (regula falsi)
+        between the two closest structures' costs (under the current cost model) to where their
+        measured medians reach the aim, less the measured interval's width: measured structures
+        bracket the answer, which a global re-fit of the table (``solve_for``, used until a round
+        meets the target) does not."""
+        chk, cost = self.latency_check, self.cost
+        dense = (self.graph.full_keep(), chk.baseline_ms, chk.baseline_ms)  # measured too: the ratio 1
+        rounds = [dense, *self._measured_rounds]
+        misses = [r for r in rounds if r[2] > chk.target_ms]
+        fast = [r for r in rounds if r[2] <= chk.target_ms]
+        refit = cost.budget_for(solve_for), f"re-solving for {solve_for:.4g} ms predicted"
+        if not misses or not fast:
+            return refit
+        (k_hi, m_hi, s_hi), (k_lo, m_lo, s_lo) = min(misses, key=lambda r: r[1]), max(fast, key=lambda r: r[1])
+        width = max([s / m for m, s in ((m_hi, s_hi), (m_lo, s_lo)) if m > 0 and math.isfinite(s)], default=1.0)
+        goal = min(chk.aim_ms, chk.target_ms / width)
+        c_hi, c_lo = cost.total(k_hi), cost.total(k_lo)
+        if not (m_hi > m_lo and c_hi > c_lo):
+            return refit
+        frac = min(1.0, max(0.0, (goal - m_lo) / (m_hi - m_lo)))
+        return c_lo + frac * (c_hi - c_lo), f"interpolating between the rounds measured at {m_lo:.4g} and {m_hi:.4g} ms"
+
     def _recalibrate(self, epoch: int, row: dict, point: tuple[float, int, float], over: bool) -> bool:
         """Add the measured ``point`` to the calibration, re-fit it and re-solve the masks at the aim.
         Returns False (calibration, budget and masks kept) when the re-fitted aim is out of reach."""
@@ -665,13 +734,14 @@ class PruneTrainer:
         chk.points.append(point)
         scale, removed = fit_calibration(chk.points)
         cost.scale, cost.removed_cost = scale, removed
-        budget = cost.budget_for(chk.aim_ms)
+        solve_for = self._corrected_aim(row)
+        budget, how = self._bracketed_budget(solve_for)
         measured = point[2]
         what = (f"more than {100 * chk.overshoot:.0f} % below the aim {chk.aim_ms:.4g} ms" if over
                 else f"> target {chk.target_ms:.4g} ms")
         self.rep.log(f"closed loop: measured {measured:.4g} ms {what} (predicted {row['predicted_ms']:.4g}); "
-                     f"re-calibrated (scale {scale:.3f}, {removed:.4g} ms per removed layer) and re-solving for "
-                     f"{chk.aim_ms:.4g} ms")
+                     f"re-calibrated (scale {scale:.3f}, {removed:.4g} ms per removed layer); {how} "
+                     f"(aim {chk.aim_ms:.4g} ms measured)")
         if over:
             row["overshoot"] = True
         self.target_cost = budget
@@ -704,6 +774,7 @@ class PruneTrainer:
             final_cost = self.cost.total(keep)
         final_top1 = next((r["top1"] for r in reversed(self.history) if r.get("event") == "epoch" and "top1" in r),
                           None)
+        self.recalibrate_bn_stats(self.plan.epochs)  # the saved model's statistics match its final masks
         if final_top1 is None and self.val_loader is not None:
             final_top1 = evaluate(self.model, self.val_loader, self.device, channels_last=self.pc.channels_last)
         self.bn_scaler.bake()  # gamma_orig * s into plain parameters before the weights are handed over

@@ -21,7 +21,7 @@ from smcp_core.stages.builders import (
     example_input,
     input_shape,
 )
-from smcp_core.stages.measure import measure_models
+from smcp_core.stages.measure import measure_pair
 from smcp_core.stages.results import ExportResult
 from smcp_core.stages.slimming import load_slim
 from smcp_core.utils.fsutil import (
@@ -60,20 +60,19 @@ def export(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, trt: 
     rep.log(f"measuring latency on {backend} (baseline and pruned interleaved, batch {batch})")
     if backend == "tensorrt":
         raise SmcpError("export.backend tensorrt: use `smcp export --trt` on a machine with TensorRT")
-    meas = measure_models({"baseline": base, "pruned": slim_m}, recipe, batch=batch, backend=backend,
-                          workdir=edir, min_runs=ec.min_runs, max_seconds=ec.max_seconds,
-                          onnx_paths={"baseline": onnx_base, "pruned": onnx_slim})
-    sb, sp = meas["stats"]["baseline"], meas["stats"]["pruned"]
-    speedup = sb["median_ms"] / sp["median_ms"]
-    kind, value = recipe.target_kind(), recipe.target_value()
+    tgt = recipe.gate_target()
+    kind, value = tgt.kind(), tgt.value()
+    meas = measure_pair(base, slim_m, recipe, batch=batch, backend=backend, workdir=edir, kind=kind, target=value,
+                        confidence=ec.confidence, min_rounds=ec.min_runs, max_seconds=ec.max_seconds,
+                        onnx_paths={"baseline": onnx_base, "pruned": onnx_slim})
+    sb, sp = (st.to_dict() for st in meas.timing.stats())
+    speedup = meas.speedup.median
     slim_info = read_json(out / "slim" / "slim.json", "slim summary") if (out / "slim" / "slim.json").exists() else {}
     flops_ratio = slim_info["flops"] / slim_info["flops_full"] if slim_info else None
     params_ratio = slim_info["params"] / slim_info["params_full"] if slim_info else None
-    if kind == "speedup":
-        passed = speedup >= value
-    elif kind == "latency_ms":
-        passed = sp["median_ms"] <= value
-    else:
+    if meas.verdict is not None:
+        passed = meas.verdict.passed
+    else:  # flops_ratio: counted, not timed
         passed = flops_ratio is not None and flops_ratio <= value + 1e-9
     # absolute, or relative for outputs larger than 1 (e.g. the logits of a barely trained model)
     parity_ok = par["max_abs_diff"] <= ec.tolerance or par.get("max_rel_diff", 1.0) <= ec.tolerance
@@ -98,6 +97,7 @@ def export(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, trt: 
         baseline={"latency_ms": sb["median_ms"], "stats": sb},
         pruned={"latency_ms": sp["median_ms"], "stats": sp, "predicted_ms": pred},
         speedup=speedup,
+        gate=meas.gate_doc(),
         target={"kind": kind, "value": value},
         target_speedup=value if kind == "speedup" else None,
         passed=bool(passed and parity_ok),

@@ -14,8 +14,10 @@ def gate(report: ExportResult) -> None:
         raise GateFailed(f"ONNX parity failed: max abs diff {report.parity['max_abs_diff']:.3g} > "
                          f"{report.parity['tolerance']:g}")
     t = report.target
+    verdict = (report.gate or {}).get("verdict") or {}
+    why = f"; {verdict['reason']}" if verdict.get("reason") else ""
     raise GateFailed(
         f"target missed: measured speed-up {report.speedup:.2f}x on {report.backend} at batch "
         f"{report.batch_size} ({report.baseline['latency_ms']:.3f} -> {report.pruned['latency_ms']:.3f} ms), "
-        f"target {t['kind']}={t['value']}"
+        f"target {t['kind']}={t['value']}{why}"
     )

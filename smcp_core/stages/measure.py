@@ -3,6 +3,7 @@ structures (random weights) the calibration and the closed loop measure."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from smcp_core.config.recipe import Recipe
 from smcp_core.errors import SmcpError
 from smcp_core.export.onnx import export_onnx
 from smcp_core.graph.channel_graph import ChannelGraph
+from smcp_core.profile.paired import Interval, PairedTiming, Verdict, judge, median_interval, time_paired
 from smcp_core.profile.timing import (
     ort_providers,
     ort_runner,
@@ -32,41 +34,87 @@ def _onnx_bytes(model: torch.nn.Module, example: torch.Tensor, tmpdir: Path, nam
     return path
 
 
-def measure_models(models: dict[str, torch.nn.Module], recipe, *, batch: int, backend: str,
-                   workdir: Path, min_runs: int = 30, max_seconds: float = 60.0,
-                   onnx_paths: dict[str, Path] | None = None) -> dict[str, Any]:
-    """Median latency of each model, measured interleaved in one loop on one backend."""
-
+def _runners(models: dict[str, torch.nn.Module], recipe, *, batch: int, backend: str, workdir: Path,
+             onnx_paths: dict[str, Path] | None = None) -> tuple[dict, Any, dict[str, Path]]:
+    """One zero-argument forward call per model on ``backend`` (ONNX files exported into ``workdir``
+    unless given), the device's sync function (or None) and the ONNX files used."""
     prof = recipe.profile
     x = example_input(recipe, batch)
     fns = {}
     onnx_paths = dict(onnx_paths or {})
     if backend == "onnxruntime":
-        if prof.device != "cpu":
-            providers = ort_providers(prof.device)
-        else:
-            providers = None
+        providers = ort_providers(prof.device) if prof.device != "cpu" else None
         for name, m in models.items():
             if name not in onnx_paths:
                 onnx_paths[name] = _onnx_bytes(m, x, workdir, name)
             sess = ort_session(onnx_paths[name], threads=prof.threads, providers=providers)
             fns[name] = ort_runner(sess, x.numpy())
-        sync = None
-    elif backend == "torch":
+        return fns, None, onnx_paths
+    if backend == "torch":
         if prof.threads:
             torch.set_num_threads(prof.threads)
         for name, m in models.items():
             fns[name] = torch_runner(m, x, device=prof.device, dtype=prof.dtype,
                                      channels_last=prof.layout == "channels_last")
-        sync = torch_sync(prof.device)
-    elif backend == "tensorrt":
+        return fns, torch_sync(prof.device), onnx_paths
+    if backend == "tensorrt":
         raise SmcpError("whole-model timing on tensorrt is done by `smcp export --trt`; "
                         "profile with backend torch or onnxruntime on this machine")
-    else:
-        raise SmcpError(f"unknown backend {backend!r}")
-    stats = time_interleaved(fns, warmup=max(3, prof.warmup // 2), min_runs=min_runs, max_seconds=max_seconds,
-                             sync=sync)
+    raise SmcpError(f"unknown backend {backend!r}")
+
+
+def measure_models(models: dict[str, torch.nn.Module], recipe, *, batch: int, backend: str,
+                   workdir: Path, min_runs: int = 30, max_seconds: float = 60.0,
+                   onnx_paths: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Median latency of each model, measured interleaved in one loop on one backend."""
+    fns, sync, onnx_paths = _runners(models, recipe, batch=batch, backend=backend, workdir=workdir,
+                                     onnx_paths=onnx_paths)
+    stats = time_interleaved(fns, warmup=max(3, recipe.profile.warmup // 2), min_runs=min_runs,
+                             max_seconds=max_seconds, sync=sync)
     return {"stats": {k: v.to_dict() for k, v in stats.items()}, "onnx": onnx_paths}
+
+
+@dataclass
+class PairMeasurement:
+    """What :func:`measure_pair` measured: the rounds, the speed-up (median of the per-round
+    ratios, with its interval) and the verdict on the target (None without a timed target)."""
+
+    timing: PairedTiming
+    speedup: Interval
+    verdict: Verdict | None
+    onnx: dict[str, Path]
+
+    def gate_doc(self) -> dict[str, Any]:
+        """What ``export/report.json`` records of the measurement under ``gate``."""
+        t, iv = self.timing, self.speedup
+        return {"rule": "median of per-round ratios (paired, alternating order); decided by the "
+                        f"{100 * iv.confidence:g} % order-statistics interval, by the median while it straddles",
+                "speedup": iv.median, "speedup_interval": [iv.lo, iv.hi], "confidence": iv.confidence,
+                "rounds": len(t.a_s), "seconds": t.seconds, "stopped": t.stopped,
+                "verdict": self.verdict.to_dict() if self.verdict is not None else None}
+
+
+def measure_pair(baseline: torch.nn.Module, pruned: torch.nn.Module, recipe, *, batch: int, backend: str,
+                 workdir: Path, kind: str | None, target: float | None, confidence: float = 0.9,
+                 min_rounds: int = 30, max_seconds: float = 60.0,
+                 onnx_paths: dict[str, Path] | None = None) -> PairMeasurement:
+    """``baseline`` and ``pruned`` timed in paired rounds (:func:`~smcp_core.profile.paired.time_paired`)
+    until the verdict on a ``speedup`` or ``latency_ms`` target is decided by its interval (or
+    ``max_seconds`` are up); for any other ``kind`` (or no target) ``min_rounds`` rounds."""
+    fns, sync, onnx_paths = _runners({"baseline": baseline, "pruned": pruned}, recipe, batch=batch,
+                                     backend=backend, workdir=workdir, onnx_paths=onnx_paths)
+    timed_target = kind in ("speedup", "latency_ms") and target is not None
+
+    def verdict(t: PairedTiming) -> Verdict:
+        if kind == "latency_ms":
+            return judge(t.latencies_ms(), target, at_least=False, confidence=confidence, unit=" ms")
+        return judge(t.ratios(), target, at_least=True, confidence=confidence)
+
+    timing = time_paired(fns["baseline"], fns["pruned"], warmup=max(3, recipe.profile.warmup // 2),
+                         min_rounds=min_rounds, max_seconds=max_seconds, sync=sync,
+                         decided=(lambda t: verdict(t).decided_by == "interval") if timed_target else None)
+    return PairMeasurement(timing=timing, speedup=median_interval(timing.ratios(), confidence),
+                           verdict=verdict(timing) if timed_target else None, onnx=onnx_paths)
 
 
 def slim_structure(recipe: Recipe, graph: ChannelGraph, keep: torch.Tensor) -> torch.nn.Module:

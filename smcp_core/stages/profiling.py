@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def profile(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, forc
         except SmcpError as exc:
             raise SmcpError(f"{exc}; `smcp profile --force` re-measures it from scratch") from None
     t0 = time.perf_counter()
+    dense_before = _dense_ms(recipe, model, out)
     sigs = [layer.sig for layer in graph.layers]
     table = measure_table(
         sigs, backend=prof.backend, batch_size=prof.batch_size, dtype=prof.dtype, layout=prof.layout,
@@ -56,6 +58,7 @@ def profile(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, forc
         progress=lambda d, t, k: rep.progress("profile", d, t, k),
     )
     t_layers = time.perf_counter() - t0
+    dense_after = _dense_ms(recipe, model, out)
     # whole-model latency of the baseline, two uniformly thinned variants and (when layers can be
     # removed) two variants with every other removable group removed -> calibration
     cost = CostModel(graph, "latency", table)
@@ -98,6 +101,8 @@ def profile(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, forc
                         "predicted_ms": float(p)}
                        for k, s, m, p in zip(names, xs.tolist(), ys.tolist(), pred)],
         },
+        "drift": _drift(rep, {"before_layers": dense_before, "after_layers": dense_after,
+                              "calibration": float(ys[0])}),
         "seconds": {"layers": t_layers, "total": time.perf_counter() - t0},
         "stats": meas["stats"],
     }
@@ -107,4 +112,37 @@ def profile(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, forc
         path=str(path), layers=len(table), baseline_ms=float(ys[0]), scale=scale, offset_ms=offset,
         removed_layer_ms=removed_ms, seconds=time.perf_counter() - t0,
         interpolated_points=int(table.meta.get("measure", {}).get("interpolated_points", 0) or 0),
-        calibration=table.model["calibration"]["points"])
+        calibration=table.model["calibration"]["points"],
+        baseline_spread_ms=_spread(meas["stats"]["baseline"]))
+
+
+def _spread(stats: dict) -> list[float] | None:
+    return [stats["p10_ms"], stats["p90_ms"]] if "p10_ms" in stats and "p90_ms" in stats else None
+
+
+DRIFT_LIMIT = 0.10  # the dense model's latency may change this much while profiling before it is reported
+
+
+def _dense_ms(recipe: Recipe, model: torch.nn.Module, out: Path) -> float:
+    """A short measurement of the dense model alone (median ms), to see the machine's speed change."""
+    prof = recipe.profile
+    meas = measure_lowest({"baseline": model}, recipe, workdir=out / ".profile_tmp", repeats=1,
+                          min_runs=max(10, prof.min_runs // 2), max_seconds=min(3.0, prof.max_seconds / 20))
+    return float(meas["stats"]["baseline"]["median_ms"])
+
+
+def _drift(rep: Reporter, dense_ms: dict[str, float]) -> dict:
+    """``latency.json``'s ``model.drift``: the dense model timed before and after the layer sweep and
+    at calibration; above :data:`DRIFT_LIMIT` (slowest / fastest - 1) one line says the machine's
+    speed changed and the table's layer times may be off by that much."""
+    lo, hi = min(dense_ms.values()), max(dense_ms.values())
+    drift = hi / lo - 1.0 if lo > 0 else math.inf
+    doc = {"dense_ms": dense_ms, "drift": drift, "limit": DRIFT_LIMIT, "ok": drift <= DRIFT_LIMIT}
+    if not doc["ok"]:
+        times = ", ".join(f"{v:.4g} ms {k.replace('_', ' ')}" for k, v in dense_ms.items())
+        doc["note"] = (f"the machine's speed changed while profiling: the dense model took {times} "
+                       f"({100 * drift:.0f} % apart); the layer times may be off by as much (the closed loop and "
+                       "the export gate measure ratios and are not affected); re-run `smcp profile --force` on a "
+                       "quieter machine for a better table")
+        rep.log(f"warning: {doc['note']}")
+    return doc

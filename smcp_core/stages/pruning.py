@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from smcp_core.stages.builders import (
     load_table,
     target_budget,
 )
-from smcp_core.stages.measure import measure_lowest, slim_structure
+from smcp_core.stages.measure import measure_pair, slim_structure
 from smcp_core.stages.results import PruneResult
 from smcp_core.utils import dist
 from smcp_core.utils.fsutil import (
@@ -90,11 +91,23 @@ def prune(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, resume
 def refuse_to_discard_checkpoint(recipe: Recipe, out: Path) -> None:
     """For ``smcp run`` without ``--resume``/``--force``: a prune that is not up to date would start
     over and delete ``prune/checkpoint.pt`` (an interrupted prune's work); stop instead, with one
-    line naming both ways on."""
+    line naming both ways on.  A checkpoint whose run finished (every epoch it was started with
+    done: a finished prune that a recipe change made out of date) holds no unfinished work."""
     ck = out / "prune" / "checkpoint.pt"
-    if ck.exists() and not up_to_date(recipe, out, "prune"):
+    if ck.exists() and not up_to_date(recipe, out, "prune") and not _finished(ck):
         raise SmcpError(f"an interrupted prune exists ({ck}); pass --resume to continue it, "
                         "or --force to start over (deletes the checkpoint)")
+
+
+def _finished(ck: Path) -> bool:
+    """Whether the run that wrote the prune checkpoint ``ck`` did all its epochs (an unreadable
+    checkpoint counts as unfinished: it is not discarded silently either)."""
+    try:
+        state = load_torch(ck, "prune checkpoint", keys=("epoch",))
+    except SmcpError:
+        return False
+    epochs = ((state.get("recipe") or {}).get("prune") or {}).get("epochs")
+    return isinstance(epochs, int) and int(state["epoch"]) >= epochs
 
 
 def _ignored_target(pc, tdesc: dict) -> dict:
@@ -130,7 +143,8 @@ def _latency_check(recipe: Recipe, graph: ChannelGraph, table, tdesc: dict, pdir
     """The closed loop's measurer and the calibration points it starts from (``prune.closed_loop``)."""
     cal = (table.model or {}).get("calibration") or {}
     points = [(p["layer_sum_ms"], int(p.get("removed_layers", 0)), p["measured_ms"]) for p in cal.get("points", [])]
-    return LatencyCheck(measure=_keep_measurer(recipe, graph, pdir), baseline_ms=float(table.model["measured_ms"]),
+    measure = _keep_measurer(recipe, graph, pdir, target_speedup=tdesc["baseline_ms"] / tdesc["target_ms"])
+    return LatencyCheck(measure=measure, baseline_ms=float(table.model["measured_ms"]),
                         target_ms=tdesc["target_ms"], aim_ms=tdesc["aim_ms"], points=points,
                         rounds=recipe.prune.closed_loop)
 
@@ -175,17 +189,30 @@ def _unstructured_summary(pc, res: TrainResult, weight_masks: dict) -> dict:
             "layers": len(weight_masks), "note": unstructured_speed_note(zeros / total)}
 
 
-def _keep_measurer(recipe: Recipe, graph: ChannelGraph, workdir: Path):
-    """``measure(keep) -> (dense_ms, slim_ms)``: the dense model and the model slimmed to ``keep``
-    (random weights: latency does not depend on them) timed interleaved on the profile backend."""
+def _keep_measurer(recipe: Recipe, graph: ChannelGraph, workdir: Path, *, target_speedup: float):
+    """``measure(keep) -> (dense_ms, slim_ms, slim_slow_ms)``: the dense model and the model slimmed to
+    ``keep`` (random weights: latency does not depend on them) timed in paired rounds on the profile
+    backend until the interval of the speed-up is on one side of ``target_speedup`` (as the export
+    gate does); ``slim_ms`` is the dense median over the median per-round speed-up and
+    ``slim_slow_ms`` the same at the slow end of its interval (inf when too few rounds for one)."""
     dense = build_model(recipe, load_weights=False)
     prof = recipe.profile
 
-    def measure(keep: torch.Tensor) -> tuple[float, float]:
-        st = measure_lowest({"dense": dense, "slim": slim_structure(recipe, graph, keep)}, recipe,
-                            workdir=workdir / ".closed_loop_tmp", repeats=1, min_runs=max(20, prof.min_runs),
-                            max_seconds=min(60.0, prof.max_seconds / 2))["stats"]
-        return st["dense"]["median_ms"], st["slim"]["median_ms"]
+    def measure(keep: torch.Tensor) -> tuple[float, float, float]:
+        tmp = workdir / ".closed_loop_tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            m = measure_pair(dense, slim_structure(recipe, graph, keep), recipe, batch=prof.batch_size,
+                             backend=prof.backend, workdir=tmp, kind="speedup", target=target_speedup,
+                             confidence=recipe.export.confidence, min_rounds=max(30, prof.min_runs),
+                             max_seconds=min(20.0, prof.max_seconds / 2))
+        finally:
+            for f in tmp.glob("*"):
+                f.unlink()
+            tmp.rmdir()
+        dense_ms = m.timing.stats()[0].median_ms
+        lo = m.speedup.lo
+        return dense_ms, dense_ms / m.speedup.median, (dense_ms / lo if lo > 0 else math.inf)
 
     return measure
 

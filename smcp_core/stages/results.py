@@ -33,16 +33,19 @@ class ProfileResult(_Result):
 
     path: str
     layers: int  # layer shapes (table keys)
-    baseline_ms: float  # the dense model, measured
+    baseline_ms: float  # the dense model, measured (median)
     scale: float
     offset_ms: float
     removed_layer_ms: float
     seconds: float
     interpolated_points: int  # grid points left unmeasured when the time budget ran out
     calibration: list[dict]  # per calibration structure: layer sum, measured and predicted ms
+    baseline_spread_ms: list[float] | None = None  # p10, p90 of the dense model's runs
 
     def headline(self) -> str:
-        return f"baseline {self.baseline_ms:.3f} ms; table {self.path}"
+        spread = (f" (p10-p90 {self.baseline_spread_ms[0]:.3f}-{self.baseline_spread_ms[1]:.3f})"
+                  if self.baseline_spread_ms else "")
+        return f"baseline {self.baseline_ms:.3f} ms{spread}; table {self.path}"
 
 
 @dataclass
@@ -105,7 +108,8 @@ class ExportResult(_Result):
     input_shape: list[int]
     baseline: dict  # latency_ms, stats
     pruned: dict  # latency_ms, stats, predicted_ms
-    speedup: float
+    speedup: float  # median of the per-round ratios of the paired measurement
+    gate: dict | None  # the measurement and the verdict: interval, rounds, decided_by, reason
     target: dict  # kind, value
     target_speedup: float | None
     passed: bool

@@ -1,0 +1,49 @@
+"""The export gate on a real run directory: the report carries the paired measurement and its verdict,
+and ``export.target`` gates the same pruned model against another target without pruning again."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from conftest import TINY_RUN, cli, sets
+
+
+def _report(run) -> dict:
+    return json.loads((run / "export" / "report.json").read_text())
+
+
+def test_the_report_records_the_paired_measurement_and_its_verdict(tiny_run):
+    r = _report(tiny_run)
+    g = r["gate"]
+    lo, hi = g["speedup_interval"]
+    assert g["rounds"] >= 1 and g["stopped"] in ("decided", "max_rounds", "max_seconds")
+    assert lo <= r["speedup"] == g["speedup"] <= hi
+    v = g["verdict"]
+    assert v["target"] == r["target"]["value"] and v["passed"] == r["passed"]
+    assert v["decided_by"] in ("interval", "median") and v["reason"]
+    # the latencies shown beside it come from the same rounds
+    assert r["baseline"]["stats"]["n"] == r["pruned"]["stats"]["n"] == g["rounds"]
+
+
+def test_export_target_regates_the_same_model_and_a_target_far_beyond_it_fails(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    slim_bytes = (run / "slim" / "weights.pt").read_bytes()
+    code, out, err = cli("export", "--out", run, *sets(TINY_RUN + ["export.target.speedup=50"]), "--json")
+    assert code == 2, err[-2000:]
+    doc = json.loads(out)
+    assert doc["ok"] is False and doc["exit_code"] == 2 and "interval" in doc["error"]
+    r = _report(run)
+    assert r["target"] == {"kind": "speedup", "value": 50.0} and not r["passed"]
+    assert r["gate"]["verdict"]["decided_by"] == "interval" and r["gate"]["speedup_interval"][1] < 50
+    assert (run / "slim" / "weights.pt").read_bytes() == slim_bytes  # nothing upstream re-ran
+
+
+def test_a_latency_target_is_judged_on_the_pruned_models_latency(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    code, _, err = cli("export", "--out", run, *sets(TINY_RUN + ["export.target.latency_ms=1e-6"]), "--quiet")
+    assert code == 2 and "ms" in err
+    v = _report(run)["gate"]["verdict"]
+    assert v["at_least"] is False and v["lo"] > 1e-6 and not v["passed"]
