@@ -22,10 +22,7 @@ from smcp_cli.common import (
     locked,
     out_dir,
 )
-
-
-def _spread(p10_p90) -> str:
-    return f" (p10-p90 {p10_p90[0]:.3f}-{p10_p90[1]:.3f})" if p10_p90 else ""
+from smcp_core.utils.text import spread
 
 
 def profile(
@@ -72,7 +69,7 @@ def profile(
             if not quiet:
                 console.print(
                     f"[green]latency table[/green] {res['path']}: {res['layers']} layer shapes, baseline "
-                    f"{res['baseline_ms']:.3f} ms{_spread(res.get('baseline_spread_ms'))} on "
+                    f"{res['baseline_ms']:.3f} ms{spread(res.get('baseline_spread_ms'))} on "
                     f"{r.profile.backend}/{r.profile.device} "
                     f"batch {r.profile.batch_size}; "
                     f"calibration: measured = {res['scale']:.3f} x (table + {res['removed_layer_ms']:.4f} ms per "

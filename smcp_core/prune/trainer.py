@@ -632,7 +632,7 @@ class PruneTrainer:
         met it, the budget is interpolated between the two (:meth:`_bracketed_budget`)."""
         chk, cost = self.latency_check, self.cost
         best = None  # the slowest measured state that met the target: (measured, round, keep, calibration, budget)
-        self._measured_rounds: list[tuple[torch.Tensor, float, float]] = []  # (keep, median ms, slow end ms)
+        measured_rounds: list[tuple[torch.Tensor, float, float]] = []  # per round: (keep, median ms, slow end ms)
         for rnd in range(chk.rounds + 1):
             keep = self.masker.keep().cpu()
             dense_ms, slim_ms, slim_slow_ms = self._measure(keep)
@@ -647,13 +647,13 @@ class PruneTrainer:
             row = {"event": "closed_loop", "epoch": epoch, "round": rnd, "predicted_ms": cost.predict(keep),
                    "measured_ms": measured, "measured_slow_ms": slow_end, "dense_ms": dense_ms, "slim_ms": slim_ms,
                    "target_ms": chk.target_ms, "met": met}
-            self._measured_rounds.append((keep.clone(), measured, slow_end))
+            measured_rounds.append((keep.clone(), measured, slow_end))
             if met and (best is None or measured > best[0]):
                 best = (measured, rnd, keep.clone(), (cost.scale, cost.removed_cost), self.target_cost)
             if (met and not over) or rnd == chk.rounds:
                 self._closed_loop_done(row, measured, met, best)
                 return
-            if not self._recalibrate(epoch, row, (free_sum, n_removed, measured), over):
+            if not self._recalibrate(epoch, row, (free_sum, n_removed, measured), over, measured_rounds):
                 return
 
     def _measure(self, keep: torch.Tensor) -> tuple[float, float, float]:
@@ -702,16 +702,16 @@ class PruneTrainer:
         predicted = self.cost.predict(self.masker.keep().cpu())
         return aim * min(1.0, predicted / measured) if predicted > 0 and measured > 0 else aim
 
-    def _bracketed_budget(self, solve_for: float) -> tuple[float, str]:
+    def _bracketed_budget(self, solve_for: float, measured_rounds: list) -> tuple[float, str]:
         """The layer-sum budget for the next round.  Once a measured structure missed the target (the
         dense model always does) and another met it, the budget is interpolated (regula falsi)
         between the two closest structures' costs (under the current cost model) to where their
         measured medians reach the aim, less the measured interval's width: measured structures
         bracket the answer, which a global re-fit of the table (``solve_for``, used until a round
-        meets the target) does not."""
+        meets the target) does not.  ``measured_rounds``: ``(keep, median ms, slow end ms)`` so far."""
         chk, cost = self.latency_check, self.cost
         dense = (self.graph.full_keep(), chk.baseline_ms, chk.baseline_ms)  # measured too: the ratio 1
-        rounds = [dense, *self._measured_rounds]
+        rounds = [dense, *measured_rounds]
         misses = [r for r in rounds if r[2] > chk.target_ms]
         fast = [r for r in rounds if r[2] <= chk.target_ms]
         refit = cost.budget_for(solve_for), f"re-solving for {solve_for:.4g} ms predicted"
@@ -726,7 +726,8 @@ class PruneTrainer:
         frac = min(1.0, max(0.0, (goal - m_lo) / (m_hi - m_lo)))
         return c_lo + frac * (c_hi - c_lo), f"interpolating between the rounds measured at {m_lo:.4g} and {m_hi:.4g} ms"
 
-    def _recalibrate(self, epoch: int, row: dict, point: tuple[float, int, float], over: bool) -> bool:
+    def _recalibrate(self, epoch: int, row: dict, point: tuple[float, int, float], over: bool,
+                     measured_rounds: list) -> bool:
         """Add the measured ``point`` to the calibration, re-fit it and re-solve the masks at the aim.
         Returns False (calibration, budget and masks kept) when the re-fitted aim is out of reach."""
         chk, cost = self.latency_check, self.cost
@@ -735,7 +736,7 @@ class PruneTrainer:
         scale, removed = fit_calibration(chk.points)
         cost.scale, cost.removed_cost = scale, removed
         solve_for = self._corrected_aim(row)
-        budget, how = self._bracketed_budget(solve_for)
+        budget, how = self._bracketed_budget(solve_for, measured_rounds)
         measured = point[2]
         what = (f"more than {100 * chk.overshoot:.0f} % below the aim {chk.aim_ms:.4g} ms" if over
                 else f"> target {chk.target_ms:.4g} ms")

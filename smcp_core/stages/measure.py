@@ -3,6 +3,8 @@ structures (random weights) the calibration and the closed loop measure."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +84,6 @@ class PairMeasurement:
     timing: PairedTiming
     speedup: Interval
     verdict: Verdict | None
-    onnx: dict[str, Path]
 
     def gate_doc(self) -> dict[str, Any]:
         """What ``export/report.json`` records of the measurement under ``gate``."""
@@ -101,7 +102,7 @@ def measure_pair(baseline: torch.nn.Module, pruned: torch.nn.Module, recipe, *, 
     """``baseline`` and ``pruned`` timed in paired rounds (:func:`~smcp_core.profile.paired.time_paired`)
     until the verdict on a ``speedup`` or ``latency_ms`` target is decided by its interval (or
     ``max_seconds`` are up); for any other ``kind`` (or no target) ``min_rounds`` rounds."""
-    fns, sync, onnx_paths = _runners({"baseline": baseline, "pruned": pruned}, recipe, batch=batch,
+    fns, sync, _ = _runners({"baseline": baseline, "pruned": pruned}, recipe, batch=batch,
                                      backend=backend, workdir=workdir, onnx_paths=onnx_paths)
     timed_target = kind in ("speedup", "latency_ms") and target is not None
 
@@ -114,7 +115,7 @@ def measure_pair(baseline: torch.nn.Module, pruned: torch.nn.Module, recipe, *, 
                          min_rounds=min_rounds, max_seconds=max_seconds, sync=sync,
                          decided=(lambda t: verdict(t).decided_by == "interval") if timed_target else None)
     return PairMeasurement(timing=timing, speedup=median_interval(timing.ratios(), confidence),
-                           verdict=verdict(timing) if timed_target else None, onnx=onnx_paths)
+                           verdict=verdict(timing) if timed_target else None)
 
 
 def slim_structure(recipe: Recipe, graph: ChannelGraph, keep: torch.Tensor) -> torch.nn.Module:
@@ -127,25 +128,32 @@ def slim_structure(recipe: Recipe, graph: ChannelGraph, keep: torch.Tensor) -> t
     return slim_model(m, graph, keep)
 
 
+@contextmanager
+def scratch_dir(path: Path) -> Iterator[Path]:
+    """``path`` created for the ONNX files of a measurement and removed (with them) afterwards."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    finally:
+        for f in path.glob("*"):
+            f.unlink()
+        path.rmdir()
+
+
 def measure_lowest(models: dict[str, torch.nn.Module], recipe, *, workdir: Path, repeats: int = 2,
                    min_runs: int = 30, max_seconds: float = 60.0) -> dict[str, Any]:
     """:func:`measure_models` ``repeats`` times (ONNX files exported once); per model the run with
     the lower median is kept: a shared machine's stalls only ever add time, and one stalled loop
     would skew every ratio.  ``{"stats": {name: stats}, "repeats": [per-loop stats]}``."""
     prof = recipe.profile
-    workdir.mkdir(parents=True, exist_ok=True)
     onnx_cache: dict = {}
     runs = []
-    try:
+    with scratch_dir(workdir):
         for _ in range(repeats):
             m_ = measure_models(models, recipe, batch=prof.batch_size, backend=prof.backend, workdir=workdir,
                                 min_runs=min_runs, max_seconds=max_seconds, onnx_paths=onnx_cache)
             onnx_cache = m_["onnx"]
             runs.append(m_["stats"])
-    finally:
-        for f in workdir.glob("*"):
-            f.unlink()
-        workdir.rmdir()
     return {"stats": {k: min((r[k] for r in runs), key=lambda st: st["median_ms"]) for k in models},
             "repeats": runs}
 

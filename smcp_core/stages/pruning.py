@@ -28,7 +28,7 @@ from smcp_core.stages.builders import (
     load_table,
     target_budget,
 )
-from smcp_core.stages.measure import measure_pair, slim_structure
+from smcp_core.stages.measure import measure_pair, scratch_dir, slim_structure
 from smcp_core.stages.results import PruneResult
 from smcp_core.utils import dist
 from smcp_core.utils.fsutil import (
@@ -199,17 +199,11 @@ def _keep_measurer(recipe: Recipe, graph: ChannelGraph, workdir: Path, *, target
     prof = recipe.profile
 
     def measure(keep: torch.Tensor) -> tuple[float, float, float]:
-        tmp = workdir / ".closed_loop_tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        try:
+        with scratch_dir(workdir / ".closed_loop_tmp") as tmp:
             m = measure_pair(dense, slim_structure(recipe, graph, keep), recipe, batch=prof.batch_size,
                              backend=prof.backend, workdir=tmp, kind="speedup", target=target_speedup,
                              confidence=recipe.export.confidence, min_rounds=max(30, prof.min_runs),
                              max_seconds=min(20.0, prof.max_seconds / 2))
-        finally:
-            for f in tmp.glob("*"):
-                f.unlink()
-            tmp.rmdir()
         dense_ms = m.timing.stats()[0].median_ms
         lo = m.speedup.lo
         return dense_ms, dense_ms / m.speedup.median, (dense_ms / lo if lo > 0 else math.inf)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from smcp_core.prune.trainer import TrainResult
+from smcp_core.utils.text import spread
 
 
 class _Result:
@@ -43,9 +44,7 @@ class ProfileResult(_Result):
     baseline_spread_ms: list[float] | None = None  # p10, p90 of the dense model's runs
 
     def headline(self) -> str:
-        spread = (f" (p10-p90 {self.baseline_spread_ms[0]:.3f}-{self.baseline_spread_ms[1]:.3f})"
-                  if self.baseline_spread_ms else "")
-        return f"baseline {self.baseline_ms:.3f} ms{spread}; table {self.path}"
+        return f"baseline {self.baseline_ms:.3f} ms{spread(self.baseline_spread_ms)}; table {self.path}"
 
 
 @dataclass

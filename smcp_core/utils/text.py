@@ -27,3 +27,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], *,
 
     align = ["---:" if numeric_from is not None and i >= numeric_from else "---" for i in range(len(header))]
     return [cells(header), "|" + "|".join(align) + "|"] + [cells(r) for r in rows]
+
+
+def spread(p10_p90: Sequence[float] | None) -> str:
+    """`` (p10-p90 A-B)`` for a timing's spread in ms, shown beside its median; "" without one."""
+    return f" (p10-p90 {p10_p90[0]:.3f}-{p10_p90[1]:.3f})" if p10_p90 else ""

@@ -29,7 +29,8 @@ def test_prune_summary_leaves_out_the_in_memory_result_and_an_absent_unstructure
 def test_export_report_round_trips_through_its_json_form():
     rep = ExportResult(stamp="s", backend="onnxruntime", device="cpu", batch_size=1, dtype="float32",
                        input_shape=[1, 3, 8, 8], baseline={"latency_ms": 2.0}, pruned={"latency_ms": 1.0}, speedup=2.0,
-                       gate={"speedup_interval": [1.9, 2.1]}, target={"kind": "speedup", "value": 1.5}, target_speedup=1.5, passed=True,
+                       gate={"speedup_interval": [1.9, 2.1]}, target={"kind": "speedup", "value": 1.5},
+                       target_speedup=1.5, passed=True,
                        parity={"passed": True}, flops_ratio=0.5, params_ratio=0.5, accuracy=None, environment={},
                        files={})
     assert ExportResult.from_dict({**rep.to_dict(), "extra": 1}) == rep
