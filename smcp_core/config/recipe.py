@@ -1082,3 +1082,11 @@ def resolved_dump(recipe: Recipe) -> str:
         header.append("# overrides: " + _one_line(" ".join(f"--set {o}" for o in recipe.overrides)))
     body = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)
     return "\n".join(header) + "\n" + body
+
+
+def recipe_from(data: Mapping[str, Any]) -> Recipe:
+    """A recipe from plain Python values (the Python API's settings), checked and worded like a
+    recipe file's: one-line :class:`SmcpError` naming the dotted key."""
+    if not isinstance(data, Mapping):
+        raise SmcpError(f"settings must be a mapping of recipe sections, got {type(data).__name__}")
+    return _build(dict(data), "Python API settings", (), {}, source=None, default_name="api")

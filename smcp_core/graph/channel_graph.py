@@ -200,7 +200,13 @@ class ChannelGraph:
         example: torch.Tensor,
         *,
         unpruned: list[str] | tuple[str, ...] = (),
+        submodule: str | None = None,
     ) -> None:
+        """``model``'s graph traced at ``example``.  ``submodule``: the name of ``model`` inside a
+        larger model (a detector's backbone): its outputs may then be any tensors (features), not
+        logits, and slimming replaces it in the larger model
+        (:func:`~smcp_core.slim.surgery.slim_submodule`)."""
+        self.submodule = submodule or None
         was_training = model.training
         model.eval()
         try:
@@ -217,7 +223,8 @@ class ChannelGraph:
                 ) from None
         finally:
             model.train(was_training)
-        check_logits(output, type(model).__name__)  # a dict or tuple output is one line here, not after profiling
+        if self.submodule is None:  # a dict or tuple output is one line here, not after profiling
+            check_logits(output, type(model).__name__)
         self.input_shape = tuple(example.shape[1:])
         self.modules = dict(self.gm.named_modules())
         self._uf = _UF()

@@ -24,19 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from smcp_core.config import presets
-from smcp_core.errors import InfeasibleTarget, SmcpError
+from smcp_core.errors import SmcpError
 from smcp_core.events import Reporter
 from smcp_core.graph.channel_graph import ChannelGraph
-from smcp_core.profile.calibration import fit_calibration
 from smcp_core.profile.cost_model import CostModel
 from smcp_core.prune import methods
-from smcp_core.prune.allocator import Allocator, SolveResult
+from smcp_core.prune.allocator import Allocator
 from smcp_core.prune.bn_recalibration import recalibrate_bn
-from smcp_core.prune.bnscale import BNScaler
-from smcp_core.prune.importance import ImportanceTracker
-from smcp_core.prune.masking import Masker, masked_state_dict
+from smcp_core.prune.closed_loop import ClosedLoop, LatencyCheck
 from smcp_core.prune.metrics import write_metrics_csv
-from smcp_core.prune.schedule import budget_at
+from smcp_core.prune.pruner import Pruner, StepSchedule
 from smcp_core.utils import dist
 from smcp_core.utils.fsutil import atomic_torch_save, load_torch
 
@@ -80,30 +77,6 @@ class TrainResult:
     full_cost: float = 0.0
     unit: str = ""
     state_dict: dict = field(default_factory=dict)  # dense weights with the final masks baked in
-
-
-@dataclass
-class LatencyCheck:
-    """Closed-loop check of the latency target at the end of the pruning window (``prune.closed_loop``).
-
-    ``measure(keep) -> (dense_ms, slim_ms, slim_slow_ms)`` times the dense model and the model
-    slimmed to ``keep`` in paired rounds on the profile backend; ``slim_ms / dense_ms`` (the median
-    per-round ratio), times ``baseline_ms`` (the table's dense latency), is the measured latency in
-    the table's units, ``slim_slow_ms`` the slow end of its confidence interval.  When that slow end
-    is above ``target_ms`` (a miss, or too close to call: the export gate might not pass it), or the
-    median is more than ``overshoot`` below ``aim_ms`` while a later round can check the result
-    (pruned deeper than asked, which costs accuracy), the measured point joins the calibration
-    ``points`` (``(layer_sum, removed_layers, measured_ms)``), the calibration is re-fitted and the
-    masks are re-solved for ``aim_ms`` (corrected: ``PruneTrainer._corrected_aim``).  If the last
-    measurement misses the target, the masks of the slowest measured round that met it are restored."""
-
-    measure: Callable[[torch.Tensor], tuple[float, float, float]]
-    baseline_ms: float
-    target_ms: float
-    aim_ms: float
-    points: list = field(default_factory=list)
-    rounds: int = 2
-    overshoot: float = 0.1
 
 
 # recipe sections whose values shape the training run: a resumed run must have been started with the
@@ -195,23 +168,29 @@ class EpochStats:
     lr: float = 0.0
 
 
-@dataclass
-class _Solved:
-    """A solved mask update: the keep-mask broadcast from rank 0, the all-reduced scores it was
-    solved from, the solver's result, the common fields of its history row and the solve's start time."""
-
-    keep: torch.Tensor
-    scores: torch.Tensor
-    result: SolveResult
-    row: dict
-    t0: float
+def _delegated(name: str) -> property:
+    """A trainer attribute that is its pruner's (read and written there)."""
+    return property(lambda self: getattr(self.pruner, name), lambda self, v: setattr(self.pruner, name, v),
+                    doc=f"The run's ``Pruner.{name}``.")
 
 
 class PruneTrainer:
     """One SMCP fine-tuning run (see the module docstring).  Construction prepares the run (device,
-    masks, optimizer, phase plan); :meth:`run` resumes from the checkpoint if asked, trains and
-    returns the :class:`TrainResult`.  The run's state (budget, history, update counters) lives on
-    the instance."""
+    phase plan, :class:`Pruner`, optimizer); :meth:`run` resumes from the checkpoint if asked, trains
+    and returns the :class:`TrainResult`.  The pruning state (masks, importance, budget, update
+    counters) lives on the pruner; the trainer's epochs, history and closed loop on the instance."""
+
+    masker = _delegated("masker")
+    tracker = _delegated("tracker")
+    bn_scaler = _delegated("bn_scaler")
+    alloc = _delegated("alloc")
+    method = _delegated("method")
+    full = _delegated("full")
+    target_cost = _delegated("target_cost")
+    since_update = _delegated("since_update")
+    last_progress = _delegated("last_progress")
+    masked_any = _delegated("masked_any")
+    bn_stale = _delegated("bn_stale")
 
     def __init__(self, *, recipe, model: nn.Module, graph: ChannelGraph, cost: CostModel, target_cost: float,
                  train_set, val_set, out_dir: Path, resume: bool = False, reporter: Reporter | None = None,
@@ -222,23 +201,18 @@ class PruneTrainer:
         self.pc = recipe.prune
         self.graph = graph
         self.cost = cost
-        self.target_cost = target_cost
         self.train_set = train_set
         self.val_set = val_set
         self.make_loader = make_loader
         self.resume_requested = resume
         self.latency_check = latency_check
         self._setup_device(model, out_dir)
-        self._setup_pruning(weight_masks, allocator)
-        self._setup_optimizer()
         self._setup_plan()
+        self._setup_pruning(target_cost, weight_masks, allocator)
+        self._setup_optimizer()
         self._check_target()
-        self.history: list[dict] = []
+        self.history = self.pruner.history  # one list: the pruner's mask updates and the run's other rows
         self.start_epoch = 0
-        self.since_update = 0  # optimizer steps since the last mask update
-        self.last_progress = 0.0  # ramp progress of the last mask update
-        self.masked_any = False  # something is masked (checkpoint or mask update)
-        self.bn_stale = False  # the masks changed since the batch norms' running statistics were estimated
 
     # ------------------------------------------------------------------ setup
     def _setup_device(self, model: nn.Module, out_dir: Path) -> None:
@@ -259,20 +233,16 @@ class PruneTrainer:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same module names: masks still apply
         self.model = model
 
-    def _setup_pruning(self, weight_masks: dict | None, allocator: Allocator | None) -> None:
-        """The method, masker, BN scaler, unstructured zeroer, importance tracker and allocator."""
-        pc = self.pc
-        self.method = presets.spec(getattr(pc, "method", "smcp"))
-        self.masker = Masker(self.model, self.graph, mode=pc.masking)
-        self.masker.to(self.device)
-        self.bn_scaler = BNScaler(self.model, self.graph, pc.bn_rescaling).to(self.device)
-        self.zero_weights = methods.WeightZeroer(self.model, weight_masks, self.device) if weight_masks else None
-        if self.zero_weights is not None:
-            self.zero_weights()
-        self.tracker = ImportanceTracker(self.masker, kind=pc.importance.type, accumulate=pc.importance.accumulate,
-                                         momentum=pc.importance.momentum)
-        self.alloc = allocator if allocator is not None else Allocator.from_recipe(self.graph, self.cost, pc)
-        self.full = self.alloc.full_cost
+    def _setup_pruning(self, target_cost: float, weight_masks: dict | None, allocator: Allocator | None) -> None:
+        """The run's :class:`Pruner` (method, masks, BN scaler, unstructured zeroer, importance,
+        allocator), on the phase plan's schedule in optimizer steps."""
+        plan = self.plan
+        spe = plan.steps_per_epoch
+        schedule = StepSchedule(warmup=plan.warmup * spe, ramp=plan.ramp * spe, update_every=plan.interval_steps,
+                                hold=max(0, plan.prune_end_epoch - plan.warmup - plan.ramp) * spe)
+        self.pruner = Pruner(self.model, self.graph, self.cost, target_cost=target_cost, config=self.pc,
+                             schedule=schedule, reporter=self.rep, weight_masks=weight_masks, allocator=allocator,
+                             device=self.device)
 
     def _setup_optimizer(self) -> None:
         """SGD, the AMP grad scaler, and the forward module (DDP-wrapped with more than one rank;
@@ -348,16 +318,9 @@ class PruneTrainer:
                                 "to start over")
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
-        self.masker.set_keep(ck["mask"])
-        self.tracker.load_state_dict(ck["importance"])
-        if ck.get("bn_scales") is not None and self.bn_scaler.items:
-            for (bn, _), sc in zip(self.bn_scaler.items, ck["bn_scales"]):
-                bn.parametrizations.weight[0].s.fill_(float(sc))
+        self.pruner.load_state_dict(ck, history=False, budget=False)  # the budget: from the history, below
         self.start_epoch = int(ck["epoch"])
-        self.since_update = int(ck["since_update"])
-        self.last_progress = float(ck.get("last_progress", 0.0))
-        self.bn_stale = bool(ck.get("bn_stale", True))  # (older checkpoints: recalibrate to be safe)
-        self.history = list(ck["history"])
+        self.history[:] = list(ck["history"])
         torch.set_rng_state(ck["rng"])
         if ck.get("scaler") and self.use_amp:
             self.scaler.load_state_dict(ck["scaler"])
@@ -385,8 +348,7 @@ class PruneTrainer:
             loss.backward()
             self.tracker.update()
         self.opt.zero_grad(set_to_none=True)
-        self.history.append(self.mask_update(1.0, 0))
-        self.last_progress = 1.0
+        self.pruner.update_masks(1.0, 0)
         if self.latency_check is not None:
             self.closed_loop(0)
 
@@ -426,8 +388,9 @@ class PruneTrainer:
         return micro if len(micro) == self.accum else None
 
     def _step(self, epoch: int, step: int, micro: list, pruning: bool, stats: EpochStats) -> None:
-        """One optimizer step over ``micro``: LR, forward/backward, importance, the step itself,
-        re-zeroing, a mask update when the interval is reached, progress."""
+        """One optimizer step over ``micro``: LR, forward/backward, the pruner's bookkeeping around
+        the step itself (importance, pruned decay; re-zeroing, a mask update when the interval is
+        reached), progress."""
         pc, plan, opt = self.pc, self.plan, self.opt
         stats.lr = lr = _lr_at(pc, pc.optimizer.lr, epoch + (step - 1) / plan.steps_per_epoch, plan.epochs)
         for gparam in opt.param_groups:
@@ -437,23 +400,10 @@ class PruneTrainer:
             self._forward_backward(epoch, step, i, x, y, stats)
         if self.scaler.is_enabled():
             self.scaler.unscale_(opt)
-        importance = pruning and not self.method.soft_filter
-        if importance:
-            self.tracker.update()
-        self.masker.apply_pruned_decay(pc.pruned_decay)
+        self.pruner.before_step(importance=pruning)
         self.scaler.step(opt)
         self.scaler.update()
-        if self.method.rezero and self.masker.mode == "permanent" and self.masked_any:
-            methods.rezero_pruned_(self.masker)  # pruned weights stay exactly zero (HALP re-zeroes every step)
-        if self.zero_weights is not None:
-            self.zero_weights()  # unstructured: the zeroed weights stay zero
-        if importance:
-            self.since_update += 1
-            prog = plan.progress(epoch, step)
-            if self.since_update >= plan.interval_steps:
-                self.history.append(self.mask_update(prog, epoch))
-                self.last_progress = prog
-                self.since_update = 0
+        self.pruner.after_step(progress=plan.progress(epoch, step), epoch=epoch)
         if self._host_check(step) or step == plan.steps_per_epoch:
             self.rep.progress("epoch", step, plan.steps_per_epoch,
                               f"epoch {epoch + 1}/{plan.epochs} loss {float(stats.loss_sum) / max(stats.seen, 1):.3f}")
@@ -499,13 +449,12 @@ class PruneTrainer:
         if pruning and self.method.soft_filter:
             prog = plan.progress(epoch, plan.steps_per_epoch)
             # SFP: filters zeroed at every window epoch's end; the last one (at the target) is masked
-            self.history.append(self.sfp_step(prog, epoch) if prog < 1.0 else self.mask_update(1.0, epoch))
-            self.last_progress = prog
-        elif pruning and last and (self.last_progress < 1.0 or self.since_update > 0):
-            # the last update of the pruning window is always at the full target
-            self.history.append(self.mask_update(1.0, epoch))
-            self.last_progress = 1.0
-            self.since_update = 0
+            if prog < 1.0:
+                self.pruner.sfp_step(prog, epoch)
+            else:
+                self.pruner.update_masks(1.0, epoch)
+        elif pruning and last:
+            self.pruner.finish_window(epoch)  # the last update of the pruning window is at the full target
         if (self.latency_check is not None and pruning and last
                 and not any(r.get("event") == "closed_loop" for r in self.history)):
             self.closed_loop(epoch)
@@ -534,72 +483,23 @@ class PruneTrainer:
     def checkpoint(self, epoch: int) -> None:
         """Write the end-of-epoch checkpoint (atomically), then ``metrics.csv`` from its history."""
         atomic_torch_save({
+            **self.pruner.state_dict(history=False),  # masks, importance, BN scales, counters
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-            "mask": self.masker.class_mask.detach().cpu(), "importance": self.tracker.state_dict(),
-            "epoch": epoch + 1, "since_update": self.since_update, "last_progress": self.last_progress,
-            "history": self.history, "rng": torch.get_rng_state(), "n_classes": self.graph.n_classes,
+            "epoch": epoch + 1, "history": self.history, "rng": torch.get_rng_state(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "bn_scales": self.bn_scaler.scales() or None, "bn_stale": self.bn_stale,
             "recipe": started_with(self.recipe),
         }, self.ck_path, checksum=True)
         write_metrics_csv(self.out_dir / METRICS, self.history, unit=self.cost.unit)  # from the checkpointed history
 
     # ------------------------------------------------------------------ mask updates
     def apply_keep(self, keep: torch.Tensor, scores: torch.Tensor) -> None:
-        """Install a keep-mask chosen from the (all-reduced) ``scores``: masks, SFP's zeroed filters,
-        BN rescaling, and a new importance window."""
-        self.masker.set_keep(keep)
-        self.masked_any = not bool(keep.all())
-        self.bn_stale = True
-        if self.method.soft_filter:  # SFP's final selection: producers' filters zeroed too, then masked
-            methods.zero_filters_(self.masker, keep)
-        self.bn_scaler.update(keep, scores)
-        self.tracker.reset()
-
-    def _solve(self, progress: float, epoch: int, solve: Callable[[torch.Tensor, float], SolveResult], *,
-               soft_filter: bool = False) -> _Solved:
-        """The sequence every mask update shares: the scheduled budget at ``progress``, the scores
-        all-reduced over ranks, ``solve(scores, budget)``, its keep-mask broadcast from rank 0, and
-        the common fields of the ``mask_update`` history row."""
-        budget = budget_at(progress, self.full, self.target_cost, self.pc.schedule)
-        t0 = time.perf_counter()
-        scores = dist.all_reduce_mean_(self.tracker.scores().detach().clone())  # identical on every rank
-        res = solve(scores, budget)
-        keep = dist.broadcast_(res.keep.to(device=scores.device, dtype=torch.uint8)).cpu().bool()
-        row = {"event": "mask_update", **({"soft_filter": True} if soft_filter else {}), "epoch": epoch,
-               "progress": round(progress, 4), "budget": budget, "cost": res.cost,
-               "predicted": self.cost.calibrated(res.cost), "kept_classes": int(keep.sum())}
-        return _Solved(keep, scores, res, row, t0)
-
-    def _allocate(self, scores: torch.Tensor, budget: float) -> SolveResult:
-        """The method's allocation: SMCP's knapsack, or the method's (uniform, monotone) variant."""
-        if self.method.name == "smcp":
-            return self.alloc.solve(scores, budget, self.masker.keep())
-        return methods.allocate(self.alloc, self.method, scores, budget, self.masker.keep().cpu())
+        """Install a keep-mask (:meth:`Pruner.apply_keep`)."""
+        self.pruner.apply_keep(keep, scores)
 
     def mask_update(self, progress: float, epoch: int) -> dict:
-        """Solve the masks for the budget at ``progress`` and install them; returns the history row."""
-        solved = self._solve(progress, epoch, self._allocate)
-        dt = time.perf_counter() - solved.t0
-        self.apply_keep(solved.keep, solved.scores)
-        row = solved.row
-        row["solve_ms"] = 1000 * dt
-        if solved.result.fraction is not None:
-            row["fraction"] = solved.result.fraction
-        self.rep.metrics(row)
-        return row
-
-    def sfp_step(self, progress: float, epoch: int) -> dict:
-        """SFP at the end of a pruning-window epoch: zero the producers' output filters of the
-        lowest-L2 classes at the uniform fraction for the scheduled budget; no masks."""
-        solved = self._solve(progress, epoch, self.alloc.solve_uniform, soft_filter=True)
-        zeroed = methods.zero_filters_(self.masker, solved.keep)
-        self.bn_stale = True  # zeroed filters change the forward pass like a mask
-        row = solved.row
-        row.update(zeroed_filters=zeroed, fraction=solved.result.fraction,
-                   solve_ms=1000 * (time.perf_counter() - solved.t0))
-        self.rep.metrics(row)
-        return row
+        """Solve and install the masks for the budget at ``progress`` (:meth:`Pruner.update_masks`,
+        not recorded); returns the history row."""
+        return self.pruner.update_masks(progress, epoch, record=False)
 
     def recalibrate_bn_stats(self, epoch: int) -> None:
         """Re-estimate the batch norms' running statistics at the current masks when a mask change
@@ -616,148 +516,13 @@ class PruneTrainer:
                                   **({"shard": True} if self.world > 1 else {}))
         used = recalibrate_bn(self.model, loader, n, device=self.device, channels_last=self.pc.channels_last)
         self.bn_stale = False
-        self._record({"event": "bn_recalibration", "epoch": epoch, "batches": used,
-                      "seconds": time.perf_counter() - t0})
-
-    def _record(self, row: dict) -> None:
-        """Append ``row`` to the history and report it."""
-        self.history.append(row)
-        self.rep.metrics(row)
+        self.pruner.record({"event": "bn_recalibration", "epoch": epoch, "batches": used,
+                            "seconds": time.perf_counter() - t0})
 
     # ------------------------------------------------------------------ latency closed loop
     def closed_loop(self, epoch: int) -> None:
-        """Measure the slim model at the current masks; while it misses the target (or lands far
-        below the aim with a round left to check a correction), add the point to the calibration,
-        re-fit it and re-solve at the aim (:class:`LatencyCheck`); once one round missed and another
-        met it, the budget is interpolated between the two (:meth:`_bracketed_budget`)."""
-        chk, cost = self.latency_check, self.cost
-        best = None  # the slowest measured state that met the target: (measured, round, keep, calibration, budget)
-        measured_rounds: list[tuple[torch.Tensor, float, float]] = []  # per round: (keep, median ms, slow end ms)
-        for rnd in range(chk.rounds + 1):
-            keep = self.masker.keep().cpu()
-            dense_ms, slim_ms, slim_slow_ms = self._measure(keep)
-            measured = slim_ms / dense_ms * chk.baseline_ms
-            slow_end = slim_slow_ms / dense_ms * chk.baseline_ms
-            n_removed = sum(1 for ci, co in self.graph.widths(keep) if ci == 0 or co == 0)
-            free_sum = cost.total(keep) - cost.removed_cost * n_removed
-            met = slow_end <= chk.target_ms  # as the export gate decides: the whole interval meets it
-            # a correction upwards is measured again in the next round; SFP's zeroed filters cannot return
-            over = (met and measured < chk.aim_ms * (1 - chk.overshoot) and rnd < chk.rounds
-                    and not self.method.soft_filter)
-            row = {"event": "closed_loop", "epoch": epoch, "round": rnd, "predicted_ms": cost.predict(keep),
-                   "measured_ms": measured, "measured_slow_ms": slow_end, "dense_ms": dense_ms, "slim_ms": slim_ms,
-                   "target_ms": chk.target_ms, "met": met}
-            measured_rounds.append((keep.clone(), measured, slow_end))
-            if met and (best is None or measured > best[0]):
-                best = (measured, rnd, keep.clone(), (cost.scale, cost.removed_cost), self.target_cost)
-            if (met and not over) or rnd == chk.rounds:
-                self._closed_loop_done(row, measured, met, best)
-                return
-            if not self._recalibrate(epoch, row, (free_sum, n_removed, measured), over, measured_rounds):
-                return
-
-    def _measure(self, keep: torch.Tensor) -> tuple[float, float, float]:
-        """``(dense_ms, slim_ms, slim_slow_ms)`` measured on rank 0 and broadcast; a failure stops every rank."""
-        vals = torch.zeros(3, dtype=torch.float64)
-        failure = None
-        if dist.is_main():
-            try:
-                vals = torch.tensor(self.latency_check.measure(keep), dtype=torch.float64)
-            except SmcpError as exc:  # every rank must hear of it, not wait in the broadcast
-                failure, vals = exc, torch.full((3,), float("nan"), dtype=torch.float64)
-        dense_ms, slim_ms, slim_slow_ms = (float(v) for v in dist.broadcast_(vals.to(self.device)).cpu())
-        if failure is not None or not (math.isfinite(dense_ms) and math.isfinite(slim_ms)):
-            raise SmcpError("closed loop: measuring the slimmed model failed"
-                            + (f": {failure}" if failure is not None else " on rank 0")) from None
-        return dense_ms, slim_ms, slim_slow_ms
-
-    def _closed_loop_done(self, row: dict, measured: float, met: bool, best: tuple | None) -> None:
-        """The loop's last round: a miss restores the slowest measured state that met the target
-        (if any) or says so; the row is recorded."""
-        chk, cost = self.latency_check, self.cost
-        if not met and best is not None:  # a correction made it worse: back to what was measured good
-            _, brnd, bkeep, (cost.scale, cost.removed_cost), self.target_cost = best
-            self.apply_keep(bkeep, dist.all_reduce_mean_(self.tracker.scores().detach().clone()))
-            row.update(reverted_to_round=brnd, scale=cost.scale, removed_layer_ms=cost.removed_cost,
-                       budget=self.target_cost)
-            self.rep.log(f"closed loop: {measured:.4g} ms misses the target {chk.target_ms:.4g} ms; restored "
-                         f"the masks of round {brnd} (measured {best[0]:.4g} ms)")
-        elif not met:
-            self.rep.log(f"closed loop: still {measured:.4g} ms > target {chk.target_ms:.4g} ms after "
-                         f"{chk.rounds} corrections; raise prune.closed_loop or prune.target_margin")
-        self._record(row)
-
-    def _corrected_aim(self, row: dict) -> float:
-        """The predicted latency to re-solve for: the aim, lowered where the measured interval is so
-        wide that its slow end (``measured_slow_ms``) would pass the target with the median at the aim,
-        then divided by what the re-fitted calibration still under-predicts at the current masks
-        (measured / predicted, when above 1): a local correction, since the next masks are near these.
-        It only ever tightens: giving capacity back (an overshoot) trusts the re-fitted calibration,
-        so a correction cannot jump past the target."""
-        chk = self.latency_check
-        measured, slow = row["measured_ms"], row["measured_slow_ms"]
-        aim = chk.aim_ms
-        if math.isfinite(slow) and slow > measured > 0:
-            aim = min(aim, chk.target_ms * measured / slow)
-        predicted = self.cost.predict(self.masker.keep().cpu())
-        return aim * min(1.0, predicted / measured) if predicted > 0 and measured > 0 else aim
-
-    def _bracketed_budget(self, solve_for: float, measured_rounds: list) -> tuple[float, str]:
-        """The layer-sum budget for the next round.  Once a measured structure missed the target (the
-        dense model always does) and another met it, the budget is interpolated (regula falsi)
-        between the two closest structures' costs (under the current cost model) to where their
-        measured medians reach the aim, less the measured interval's width: measured structures
-        bracket the answer, which a global re-fit of the table (``solve_for``, used until a round
-        meets the target) does not.  ``measured_rounds``: ``(keep, median ms, slow end ms)`` so far."""
-        chk, cost = self.latency_check, self.cost
-        dense = (self.graph.full_keep(), chk.baseline_ms, chk.baseline_ms)  # measured too: the ratio 1
-        rounds = [dense, *measured_rounds]
-        misses = [r for r in rounds if r[2] > chk.target_ms]
-        fast = [r for r in rounds if r[2] <= chk.target_ms]
-        refit = cost.budget_for(solve_for), f"re-solving for {solve_for:.4g} ms predicted"
-        if not misses or not fast:
-            return refit
-        (k_hi, m_hi, s_hi), (k_lo, m_lo, s_lo) = min(misses, key=lambda r: r[1]), max(fast, key=lambda r: r[1])
-        width = max([s / m for m, s in ((m_hi, s_hi), (m_lo, s_lo)) if m > 0 and math.isfinite(s)], default=1.0)
-        goal = min(chk.aim_ms, chk.target_ms / width)
-        c_hi, c_lo = cost.total(k_hi), cost.total(k_lo)
-        if not (m_hi > m_lo and c_hi > c_lo):
-            return refit
-        frac = min(1.0, max(0.0, (goal - m_lo) / (m_hi - m_lo)))
-        return c_lo + frac * (c_hi - c_lo), f"interpolating between the rounds measured at {m_lo:.4g} and {m_hi:.4g} ms"
-
-    def _recalibrate(self, epoch: int, row: dict, point: tuple[float, int, float], over: bool,
-                     measured_rounds: list) -> bool:
-        """Add the measured ``point`` to the calibration, re-fit it and re-solve the masks at the aim.
-        Returns False (calibration, budget and masks kept) when the re-fitted aim is out of reach."""
-        chk, cost = self.latency_check, self.cost
-        prev = (cost.scale, cost.removed_cost, self.target_cost)
-        chk.points.append(point)
-        scale, removed = fit_calibration(chk.points)
-        cost.scale, cost.removed_cost = scale, removed
-        solve_for = self._corrected_aim(row)
-        budget, how = self._bracketed_budget(solve_for, measured_rounds)
-        measured = point[2]
-        what = (f"more than {100 * chk.overshoot:.0f} % below the aim {chk.aim_ms:.4g} ms" if over
-                else f"> target {chk.target_ms:.4g} ms")
-        self.rep.log(f"closed loop: measured {measured:.4g} ms {what} (predicted {row['predicted_ms']:.4g}); "
-                     f"re-calibrated (scale {scale:.3f}, {removed:.4g} ms per removed layer); {how} "
-                     f"(aim {chk.aim_ms:.4g} ms measured)")
-        if over:
-            row["overshoot"] = True
-        self.target_cost = budget
-        try:
-            update = self.mask_update(1.0, epoch)
-        except InfeasibleTarget as exc:  # keep the masks, calibration and budget we have; the run goes on
-            cost.scale, cost.removed_cost, self.target_cost = prev
-            row.update(error=str(exc))
-            self._record(row)
-            self.rep.log(f"closed loop: the re-fitted target is out of reach ({exc}); keeping the current masks")
-            return False
-        row.update(scale=scale, removed_layer_ms=removed, budget=budget)
-        self._record(row)
-        self.history.append(update)
-        return True
+        """Measure the slim model at the current masks and correct them (:class:`ClosedLoop`)."""
+        ClosedLoop(self.pruner, self.latency_check).run(epoch)
 
     # ------------------------------------------------------------------ the end
     def finish(self) -> TrainResult:
@@ -770,7 +535,7 @@ class PruneTrainer:
         final_cost = self.cost.total(keep)
         if self.target_cost < self.full and final_cost > self.target_cost * (1 + 1e-9):
             # e.g. resumed after the pruning window with a changed target: enforce it now
-            self.history.append(self.mask_update(1.0, self.plan.epochs))
+            self.pruner.update_masks(1.0, self.plan.epochs)
             keep = self.masker.keep().cpu()
             final_cost = self.cost.total(keep)
         final_top1 = next((r["top1"] for r in reversed(self.history) if r.get("event") == "epoch" and "top1" in r),
@@ -778,8 +543,7 @@ class PruneTrainer:
         self.recalibrate_bn_stats(self.plan.epochs)  # the saved model's statistics match its final masks
         if final_top1 is None and self.val_loader is not None:
             final_top1 = evaluate(self.model, self.val_loader, self.device, channels_last=self.pc.channels_last)
-        self.bn_scaler.bake()  # gamma_orig * s into plain parameters before the weights are handed over
-        state = {k: v.detach().cpu().clone() for k, v in masked_state_dict(self.model, self.masker).items()}
+        state = self.pruner.masked_state_dict()  # the BN scales baked in
         return TrainResult(keep=keep, history=self.history, final_top1=final_top1, target_cost=self.target_cost,
                            final_cost=final_cost, full_cost=self.full, unit=self.cost.unit, state_dict=state)
 

@@ -115,6 +115,19 @@ def slim_model(model: nn.Module, graph: ChannelGraph, keep: torch.Tensor) -> fx.
     return gm
 
 
+def slim_submodule(model: nn.Module, graph: ChannelGraph, keep: torch.Tensor) -> nn.Module:
+    """:func:`slim_model` of ``graph``'s submodule of ``model`` (``graph.submodule``; the whole
+    model when None), put in its place in a copy of ``model``; the rest is unchanged (copied)."""
+    name = getattr(graph, "submodule", None)
+    if not name:
+        return slim_model(model, graph, keep)
+    slim = slim_model(model.get_submodule(name), graph, keep)
+    whole = copy.deepcopy(model).cpu().eval()
+    parent, _, leaf = name.rpartition(".")
+    setattr(whole.get_submodule(parent) if parent else whole, leaf, slim)
+    return whole
+
+
 def _kept_idx(keep: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
     """Positions of the kept channels among those labelled ``lab``."""
     return torch.nonzero(keep[lab]).flatten()

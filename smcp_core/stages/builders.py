@@ -107,8 +107,12 @@ def load_table(recipe: Recipe, out: Path, *, force_table: bool = False):
 
 def target_budget(recipe: Recipe, cost, table) -> tuple[float, dict]:
     """Layer-sum budget for the recipe's target, and a description of it."""
-    kind, value = recipe.target_kind(), recipe.target_value()
-    margin = recipe.prune.target_margin
+    return budget_for_target(recipe.target_kind(), recipe.target_value(), recipe.prune.target_margin, cost, table)
+
+
+def budget_for_target(kind: str, value: float, margin: float, cost, table) -> tuple[float, dict]:
+    """Layer-sum budget for a ``speedup``/``latency_ms`` (from the table's measured dense latency)
+    or ``flops_ratio`` target aimed ``margin`` below it, and a description of it."""
     if kind == "flops_ratio":
         full = cost.total(cost.graph.full_keep())
         return value * (1 - margin) * full, {"kind": kind, "value": value, "full": full, "unit": cost.unit,

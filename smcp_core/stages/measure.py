@@ -3,6 +3,8 @@ structures (random weights) the calibration and the closed loop measure."""
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -11,7 +13,7 @@ from typing import Any
 
 import torch
 
-from smcp_core.config.recipe import Recipe
+from smcp_core.config.recipe import ProfileConfig, Recipe
 from smcp_core.errors import SmcpError
 from smcp_core.export.onnx import export_onnx
 from smcp_core.graph.channel_graph import ChannelGraph
@@ -25,8 +27,26 @@ from smcp_core.profile.timing import (
     torch_sync,
 )
 from smcp_core.prune.masking import Masker
-from smcp_core.slim.surgery import slim_model
+from smcp_core.slim.surgery import slim_submodule
 from smcp_core.stages.builders import build_model, example_input
+
+
+@dataclass(frozen=True)
+class Bench:
+    """Where whole models are timed without a recipe (the Python API): the profile settings
+    (backend, device, threads, warm-up) and one example input batch, repeated to the batch size."""
+
+    profile: ProfileConfig
+    example: torch.Tensor
+
+    def batch(self, n: int) -> torch.Tensor:
+        x = self.example[:1]
+        return x.expand(n, *x.shape[1:]).contiguous()
+
+
+def _bench(where: Recipe | Bench) -> Bench:
+    """A recipe's bench: its profile section and its example input."""
+    return where if isinstance(where, Bench) else Bench(where.profile, example_input(where, 1))
 
 
 def _onnx_bytes(model: torch.nn.Module, example: torch.Tensor, tmpdir: Path, name: str) -> Path:
@@ -36,12 +56,13 @@ def _onnx_bytes(model: torch.nn.Module, example: torch.Tensor, tmpdir: Path, nam
     return path
 
 
-def _runners(models: dict[str, torch.nn.Module], recipe, *, batch: int, backend: str, workdir: Path,
+def _runners(models: dict[str, torch.nn.Module], where: Recipe | Bench, *, batch: int, backend: str, workdir: Path,
              onnx_paths: dict[str, Path] | None = None) -> tuple[dict, Any, dict[str, Path]]:
     """One zero-argument forward call per model on ``backend`` (ONNX files exported into ``workdir``
     unless given), the device's sync function (or None) and the ONNX files used."""
-    prof = recipe.profile
-    x = example_input(recipe, batch)
+    bench = _bench(where)
+    prof = bench.profile
+    x = bench.batch(batch)
     fns = {}
     onnx_paths = dict(onnx_paths or {})
     if backend == "onnxruntime":
@@ -65,13 +86,13 @@ def _runners(models: dict[str, torch.nn.Module], recipe, *, batch: int, backend:
     raise SmcpError(f"unknown backend {backend!r}")
 
 
-def measure_models(models: dict[str, torch.nn.Module], recipe, *, batch: int, backend: str,
+def measure_models(models: dict[str, torch.nn.Module], where: Recipe | Bench, *, batch: int, backend: str,
                    workdir: Path, min_runs: int = 30, max_seconds: float = 60.0,
                    onnx_paths: dict[str, Path] | None = None) -> dict[str, Any]:
     """Median latency of each model, measured interleaved in one loop on one backend."""
-    fns, sync, onnx_paths = _runners(models, recipe, batch=batch, backend=backend, workdir=workdir,
+    fns, sync, onnx_paths = _runners(models, where, batch=batch, backend=backend, workdir=workdir,
                                      onnx_paths=onnx_paths)
-    stats = time_interleaved(fns, warmup=max(3, recipe.profile.warmup // 2), min_runs=min_runs,
+    stats = time_interleaved(fns, warmup=max(3, _bench(where).profile.warmup // 2), min_runs=min_runs,
                              max_seconds=max_seconds, sync=sync)
     return {"stats": {k: v.to_dict() for k, v in stats.items()}, "onnx": onnx_paths}
 
@@ -95,15 +116,16 @@ class PairMeasurement:
                 "verdict": self.verdict.to_dict() if self.verdict is not None else None}
 
 
-def measure_pair(baseline: torch.nn.Module, pruned: torch.nn.Module, recipe, *, batch: int, backend: str,
+def measure_pair(baseline: torch.nn.Module, pruned: torch.nn.Module, where: Recipe | Bench, *, batch: int,
+                 backend: str,
                  workdir: Path, kind: str | None, target: float | None, confidence: float = 0.9,
                  min_rounds: int = 30, max_seconds: float = 60.0,
                  onnx_paths: dict[str, Path] | None = None) -> PairMeasurement:
     """``baseline`` and ``pruned`` timed in paired rounds (:func:`~smcp_core.profile.paired.time_paired`)
     until the verdict on a ``speedup`` or ``latency_ms`` target is decided by its interval (or
     ``max_seconds`` are up); for any other ``kind`` (or no target) ``min_rounds`` rounds."""
-    fns, sync, _ = _runners({"baseline": baseline, "pruned": pruned}, recipe, batch=batch,
-                                     backend=backend, workdir=workdir, onnx_paths=onnx_paths)
+    fns, sync, _ = _runners({"baseline": baseline, "pruned": pruned}, where, batch=batch,
+                            backend=backend, workdir=workdir, onnx_paths=onnx_paths)
     timed_target = kind in ("speedup", "latency_ms") and target is not None
 
     def verdict(t: PairedTiming) -> Verdict:
@@ -111,21 +133,44 @@ def measure_pair(baseline: torch.nn.Module, pruned: torch.nn.Module, recipe, *, 
             return judge(t.latencies_ms(), target, at_least=False, confidence=confidence, unit=" ms")
         return judge(t.ratios(), target, at_least=True, confidence=confidence)
 
-    timing = time_paired(fns["baseline"], fns["pruned"], warmup=max(3, recipe.profile.warmup // 2),
+    timing = time_paired(fns["baseline"], fns["pruned"], warmup=max(3, _bench(where).profile.warmup // 2),
                          min_rounds=min_rounds, max_seconds=max_seconds, sync=sync,
                          decided=(lambda t: verdict(t).decided_by == "interval") if timed_target else None)
     return PairMeasurement(timing=timing, speedup=median_interval(timing.ratios(), confidence),
                            verdict=verdict(timing) if timed_target else None)
 
 
-def slim_structure(recipe: Recipe, graph: ChannelGraph, keep: torch.Tensor) -> torch.nn.Module:
-    """The recipe's model slimmed to ``keep`` with random weights (latency does not depend on them)."""
-
-    m = build_model(recipe, load_weights=False)
-    mk = Masker(m, graph)
+def slim_structure(source: Recipe | torch.nn.Module, graph: ChannelGraph, keep: torch.Tensor) -> torch.nn.Module:
+    """The recipe's model (random weights: latency does not depend on them), or a copy of a plain
+    model, slimmed to ``keep`` (the graph's submodule slimmed, the rest as it was)."""
+    m = build_model(source, load_weights=False) if isinstance(source, Recipe) else copy.deepcopy(source)
+    sub = m.get_submodule(graph.submodule) if graph.submodule else m
+    mk = Masker(sub, graph)
     mk.set_keep(keep)
     mk.remove(bake=True)
-    return slim_model(m, graph, keep)
+    return slim_submodule(m, graph, keep)
+
+
+def keep_measurer(dense: torch.nn.Module, source: Recipe | torch.nn.Module, where: Recipe | Bench,
+                  graph: ChannelGraph, workdir: Path, *, target_speedup: float, confidence: float = 0.9,
+                  min_rounds: int = 30, max_seconds: float = 20.0):
+    """``measure(keep) -> (dense_ms, slim_ms, slim_slow_ms)`` for the closed loop: ``dense`` and
+    ``source`` slimmed to ``keep`` (:func:`slim_structure`) timed in paired rounds on ``where``'s
+    backend until the interval of the speed-up is on one side of ``target_speedup`` (as the export
+    gate does); ``slim_ms`` is the dense median over the median per-round speed-up and
+    ``slim_slow_ms`` the same at the slow end of its interval (inf when too few rounds for one)."""
+    prof = _bench(where).profile
+
+    def measure(keep: torch.Tensor) -> tuple[float, float, float]:
+        with scratch_dir(workdir / ".closed_loop_tmp") as tmp:
+            m = measure_pair(dense, slim_structure(source, graph, keep), where, batch=prof.batch_size,
+                             backend=prof.backend, workdir=tmp, kind="speedup", target=target_speedup,
+                             confidence=confidence, min_rounds=min_rounds, max_seconds=max_seconds)
+        dense_ms = m.timing.stats()[0].median_ms
+        lo = m.speedup.lo
+        return dense_ms, dense_ms / m.speedup.median, (dense_ms / lo if lo > 0 else math.inf)
+
+    return measure
 
 
 @contextmanager
@@ -140,17 +185,17 @@ def scratch_dir(path: Path) -> Iterator[Path]:
         path.rmdir()
 
 
-def measure_lowest(models: dict[str, torch.nn.Module], recipe, *, workdir: Path, repeats: int = 2,
+def measure_lowest(models: dict[str, torch.nn.Module], where: Recipe | Bench, *, workdir: Path, repeats: int = 2,
                    min_runs: int = 30, max_seconds: float = 60.0) -> dict[str, Any]:
     """:func:`measure_models` ``repeats`` times (ONNX files exported once); per model the run with
     the lower median is kept: a shared machine's stalls only ever add time, and one stalled loop
     would skew every ratio.  ``{"stats": {name: stats}, "repeats": [per-loop stats]}``."""
-    prof = recipe.profile
+    prof = _bench(where).profile
     onnx_cache: dict = {}
     runs = []
     with scratch_dir(workdir):
         for _ in range(repeats):
-            m_ = measure_models(models, recipe, batch=prof.batch_size, backend=prof.backend, workdir=workdir,
+            m_ = measure_models(models, where, batch=prof.batch_size, backend=prof.backend, workdir=workdir,
                                 min_runs=min_runs, max_seconds=max_seconds, onnx_paths=onnx_cache)
             onnx_cache = m_["onnx"]
             runs.append(m_["stats"])

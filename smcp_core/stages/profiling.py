@@ -19,6 +19,7 @@ from smcp_core.profile.table import LatencyTable
 from smcp_core.stages.artifacts import stamp
 from smcp_core.stages.builders import build_graph, build_model, input_shape
 from smcp_core.stages.measure import (
+    Bench,
     _removal_keep,
     _removed_layers,
     _uniform_keep,
@@ -59,6 +60,34 @@ def profile(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, forc
     )
     t_layers = time.perf_counter() - t0
     dense_after = _dense_ms(recipe, model, out)
+    whole = calibrate(graph, table, model=model, source=recipe, where=recipe, workdir=out / ".profile_tmp",
+                      reporter=rep, min_runs=max(20, prof.min_runs), max_seconds=min(60.0, prof.max_seconds / 2))
+    table.model = {
+        "stamp": stamp(recipe, "profile"),
+        "model_source": recipe.model.source,
+        "input_shape": list(input_shape(recipe)),
+        **whole,
+        "drift": _drift(rep, {"before_layers": dense_before, "after_layers": dense_after,
+                              "calibration": whole["measured_ms"]}),
+        "seconds": {"layers": t_layers, "total": time.perf_counter() - t0},
+    }
+    atomic_write_json(path, table.to_dict(), indent=1, checksum=True)
+    table.path = path
+    cal = whole["calibration"]
+    return ProfileResult(
+        path=str(path), layers=len(table), baseline_ms=whole["measured_ms"], scale=cal["scale"],
+        offset_ms=cal["offset_ms"], removed_layer_ms=cal["removed_layer_ms"], seconds=time.perf_counter() - t0,
+        interpolated_points=int(table.meta.get("measure", {}).get("interpolated_points", 0) or 0),
+        calibration=cal["points"], baseline_spread_ms=_spread(whole["stats"]["baseline"]))
+
+
+def calibrate(graph, table: LatencyTable, *, model: torch.nn.Module, source: Recipe | torch.nn.Module,
+              where: Recipe | Bench, workdir: Path, reporter: Reporter, min_runs: int = 20,
+              max_seconds: float = 60.0) -> dict:
+    """The whole-model part of ``latency.json``'s ``model``: the dense ``model`` (the graph's
+    submodule inside it, if any) and its slimmed variants (of ``source``: the recipe, or a plain
+    model copied) measured on ``where``'s backend, and the calibration fitted to them:
+    ``{measured_ms, layer_sum_ms, calibration, stats}``."""
     # whole-model latency of the baseline, two uniformly thinned variants and (when layers can be
     # removed) two variants with every other removable group removed -> calibration
     cost = CostModel(graph, "latency", table)
@@ -69,14 +98,13 @@ def profile(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, forc
         k = _removal_keep(graph, frac)
         if k is not None:
             keeps[name] = k
-    rep.log(f"measuring whole-model latency ({', '.join(keeps)}) for calibration")
+    reporter.log(f"measuring whole-model latency ({', '.join(keeps)}) for calibration")
     sums = {k: cost.total(v) for k, v in keeps.items()}
     removed = {k: _removed_layers(graph, v) for k, v in keeps.items()}
-    variants = {name: (model if name == "baseline" else slim_structure(recipe, graph, keep))
+    variants = {name: (model if name == "baseline" else slim_structure(source, graph, keep))
                 for name, keep in keeps.items()}
     # two independent interleaved loops, the lower median per model
-    meas = measure_lowest(variants, recipe, workdir=out / ".profile_tmp", repeats=2,
-                          min_runs=max(20, prof.min_runs), max_seconds=min(60.0, prof.max_seconds / 2))
+    meas = measure_lowest(variants, where, workdir=workdir, repeats=2, min_runs=min_runs, max_seconds=max_seconds)
     names = list(variants)
     ms = [meas["stats"][k]["median_ms"] for k in names]
     # proportional fit, measured ~= scale * (sum of layer latencies + removed_ms * removed layers):
@@ -85,35 +113,17 @@ def profile(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, forc
     # CPU: a fitted offset made a 2x target demand a 4x cut of the layer time); a removed layer
     # leaves its residual join behind, hence the per-removed-layer term
     scale, removed_ms = fit_calibration([(sums[k], removed[k], m_) for k, m_ in zip(names, ms)])
-    offset = 0.0
-    pred = [scale * (sums[k] + removed_ms * removed[k]) + offset for k in names]
-    xs = torch.tensor([sums[k] for k in names], dtype=torch.float64)
-    ys = torch.tensor(ms, dtype=torch.float64)
-    table.model = {
-        "stamp": stamp(recipe, "profile"),
-        "model_source": recipe.model.source,
-        "input_shape": list(input_shape(recipe)),
-        "measured_ms": float(ys[0]),
-        "layer_sum_ms": float(xs[0]),
+    pred = [scale * (sums[k] + removed_ms * removed[k]) for k in names]
+    return {
+        "measured_ms": float(ms[0]),
+        "layer_sum_ms": float(sums["baseline"]),
         "calibration": {
-            "scale": scale, "offset_ms": offset, "removed_layer_ms": removed_ms,
-            "points": [{"name": k, "layer_sum_ms": float(s), "removed_layers": removed[k], "measured_ms": float(m),
-                        "predicted_ms": float(p)}
-                       for k, s, m, p in zip(names, xs.tolist(), ys.tolist(), pred)],
+            "scale": scale, "offset_ms": 0.0, "removed_layer_ms": removed_ms,
+            "points": [{"name": k, "layer_sum_ms": float(sums[k]), "removed_layers": removed[k],
+                        "measured_ms": float(m), "predicted_ms": float(p)} for k, m, p in zip(names, ms, pred)],
         },
-        "drift": _drift(rep, {"before_layers": dense_before, "after_layers": dense_after,
-                              "calibration": float(ys[0])}),
-        "seconds": {"layers": t_layers, "total": time.perf_counter() - t0},
         "stats": meas["stats"],
     }
-    atomic_write_json(path, table.to_dict(), indent=1, checksum=True)
-    table.path = path
-    return ProfileResult(
-        path=str(path), layers=len(table), baseline_ms=float(ys[0]), scale=scale, offset_ms=offset,
-        removed_layer_ms=removed_ms, seconds=time.perf_counter() - t0,
-        interpolated_points=int(table.meta.get("measure", {}).get("interpolated_points", 0) or 0),
-        calibration=table.model["calibration"]["points"],
-        baseline_spread_ms=_spread(meas["stats"]["baseline"]))
 
 
 def _spread(stats: dict) -> list[float] | None:

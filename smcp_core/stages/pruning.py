@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from smcp_core.stages.builders import (
     load_table,
     target_budget,
 )
-from smcp_core.stages.measure import measure_pair, scratch_dir, slim_structure
+from smcp_core.stages.measure import keep_measurer
 from smcp_core.stages.results import PruneResult
 from smcp_core.utils import dist
 from smcp_core.utils.fsutil import (
@@ -58,7 +57,7 @@ def prune(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, resume
     alloc = Allocator.from_recipe(graph, cost, pc)
     channels = not (pc.method == "none" or pc.method in UNSTRUCTURED)
     if channels:
-        _check_reachable(alloc, cost, graph, budget, tdesc)
+        check_reachable(alloc, cost, graph, budget, tdesc)
     else:  # the full model is the channel budget: no channel is masked
         budget, tdesc = cost.total(graph.full_keep()), _ignored_target(pc, tdesc)
     bundle = build_data(recipe)
@@ -118,9 +117,11 @@ def _ignored_target(pc, tdesc: dict) -> dict:
     return {**tdesc, "method": pc.method, "note": note}
 
 
-def _check_reachable(alloc: Allocator, cost: CostModel, graph: ChannelGraph, budget: float, tdesc: dict) -> None:
+def check_reachable(alloc: Allocator, cost: CostModel, graph: ChannelGraph, budget: float, tdesc: dict, *,
+                    relax: str | None = None) -> None:
     """Feasibility up front, with the real solver (importance not known yet: all zero); an
-    unreachable target is one line naming the fastest reachable model."""
+    unreachable target is one line naming the fastest reachable model and what to relax
+    (``relax``: the wording of the settings to change, default the recipe keys)."""
     try:
         alloc.solve(torch.zeros(graph.n_classes), budget, graph.full_keep(), rounds=1, inner=2)
         return
@@ -133,10 +134,9 @@ def _check_reachable(alloc: Allocator, cost: CostModel, graph: ChannelGraph, bud
                 f"({tdesc['baseline_ms'] / pred_lo:.2f}x)")
     else:
         hint = f"minimum {lo:.4g} {cost.unit}"
-    raise InfeasibleTarget(
-        f"target {tdesc['kind']}={tdesc['value']} is out of reach: {hint}; {Recipe.relax_hint_for(tdesc['kind'])} "
-        "or allow smaller widths (prune.min_channels, prune.channel_round, prune.layer_pruning)"
-    )
+    relax = relax or (f"{Recipe.relax_hint_for(tdesc['kind'])} or allow smaller widths (prune.min_channels, "
+                      "prune.channel_round, prune.layer_pruning)")
+    raise InfeasibleTarget(f"target {tdesc['kind']}={tdesc['value']} is out of reach: {hint}; {relax}")
 
 
 def _latency_check(recipe: Recipe, graph: ChannelGraph, table, tdesc: dict, pdir: Path) -> LatencyCheck:
@@ -190,25 +190,12 @@ def _unstructured_summary(pc, res: TrainResult, weight_masks: dict) -> dict:
 
 
 def _keep_measurer(recipe: Recipe, graph: ChannelGraph, workdir: Path, *, target_speedup: float):
-    """``measure(keep) -> (dense_ms, slim_ms, slim_slow_ms)``: the dense model and the model slimmed to
-    ``keep`` (random weights: latency does not depend on them) timed in paired rounds on the profile
-    backend until the interval of the speed-up is on one side of ``target_speedup`` (as the export
-    gate does); ``slim_ms`` is the dense median over the median per-round speed-up and
-    ``slim_slow_ms`` the same at the slow end of its interval (inf when too few rounds for one)."""
-    dense = build_model(recipe, load_weights=False)
+    """The closed loop's measurer (:func:`~smcp_core.stages.measure.keep_measurer`) on the recipe's
+    model and profile backend."""
     prof = recipe.profile
-
-    def measure(keep: torch.Tensor) -> tuple[float, float, float]:
-        with scratch_dir(workdir / ".closed_loop_tmp") as tmp:
-            m = measure_pair(dense, slim_structure(recipe, graph, keep), recipe, batch=prof.batch_size,
-                             backend=prof.backend, workdir=tmp, kind="speedup", target=target_speedup,
-                             confidence=recipe.export.confidence, min_rounds=max(30, prof.min_runs),
-                             max_seconds=min(20.0, prof.max_seconds / 2))
-        dense_ms = m.timing.stats()[0].median_ms
-        lo = m.speedup.lo
-        return dense_ms, dense_ms / m.speedup.median, (dense_ms / lo if lo > 0 else math.inf)
-
-    return measure
+    return keep_measurer(build_model(recipe, load_weights=False), recipe, recipe, graph, workdir,
+                         target_speedup=target_speedup, confidence=recipe.export.confidence,
+                         min_rounds=max(30, prof.min_runs), max_seconds=min(20.0, prof.max_seconds / 2))
 
 
 def _weight_masks(recipe: Recipe, model, bundle, pdir: Path, rep) -> dict:
