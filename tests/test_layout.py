@@ -25,7 +25,8 @@ RANKS = {
     "export": 8,
     "stages": 9,
     "analysis": 10,
-    "integrations": 11,
+    "api": 11,
+    "integrations": 12,
 }
 CLI_MAY_IMPORT = {"", "errors", "events", "utils", "config", "stages", "analysis"}
 

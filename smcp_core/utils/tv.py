@@ -5,8 +5,9 @@ extension does not load, so ``import torchvision`` dies at import time with
 ``RuntimeError: operator torchvision::nms does not exist`` (the Python side registers fake/meta
 kernels for ``torchvision::nms`` and expects the schema to have been defined by the C++ library).
 
-:func:`import_torchvision` defines the missing operator schemas (only the schemas: calling
-``torchvision.ops.nms`` still fails, which this project never does) and then imports torchvision.
+:func:`import_torchvision` defines the missing operator schemas, gives ``nms`` a CPU kernel of
+its own (greedy non-maximum suppression in plain torch, what torchvision's detectors call after
+their heads; ``qnms`` stays without one) and then imports torchvision.
 All project code imports torchvision through this helper.  torchvision's image decoders
 (``torchvision.io.decode_jpeg`` ...) are compiled ops as well and unavailable; decode images with
 Pillow.
@@ -56,7 +57,30 @@ def _define_missing_schemas() -> None:
             getattr(torch.ops.torchvision, name)
         except (AttributeError, RuntimeError):
             lib.define(schema)
+            if name == "nms":
+                lib.impl("nms", _greedy_nms, "CPU")
     _LIB = lib
+
+
+def _greedy_nms(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """``torchvision::nms`` on CPU: indices of the boxes kept (by decreasing score), each box
+    suppressing the lower-scored ones whose IoU with it is above ``iou_threshold``."""
+    if dets.numel() == 0:
+        return torch.empty(0, dtype=torch.long)
+    order = torch.argsort(scores, descending=True)
+    b = dets[order].to(torch.float64)
+    area = (b[:, 2] - b[:, 0]).clamp_min(0) * (b[:, 3] - b[:, 1]).clamp_min(0)
+    lt = torch.maximum(b[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(b[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp_min(0).prod(-1)
+    over = inter / (area[:, None] + area[None, :] - inter).clamp_min(1e-12) > iou_threshold
+    suppressed = torch.zeros(len(b), dtype=torch.bool)
+    kept = []
+    for i in range(len(b)):
+        if not suppressed[i]:
+            kept.append(i)
+            suppressed |= over[i]
+    return order[torch.tensor(kept, dtype=torch.long)]
 
 
 def import_torchvision() -> ModuleType:
@@ -87,5 +111,19 @@ def import_torchvision() -> ModuleType:
                 f"{torch.__version__}: install a torchvision built for it (CPU torch: "
                 f"`pip install torchvision --index-url https://download.pytorch.org/whl/cpu`)"
             ) from None
+        if _LIB is not None and not torchvision.extension._has_ops():
+            _route_nms(torchvision)
         _TV = torchvision
         return torchvision
+
+
+def _route_nms(torchvision: ModuleType) -> None:
+    """Without its compiled extension torchvision refuses ``ops.nms`` before calling the operator;
+    route ``torchvision.ops.nms`` (and the ``batched_nms`` of its detectors) to the operator, whose
+    CPU kernel is :func:`_greedy_nms`."""
+
+    def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+        return torch.ops.torchvision.nms(boxes, scores, iou_threshold)
+
+    torchvision.ops.boxes.nms = nms
+    torchvision.ops.nms = nms

@@ -1,0 +1,1 @@
+"""Optional framework glue: :mod:`smcp_core.integrations.lightning` (extra ``lightning``)."""

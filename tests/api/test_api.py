@@ -1,0 +1,246 @@
+"""The Python API (smcp_core.api) and its examples: a loop the user owns prunes with the same code
+as ``smcp prune`` (identical masks), slims the whole model with a submodule replaced in place,
+keeps its state in the user's checkpoint, and answers bad input with one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import runpy
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smcp_core import api, stages
+from smcp_core.config.recipe import load_recipe
+from smcp_core.data import make_loader
+from smcp_core.errors import InfeasibleTarget, SmcpError
+from smcp_core.models.cifar_resnet import cifar_resnet
+from smcp_core.prune.trainer import _lr_at, _param_groups
+from smcp_core.stages.builders import build_data, build_model, example_input
+from tests.conftest import TINY_RUN
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+class Detectorish(nn.Module):
+    """A backbone (a CIFAR ResNet-20's trunk) inside a larger model with a head of its own that
+    reads the backbone's features (like a detector's heads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        net = cifar_resnet("resnet20", num_classes=10)
+        self.backbone = nn.Sequential(net.conv1, net.bn1, nn.ReLU(), net.layer1, net.layer2, net.layer3)
+        self.head = nn.Conv2d(64, 5, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.backbone(x)
+        return {"boxes": self.head(f).flatten(2), "features": f.mean((2, 3))}
+
+
+def _train(model, pruner, steps: int, *, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        x = torch.randn(8, 3, 32, 32, generator=g)
+        out = model(x)
+        loss = sum(v.float().pow(2).mean() for v in out.values()) if isinstance(out, dict) else out.pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        pruner.before_step()
+        opt.step()
+        pruner.after_step()
+
+
+def test_cli_and_api_give_identical_masks_on_the_quickstart_with_a_fixed_table(tiny_run, tmp_path):
+    """``smcp prune`` (the stage) and a hand-written loop driving api.pruner with the same batches,
+    optimizer and schedule in steps end with the same masks, update for update."""
+    recipe = load_recipe("quickstart", TINY_RUN + ["prune.closed_loop=0", "prune.epochs=5", "prune.ramp_epochs=3",
+                                                  "prune.update_interval_samples=32"])
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(tiny_run / "latency.json", out / "latency.json")
+    cli_res = stages.prune(recipe, out)
+    cli_updates = [r for r in cli_res.history if r.get("event") == "mask_update"]
+
+    pc, bs = recipe.prune, recipe.data.batch_size
+    model = build_model(recipe)
+    graph = api.channel_graph(model, example_input(recipe))
+    bundle = build_data(recipe)
+    spe = min(len(bundle.train) // bs, pc.max_steps)
+    schedule = api.StepSchedule(warmup=pc.warmup_epochs * spe, ramp=pc.ramp_epochs * spe,
+                                update_every=math.ceil(pc.update_interval_samples / bs),
+                                hold=(pc.epochs - pc.cooldown_epochs - pc.warmup_epochs - pc.ramp_epochs) * spe)
+    torch.manual_seed(recipe.seed)  # as the trainer does before its first step
+    pruner = api.pruner(model, graph, api.load_table(out / "latency.json"), speedup=recipe.target_value(),
+                        schedule=schedule, config=pc)
+    opt = torch.optim.SGD(_param_groups(model, pc.optimizer.weight_decay), lr=pc.optimizer.lr,
+                          momentum=pc.optimizer.momentum, nesterov=pc.optimizer.nesterov)
+    for epoch in range(pc.epochs):
+        model.train()
+        loader = make_loader(bundle.train, batch_size=bs, shuffle=True, seed=recipe.seed + epoch, drop_last=True)
+        for step, (x, y) in zip(range(1, spe + 1), loader):
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(pc, pc.optimizer.lr, epoch + (step - 1) / spe, pc.epochs)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y, label_smoothing=pc.label_smoothing).backward()
+            pruner.before_step()
+            opt.step()
+            pruner.after_step()
+    api_updates = [r for r in pruner.history if r.get("event") == "mask_update"]
+    assert len(cli_updates) >= 2 and len(api_updates) == len(cli_updates)
+    assert [r["kept_classes"] for r in api_updates] == [r["kept_classes"] for r in cli_updates]
+    assert [r["budget"] for r in api_updates] == pytest.approx([r["budget"] for r in cli_updates], rel=1e-12)
+    assert pruner.frozen and not bool(pruner.keep().all())
+    assert torch.equal(pruner.keep(), cli_res.train.keep)
+
+
+def test_a_submodule_is_pruned_and_slimmed_in_place_with_the_whole_models_outputs_unchanged():
+    torch.manual_seed(0)
+    model = Detectorish()
+    example = torch.randn(2, 3, 32, 32)
+    graph = api.channel_graph(model, example, submodule="backbone")
+    pruner = api.pruner(model, graph, flops_ratio=0.5, schedule=api.StepSchedule(warmup=1, ramp=4, update_every=2))
+    _train(model, pruner, 7)
+    assert pruner.frozen
+    kept = int(pruner.keep().sum())
+    assert kept < graph.n_classes
+    model.eval()
+    slim = api.slim(model, pruner)  # the whole model, its backbone slimmed
+    assert isinstance(slim, Detectorish) and slim.head is not model.head
+    with torch.no_grad():
+        a, b = model(example), slim(example)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+    n_params = sum(p.numel() for p in slim.backbone.parameters())
+    assert n_params < 0.8 * sum(p.numel() for p in model.backbone.parameters())
+    # the backbone's output (the head's input) keeps its 64 channels: the head is not the graph's
+    assert slim.head.in_channels == 64
+
+
+def test_pruner_state_goes_into_the_users_checkpoint_and_back(tmp_path):
+    torch.manual_seed(0)
+    schedule = api.StepSchedule(warmup=1, ramp=6, update_every=2)
+    a = cifar_resnet("resnet20", num_classes=10)
+    ga = api.channel_graph(a, torch.randn(1, 3, 32, 32))
+    pa = api.pruner(a, ga, flops_ratio=0.6, schedule=schedule)
+    _train(a, pa, 4)
+    torch.save({"model": a.state_dict(), "pruner": pa.state_dict()}, tmp_path / "ck.pt")
+    b = cifar_resnet("resnet20", num_classes=10)
+    gb = api.channel_graph(b, torch.randn(1, 3, 32, 32))
+    pb = api.pruner(b, gb, flops_ratio=0.6, schedule=schedule)
+    ck = torch.load(tmp_path / "ck.pt", weights_only=False)
+    b.load_state_dict(ck["model"])
+    pb.load_state_dict(ck["pruner"])
+    assert pb.steps == pa.steps == 4 and torch.equal(pb.keep(), pa.keep())
+    assert pb.history == pa.history and pb.since_update == pa.since_update
+    with pytest.raises(SmcpError, match="channel classes"):
+        small = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
+        small(torch.randn(1, 3, 8, 8))
+        ps = api.pruner(small, api.channel_graph(small, torch.randn(1, 3, 8, 8)), flops_ratio=0.9,
+                        schedule=schedule, config={"min_channels": 1, "channel_round": 1})
+        ps.load_state_dict(ck["pruner"])
+
+
+def test_the_latency_table_and_the_closed_loop_measure_the_whole_model():
+    """api.profile times the backbone's layers and calibrates on the whole model; with ``example``
+    the pruner measures the slimmed whole model at the end of the window (closed-loop rows)."""
+    torch.manual_seed(0)
+    model = Detectorish()
+    example = torch.randn(1, 3, 32, 32)
+    graph = api.channel_graph(model, example, submodule="backbone")
+    table = api.profile(model, graph, example, channel_step=32, max_seconds=20)
+    assert table.model["submodule"] == "backbone" and table.model["measured_ms"] > 0
+    assert {p["name"] for p in table.model["calibration"]["points"]} >= {"baseline", "uniform75", "uniform50"}
+    assert model.training  # the user's mode is restored
+    pruner = api.pruner(model, graph, table, speedup=1.1, example=example, closed_loop=1,
+                        schedule=api.StepSchedule(warmup=1, ramp=2, update_every=1))
+    _train(model, pruner, 3)
+    rows = [r for r in pruner.history if r.get("event") == "closed_loop"]
+    assert rows and all(r["measured_ms"] > 0 and r["dense_ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m, x: api.channel_graph(m, x, submodule="bakbone"),
+     "has no submodule 'bakbone'; its children are backbone, head"),
+    (lambda m, x: api.channel_graph(m, x, submodule="head.weight"), "no submodule"),
+    (lambda m, x: api.pruner(m, api.channel_graph(m, x, submodule="backbone"), speedup=2.0,
+                             schedule=api.StepSchedule(1, 1, 1)), "needs a latency table"),
+    (lambda m, x: api.pruner(m, api.channel_graph(m, x, submodule="backbone"), flops_ratio=0.5, speedup=2.0,
+                             schedule=api.StepSchedule(1, 1, 1)), "exactly one target"),
+    (lambda m, x: api.pruner(m, api.channel_graph(m, x, submodule="backbone"), flops_ratio=0.5,
+                             schedule=api.StepSchedule(1, 1, 1), config={"min_chanels": 4}), "min_chanels"),
+    (lambda m, x: api.StepSchedule(warmup=1, ramp=1, update_every=0), "update_every=0"),
+])
+def test_bad_input_is_one_line(call, match):
+    with pytest.raises(SmcpError, match=match) as exc:
+        call(Detectorish(), torch.randn(1, 3, 32, 32))
+    assert "\n" not in str(exc.value)
+
+
+def test_an_unreachable_target_and_an_untraceable_backbone_are_one_line():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else -self.conv(x)  # data-dependent: fx cannot trace it
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = Branchy()
+
+        def forward(self, x):
+            return self.body(x).mean()
+
+    with pytest.raises(SmcpError, match="body|Branchy|trace") as exc:
+        api.channel_graph(Holder(), torch.randn(1, 3, 8, 8), submodule="body")
+    assert "\n" not in str(exc.value)
+    m = Detectorish()
+    g = api.channel_graph(m, torch.randn(1, 3, 32, 32), submodule="backbone")
+    with pytest.raises(InfeasibleTarget, match="out of reach.*raise flops_ratio="):
+        api.pruner(m, g, flops_ratio=0.001, schedule=api.StepSchedule(1, 1, 1))
+
+
+@pytest.mark.parametrize("name", ["custom_loop.py", "lightning_callback.py"])
+def test_the_examples_run_in_smoke_mode(name, capsys):
+    if name.startswith("lightning") and importlib.util.find_spec("lightning") is None:
+        pytest.skip("the lightning extra is not installed")  # (importing it here would import torchvision early)
+    main = runpy.run_path(str(EXAMPLES / name), run_name="smcp_example")["main"]
+    assert main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "mask update" in out and ("parity" in out or "max |diff|" in out)
+
+
+def test_the_detection_example_runs_in_smoke_mode(capsys):
+    """SSD-ResNet-50 pruned through its backbone with the detector's own loss: the slim detector's
+    boxes, scores and labels equal the masked one's, and its ONNX export matches."""
+    main = runpy.run_path(str(EXAMPLES / "detection_ssd.py"), run_name="smcp_example")["main"]
+    assert main(["--smoke"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["slim_equals_masked"]["labels_equal"] and row["slim_equals_masked"]["max_box_diff_px"] < 1e-2
+    assert row["kept_classes"][0] < row["kept_classes"][1]
+    assert row["onnx_max_rel_diff"] < 1e-3
+
+
+def test_greedy_nms_matches_the_definition():
+    """The CPU kernel given to torchvision's nms operator (CPU-only torch): boxes by falling score,
+    each suppressing the lower-scored boxes that overlap it by more than the threshold."""
+    from smcp_core.utils.tv import import_torchvision
+
+    tv = import_torchvision()
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 9, 9.]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.95])
+    assert tv.ops.nms(boxes, scores, 0.5).tolist() == [3, 2]  # 3 suppresses 0 (IoU .81) and 1 (.55)
+    assert tv.ops.nms(boxes, scores, 0.6).tolist() == [3, 1, 2]  # 1 survives: IoU .55 with 3 < .6
+    assert tv.ops.batched_nms(boxes, scores, torch.tensor([0, 0, 0, 1]), 0.5).tolist() == [3, 0, 2]
+    assert tv.ops.nms(torch.zeros(0, 4), torch.zeros(0), 0.5).numel() == 0
