@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="a tiny run on random data (seconds)")
     ap.add_argument("--speedup", type=float, default=1.5)
-    ap.add_argument("--out", type=Path, default=None, help="where model.onnx goes (default: a temporary folder)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where model.onnx goes (default: a temporary folder, removed)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     xtr, ytr, xte, yte, real = cifar_or_random(args.smoke)
@@ -107,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"predicted {row['predicted']:.4g} {pruner.cost.unit}")
     slim = api.slim(model, pruner)                                              # smcp
     masked_top1, slim_top1 = top1(model, xte, yte), top1(slim, xte, yte)
-    out = args.out or Path(tempfile.mkdtemp(prefix="smcp-example-"))
-    parity = api.export_onnx(slim, example, out / "model.onnx")                 # smcp
+    with tempfile.TemporaryDirectory(prefix="smcp-example-") as tmp:
+        parity = api.export_onnx(slim, example, (args.out or Path(tmp)) / "model.onnx")  # smcp
     print(f"pruned: top-1 {slim_top1:.2f} % (masked model {masked_top1:.2f} %); ONNX {parity['path']} "
           f"(max |diff| {parity['max_abs_diff']:.2g})")
     if args.smoke:

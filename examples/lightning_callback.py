@@ -42,7 +42,8 @@ class Classifier(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.steps)}
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,9 +25,12 @@ The same steps as ``smcp profile / prune / slim / export``, on a model object in
     print(api.measure_speedup(model, slim, example).speedup.median)
 
 Create the optimizer after the pruner (the pruner re-parametrises the masked weights; their
-parameters are the same tensors, but build it after to be safe with optimizers that copy).  The
-pruner's state goes into your checkpoint with ``pruner.state_dict()`` / ``load_state_dict``.  Under
-DDP pass the unwrapped module: scores are all-reduced and masks broadcast from rank 0.
+parameters are the same tensors, but build it after to be safe with optimizers that copy).
+The pruner's state goes into your checkpoint with ``pruner.state_dict()`` / ``load_state_dict``.
+After a mask change, ``api.recalibrate_bn(model, batches, n)`` re-estimates the batch norms'
+running statistics at the current masks from ``n`` ``(x, ...)`` batches (as ``smcp prune`` does
+before evaluating; ``pruner.bn_stale`` says whether the masks changed since).  Under DDP pass the
+unwrapped module: scores are all-reduced and masks broadcast from rank 0.
 
 Bad input is one line (:class:`~smcp_core.errors.SmcpError`), worded like the CLI's.
 """
@@ -44,6 +47,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from smcp_core.config import presets
+from smcp_core.config.presets import UNSTRUCTURED
 from smcp_core.config.recipe import PruneConfig, recipe_from
 from smcp_core.errors import SmcpError
 from smcp_core.events import Reporter
@@ -54,6 +59,7 @@ from smcp_core.profile.cost_model import CostModel
 from smcp_core.profile.measure import measure_table
 from smcp_core.profile.table import LatencyTable
 from smcp_core.prune.allocator import Allocator
+from smcp_core.prune.bn_recalibration import recalibrate_bn as _recalibrate_bn
 from smcp_core.prune.closed_loop import ClosedLoop, LatencyCheck
 from smcp_core.prune.pruner import Pruner, StepSchedule
 from smcp_core.slim.surgery import slim_submodule
@@ -63,7 +69,7 @@ from smcp_core.stages.profiling import calibrate
 from smcp_core.stages.pruning import check_reachable
 
 __all__ = ["ChannelGraph", "LatencyTable", "Pruner", "StepSchedule", "channel_graph", "export_onnx", "load_table",
-           "measure_speedup", "profile", "pruner", "slim"]
+           "measure_speedup", "profile", "pruner", "recalibrate_bn", "slim"]
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:
@@ -79,10 +85,8 @@ def _input_of(model: nn.Module, sub: nn.Module, name: str, example: Any) -> torc
     """What ``sub`` receives when ``model`` runs on ``example`` (one tensor)."""
     seen: list = []
     handle = sub.register_forward_pre_hook(lambda _m, args: seen.append(args) if not seen else None)
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with _evaluating(model), torch.no_grad():
             model(example)
     except SmcpError:
         raise
@@ -91,7 +95,6 @@ def _input_of(model: nn.Module, sub: nn.Module, name: str, example: Any) -> torc
         raise SmcpError(f"model {type(model).__name__} failed on the example input: {line}") from None
     finally:
         handle.remove()
-        model.train(was)
     if not seen:
         raise SmcpError(f"submodule {name!r} is not called by {type(model).__name__}.forward on the example input")
     args = seen[0]
@@ -112,6 +115,11 @@ def _evaluating(*models: nn.Module) -> Iterator[None]:
     finally:
         for m, was in zip(models, modes):
             m.train(was)
+
+
+def _profile_settings(**settings: Any):
+    """A checked ``profile`` section from keyword settings (None values left at their defaults)."""
+    return recipe_from({"profile": {k: v for k, v in settings.items() if v is not None}}).profile
 
 
 def channel_graph(model: nn.Module, example: Any, *, submodule: str | None = None,
@@ -141,15 +149,14 @@ def profile(model: nn.Module, graph: ChannelGraph, example: torch.Tensor, *, bac
     if not isinstance(example, torch.Tensor):
         raise SmcpError(f"profile: the example input must be a tensor, got {type(example).__name__}")
     rep = reporter or Reporter()
-    prof = recipe_from({"profile": {"backend": backend, "batch_size": batch_size, "threads": threads,
-                                    "channel_step": channel_step, "max_seconds": max_seconds,
-                                    "device": device}}).profile
+    prof = _profile_settings(backend=backend, batch_size=batch_size, threads=threads, channel_step=channel_step,
+                             max_seconds=max_seconds, device=device)
     table = measure_table([layer.sig for layer in graph.layers], backend=prof.backend, batch_size=prof.batch_size,
                           device=prof.device, channel_step=prof.channel_step, threads=prof.threads,
                           warmup=prof.warmup, min_runs=prof.min_runs, max_seconds=prof.max_seconds,
                           progress=lambda d, t, k: rep.progress("profile", d, t, k))
     with tempfile.TemporaryDirectory(prefix="smcp-profile-") as tmp, _evaluating(model):
-        whole = calibrate(graph, table, model=model, source=model, where=Bench(prof, example),
+        whole = calibrate(graph, table, model=model, source=model, where=Bench(prof, example.detach().cpu()),
                           workdir=Path(tmp) / "models", reporter=rep, min_runs=max(20, prof.min_runs),
                           max_seconds=min(60.0, prof.max_seconds / 2))
     table.model = {"model_source": f"python:{type(model).__name__}", "submodule": graph.submodule,
@@ -173,8 +180,10 @@ def _one_target(speedup: float | None, latency_ms: float | None, flops_ratio: fl
         raise SmcpError("give exactly one target: speedup=, latency_ms= or flops_ratio= "
                         f"(got {', '.join(k for k, _ in given) or 'none'})")
     kind, value = given[0]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SmcpError(f"target {kind}={value!r} must be a number")
     ok = value > 1 if kind == "speedup" else (0 < value < 1 if kind == "flops_ratio" else value > 0)
-    if not ok or isinstance(value, bool):
+    if not ok:
         need = {"speedup": "> 1", "flops_ratio": "between 0 and 1", "latency_ms": "> 0"}[kind]
         raise SmcpError(f"target {kind}={value!r} must be {need}")
     return kind, float(value)
@@ -197,24 +206,37 @@ def pruner(model: nn.Module, graph: ChannelGraph, table: LatencyTable | None = N
     model and the model slimmed to the masks are timed in paired rounds on the table's backend, and
     the masks corrected (up to ``closed_loop`` times) until the measured interval meets the target."""
     kind, value = _one_target(speedup, latency_ms, flops_ratio)
+    if config is not None and not isinstance(config, (PruneConfig, Mapping)):
+        raise SmcpError(f"config must be a mapping of prune-section keys, got {type(config).__name__}")
     pc = config if isinstance(config, PruneConfig) else recipe_from({"prune": dict(config or {})}).prune
-    if pc.method in ("sfp", "none", "snip", "magnitude"):
+    method = presets.spec(pc.method)
+    if method.soft_filter or pc.method in UNSTRUCTURED or pc.method == "none":
         raise SmcpError(f"prune.method {pc.method} is not available in the Python API (its updates are per epoch, "
                         "or it removes no channel); use smcp, halp, l1 or uniform")
     if not isinstance(schedule, StepSchedule):
         raise SmcpError("schedule must be an api.StepSchedule(warmup=..., ramp=..., update_every=...)")
+    if schedule.ramp + schedule.hold < 1:
+        raise SmcpError(f"the schedule has no pruning window (ramp={schedule.ramp}, hold={schedule.hold}): give "
+                        "ramp >= 1 optimizer steps, so that importance is scored before the masks are chosen")
     if kind != "flops_ratio" and (table is None or not table.model or "measured_ms" not in table.model):
         raise SmcpError(f"a {kind} target needs a latency table with a whole-model measurement: "
                         "table = api.profile(model, graph, example) (or api.load_table)")
     cost = CostModel(graph, "flops" if kind == "flops_ratio" else "latency", table)
     budget, tdesc = budget_for_target(kind, value, pc.target_margin, cost, table)
     alloc = Allocator.from_recipe(graph, cost, pc)
+    rep = reporter or Reporter()
+    if budget >= alloc.full_cost:
+        rep.log(f"target {kind}={value:g} is not below the dense model's cost: nothing to prune")
     relax = {"speedup": "lower speedup=", "latency_ms": "raise latency_ms=", "flops_ratio": "raise flops_ratio="}[kind]
-    check_reachable(alloc, cost, graph, budget, tdesc,
-                    relax=f"{relax} or allow smaller widths (config min_channels, channel_round, layer_pruning)")
+    relax = f"{relax} or allow smaller widths (config min_channels, channel_round, layer_pruning)"
+    check_reachable(alloc, cost, graph, budget, tdesc, relax=relax)
+    if method.allocation == "uniform" and budget < alloc.full_cost:  # one fraction everywhere: reachable?
+        alloc.solve_uniform(torch.zeros(graph.n_classes), budget)
     target = _submodule(model, graph.submodule) if graph.submodule else model
-    dense = copy.deepcopy(model) if example is not None and closed_loop > 0 and kind != "flops_ratio" else None
-    p = Pruner(target, graph, cost, target_cost=budget, config=pc, schedule=schedule, reporter=reporter,
+    # the dense model the closed loop times against (on the CPU: only its structure is used)
+    dense = (copy.deepcopy(model).cpu() if example is not None and closed_loop > 0 and kind != "flops_ratio"
+             else None)
+    p = Pruner(target, graph, cost, target_cost=budget, config=pc, schedule=schedule, reporter=rep,
                allocator=alloc)
     p.target = tdesc
     if dense is not None:
@@ -225,18 +247,17 @@ def pruner(model: nn.Module, graph: ChannelGraph, table: LatencyTable | None = N
 def _closed_loop(dense: nn.Module, example: torch.Tensor, table: LatencyTable, tdesc: dict, *, rounds: int):
     """``on_window_end`` of a pruner: :class:`~smcp_core.prune.closed_loop.ClosedLoop` with ``dense``
     (the model before masking) and its slimmed copies timed on the table's backend and batch."""
-    meta = table.meta
-    prof = recipe_from({"profile": {k: meta[k] for k in ("backend", "batch_size", "threads", "device")
-                                    if meta.get(k) is not None}}).profile
+    prof = _profile_settings(**{k: table.meta.get(k) for k in ("backend", "batch_size", "threads", "device")})
     cal = (table.model or {}).get("calibration") or {}
     points = [(q["layer_sum_ms"], int(q.get("removed_layers", 0)), q["measured_ms"]) for q in cal.get("points", [])]
 
     def run(pruner: Pruner, epoch: int) -> None:
         with tempfile.TemporaryDirectory(prefix="smcp-closed-loop-") as tmp, _evaluating(dense):
-            measure = keep_measurer(dense, dense, Bench(prof, example), pruner.graph, Path(tmp),
+            measure = keep_measurer(dense, dense, Bench(prof, example.detach().cpu()), pruner.graph, Path(tmp),
                                     target_speedup=tdesc["baseline_ms"] / tdesc["target_ms"])
             check = LatencyCheck(measure=measure, baseline_ms=tdesc["baseline_ms"], target_ms=tdesc["target_ms"],
-                                 aim_ms=tdesc["aim_ms"], points=list(points), rounds=rounds)
+                                 aim_ms=tdesc["aim_ms"], points=list(points), rounds=rounds,
+                                 relax_hint="raise closed_loop= or config target_margin")
             ClosedLoop(pruner, check).run(epoch)
 
     return run
@@ -244,11 +265,28 @@ def _closed_loop(dense: nn.Module, example: torch.Tensor, table: LatencyTable, t
 
 def slim(model: nn.Module, pruner: Pruner) -> nn.Module:
     """The model with the pruned channels removed (the graph's submodule slimmed and put in its
-    place in a copy).  Finalizes the pruner first (:meth:`Pruner.finalize`): ``model`` itself is
-    then the plain masked model, whose outputs the slim model's equal."""
+    place in a copy).  Training that ended inside the pruning window gets one last mask update at
+    the target first (as ``smcp prune`` does).  Finalizes the pruner (:meth:`Pruner.finalize`):
+    ``model`` itself is then the plain masked model, whose outputs the slim model's equal."""
     if not pruner.finalized:
+        if pruner.enforce_target() is not None:
+            pruner.rep.log(f"slim: training stopped at step {pruner.steps}, before the pruning window's end; the "
+                           "masks were set to the target once more without fine-tuning after it")
         pruner.finalize()
     return slim_submodule(model, pruner.graph, pruner.keep())
+
+
+def recalibrate_bn(model: nn.Module, batches, n_batches: int, *, pruner: Pruner | None = None,
+                   device: torch.device | str | None = None) -> int:
+    """Re-estimate the running statistics of ``model``'s batch norms at its current masks from the
+    first ``n_batches`` ``(x, ...)`` batches of ``batches`` (training batches, no augmentation
+    needed); clears ``pruner.bn_stale`` when given.  Returns the number of batches used."""
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    used = _recalibrate_bn(model, batches, n_batches, device=device)
+    if pruner is not None and used:
+        pruner.bn_stale = False
+    return used
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, opset: int = 18,
@@ -266,9 +304,8 @@ def measure_speedup(dense: nn.Module, slim_model: nn.Module, example: torch.Tens
     """``dense`` and ``slim_model`` timed in paired alternating rounds on ``backend`` (as the export
     gate): ``.speedup`` is the median per-round ratio with its ``confidence`` interval; with a
     ``target`` speed-up, ``.verdict`` says whether the interval meets it."""
-    prof = recipe_from({"profile": {"backend": backend, "batch_size": batch_size, "threads": threads,
-                                    "device": device}}).profile
+    prof = _profile_settings(backend=backend, batch_size=batch_size, threads=threads, device=device)
     with tempfile.TemporaryDirectory(prefix="smcp-measure-") as tmp, _evaluating(dense, slim_model):
-        return measure_pair(dense, slim_model, Bench(prof, example), batch=prof.batch_size,
+        return measure_pair(dense, slim_model, Bench(prof, example.detach().cpu()), batch=prof.batch_size,
                             backend=prof.backend, workdir=Path(tmp), kind="speedup" if target else None,
                             target=target, confidence=confidence, max_seconds=max_seconds)

@@ -18,7 +18,10 @@ and the pruner, before ``configure_optimizers``; ``on_before_optimizer_step`` (a
 unscaling, once per optimizer step) scores the gradients and adds the pruned decay;
 ``on_train_batch_end`` runs the mask updates once per optimizer step (gradient accumulation
 counts optimizer steps).  The pruner's state is saved in Lightning checkpoints and restored on
-resume.  Under DDP scores are all-reduced and masks broadcast from rank 0.
+resume (pass ``table_path=`` to resume in a new process without profiling again).  Under DDP
+scores are all-reduced and masks broadcast from rank 0; the table must then be given
+(``table_path=``), not measured by every rank.  Gradient clipping (Lightning's, after this hook's
+pruned decay) is not what ``smcp prune`` does; leave it off to prune as the CLI does.
 """
 
 from __future__ import annotations
@@ -70,13 +73,24 @@ class SMCPCallback(pl.Callback):
         if table is None and self.table_path is not None:
             table = api.load_table(self.table_path)
         if table is None and self.target["flops_ratio"] is None:
+            if trainer.world_size > 1:  # every rank would measure its own table, on a shared machine
+                raise SmcpError("SMCPCallback under DDP needs a latency table measured once: api.profile(...) then "
+                                "table.save(path), and pass table_path=path")
             table = api.profile(pl_module, graph, self.example, **self.profile_kwargs)
-            self.table = table
+            self.table = table  # (a resumed fit in this process reuses it; a new process: pass table_path=)
         self.pruner = api.pruner(pl_module, graph, table, **self.target, schedule=self.schedule, config=self.config,
                                  example=self.example, closed_loop=self.closed_loop)
         if self._pending is not None:
             self.pruner.load_state_dict(self._pending)
             self._pending = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After the strategy moved the module to its device: the pruner's own tensors follow."""
+        if self.pruner is not None:
+            self.pruner.to(pl_module.device)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After a checkpoint's training state is restored: count optimizer steps from here."""
         self._optimizer_steps = trainer.global_step
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:

@@ -31,7 +31,7 @@ class LatencyCheck:
     median is more than ``overshoot`` below ``aim_ms`` while a later round can check the result
     (pruned deeper than asked, which costs accuracy), the measured point joins the calibration
     ``points`` (``(layer_sum, removed_layers, measured_ms)``), the calibration is re-fitted and the
-    masks are re-solved for ``aim_ms`` (corrected: ``PruneTrainer._corrected_aim``).  If the last
+    masks are re-solved for ``aim_ms`` (corrected: :meth:`ClosedLoop._corrected_aim`).  If the last
     measurement misses the target, the masks of the slowest measured round that met it are restored."""
 
     measure: Callable[[torch.Tensor], tuple[float, float, float]]
@@ -41,6 +41,7 @@ class LatencyCheck:
     points: list = field(default_factory=list)
     rounds: int = 2
     overshoot: float = 0.1
+    relax_hint: str = "raise prune.closed_loop or prune.target_margin"  # what to change when it still misses
 
 
 class ClosedLoop:
@@ -105,11 +106,11 @@ class ClosedLoop:
             self.pruner.apply_keep(bkeep, dist.all_reduce_mean_(self.pruner.tracker.scores().detach().clone()))
             row.update(reverted_to_round=brnd, scale=cost.scale, removed_layer_ms=cost.removed_cost,
                        budget=self.pruner.target_cost)
-            self.pruner.rep.log(f"closed loop: {measured:.4g} ms misses the target {chk.target_ms:.4g} ms; restored "
-                         f"the masks of round {brnd} (measured {best[0]:.4g} ms)")
+            self.pruner.rep.log(f"closed loop: {measured:.4g} ms misses the target {chk.target_ms:.4g} ms; "
+                                f"restored the masks of round {brnd} (measured {best[0]:.4g} ms)")
         elif not met:
             self.pruner.rep.log(f"closed loop: still {measured:.4g} ms > target {chk.target_ms:.4g} ms after "
-                         f"{chk.rounds} corrections; raise prune.closed_loop or prune.target_margin")
+                                f"{chk.rounds} corrections; {chk.relax_hint}")
         self.pruner.record(row)
 
     def _corrected_aim(self, row: dict) -> float:
@@ -166,8 +167,8 @@ class ClosedLoop:
         what = (f"more than {100 * chk.overshoot:.0f} % below the aim {chk.aim_ms:.4g} ms" if over
                 else f"> target {chk.target_ms:.4g} ms")
         self.pruner.rep.log(f"closed loop: measured {measured:.4g} ms {what} (predicted {row['predicted_ms']:.4g}); "
-                     f"re-calibrated (scale {scale:.3f}, {removed:.4g} ms per removed layer); {how} "
-                     f"(aim {chk.aim_ms:.4g} ms measured)")
+                            f"re-calibrated (scale {scale:.3f}, {removed:.4g} ms per removed layer); {how} "
+                            f"(aim {chk.aim_ms:.4g} ms measured)")
         if over:
             row["overshoot"] = True
         self.pruner.target_cost = budget

@@ -40,8 +40,8 @@ from smcp_core.utils import dist
 class StepSchedule:
     """When masks change, in optimizer steps counted from 1: dense for ``warmup`` steps, the budget
     ramps from the full cost to the target over the next ``ramp`` steps (a mask update every
-    ``update_every`` steps and one at the target when the ramp ends), masks frozen from step
-    ``warmup + ramp + 1`` on (``hold`` more steps of updates at the target before that)."""
+    ``update_every`` steps), ``hold`` more steps of updates at the target, one update at the target
+    at the window's last step ``warmup + ramp + hold``; masks frozen after it."""
 
     warmup: int
     ramp: int
@@ -121,12 +121,22 @@ class Pruner:
         self.bn_stale = False  # the masks changed since the batch norms' running statistics were estimated
         self._importance_now = False  # before_step of this step scored the gradients
         self.finalized = False  # finalize() removed the masks from the model
+        self._self_counted = False  # the current after_step follows the pruner's own schedule
         self.target: dict | None = None  # the target's description (set by smcp_core.api.pruner)
         # called as ``on_window_end(pruner, epoch)`` after the self-counted window's last update: the
         # Python API's closed loop (``smcp prune`` runs its own, per epoch)
         self.on_window_end: Callable[[Pruner, int], None] | None = None
 
     # ------------------------------------------------------------------ state
+    def to(self, device: torch.device | str) -> Pruner:
+        """Move the pruner's own tensors (mask bank, labels, importance) to ``device``; call it after
+        moving the model (a Lightning strategy, ``model.cuda()``)."""
+        self.device = torch.device(device)
+        self.masker.to(self.device)
+        self.tracker.to(self.device)
+        self.bn_scaler.to(self.device)
+        return self
+
     def keep(self) -> torch.Tensor:
         """The current keep-mask over the graph's channel classes (bool, CPU)."""
         return self.masker.keep().cpu()
@@ -147,7 +157,8 @@ class Pruner:
         state = {"mask": self.masker.class_mask.detach().cpu(), "importance": self.tracker.state_dict(),
                  "bn_scales": self.bn_scaler.scales() or None, "since_update": self.since_update,
                  "last_progress": self.last_progress, "bn_stale": self.bn_stale, "steps": self.steps,
-                 "target_cost": self.target_cost, "n_classes": self.graph.n_classes}
+                 "target_cost": self.target_cost, "n_classes": self.graph.n_classes,
+                 "calibration": [self.cost.scale, self.cost.removed_cost]}  # the closed loop re-fits it
         if history:
             state["pruner_history"] = list(self.history)
         return state
@@ -167,8 +178,10 @@ class Pruner:
         self.last_progress = float(state.get("last_progress", 0.0))
         self.bn_stale = bool(state.get("bn_stale", True))  # (older checkpoints: recalibrate to be safe)
         self.steps = int(state.get("steps", 0))
-        if budget:
+        if budget:  # (smcp prune restores budget and calibration from its history instead)
             self.target_cost = float(state.get("target_cost", self.target_cost))
+            if state.get("calibration") is not None:
+                self.cost.scale, self.cost.removed_cost = (float(v) for v in state["calibration"])
         self.masked_any = not bool(self.masker.keep().all())
         if history and "pruner_history" in state:
             self.history[:] = list(state["pruner_history"])
@@ -178,6 +191,7 @@ class Pruner:
         """After ``loss.backward()`` (and AMP unscaling), before ``optimizer.step()``: score the
         gradients when ``importance`` (default: inside the schedule's pruning window), and add the
         pruned decay to the masked weights' gradients."""
+        self._need_live("before_step")
         if importance is None:
             self._need_schedule("before_step")
             importance = self.prunes and self.schedule.in_window(self.steps + 1)
@@ -191,8 +205,10 @@ class Pruner:
         and a mask update once ``update_every`` scored steps have passed (at the ramp ``progress``,
         default: the schedule's), plus the update at the target when the self-counted window ends.
         Returns the update's history row, or None."""
+        self._need_live("after_step")
         self._need_schedule("after_step")
         self.steps += 1
+        self._self_counted = progress is None
         if self.method.rezero and self.masker.mode == "permanent" and self.masked_any:
             methods.rezero_pruned_(self.masker)  # pruned weights stay exactly zero (HALP re-zeroes every step)
         if self.zero_weights is not None:
@@ -206,8 +222,6 @@ class Pruner:
             row = self.finish_window(epoch) or row
             if self.on_window_end is not None:  # e.g. measured and corrected: the rest of training fine-tunes it
                 self.on_window_end(self, epoch or 0)
-        if progress is None and row is not None:
-            row["step"] = self.steps
         self._importance_now = False
         return row
 
@@ -216,6 +230,18 @@ class Pruner:
         if self.last_progress < 1.0 or self.since_update > 0:
             return self.update_masks(1.0, epoch)
         return None
+
+    def enforce_target(self, epoch: int | None = None) -> dict | None:
+        """One update at the target when the masks are above it (training ended inside the window,
+        or a resumed run's target changed); returns its row, or None."""
+        if self.prunes and self.cost.total(self.keep()) > self.target_cost * (1 + 1e-9):
+            return self.update_masks(1.0, epoch)
+        return None
+
+    def _need_live(self, what: str) -> None:
+        if self.finalized:
+            raise SmcpError(f"Pruner.{what}(): the pruner was finalized (api.slim / finalize); its masks are baked "
+                            "into the model and can no longer change")
 
     def _need_schedule(self, what: str) -> None:
         if self.schedule is None:
@@ -236,7 +262,9 @@ class Pruner:
 
     def update_masks(self, progress: float, epoch: int | None = None, *, record: bool = True) -> dict:
         """Solve the masks for the budget at ``progress`` and install them; returns the history row
-        (appended to :attr:`history` unless ``record`` is false)."""
+        (appended to :attr:`history` unless ``record`` is false: the closed loop appends its own row
+        first).  Resets the update counter and records ``progress`` as the last update's."""
+        self._need_live("update_masks")
         solved = self._solve(progress, epoch, self._allocate)
         dt = time.perf_counter() - solved.t0
         self.apply_keep(solved.keep, solved.scores)
@@ -282,7 +310,7 @@ class Pruner:
         res = solve(scores, budget)
         keep = dist.broadcast_(res.keep.to(device=scores.device, dtype=torch.uint8)).cpu().bool()
         row = {"event": "mask_update", **({"soft_filter": True} if soft_filter else {}),
-               "epoch": epoch if epoch is not None else 0,
+               "epoch": epoch if epoch is not None else 0, **({"step": self.steps} if self._self_counted else {}),
                "progress": round(progress, 4), "budget": budget, "cost": res.cost,
                "predicted": self.cost.calibrated(res.cost), "kept_classes": int(keep.sum())}
         return _Solved(keep, scores, res, row, t0)
@@ -303,8 +331,8 @@ class Pruner:
         self.masker.remove(bake=True)
         self.finalized = True
 
-    def masked_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's dense weights with the masks applied and the BN scales baked in (CPU copies):
-        what :func:`smcp_core.slim.surgery.slim_model` slims.  Bakes the BN scales: call once, at the end."""
+    def bake_state_dict(self) -> dict[str, torch.Tensor]:
+        """Bake the BN scales into plain parameters (BN rescaling ends) and return the model's dense
+        weights with the masks applied (CPU copies): what ``smcp prune`` saves.  Once, at the end."""
         self.bn_scaler.bake()  # gamma_orig * s into plain parameters before the weights are handed over
         return {k: v.detach().cpu().clone() for k, v in masked_state_dict(self.model, self.masker).items()}

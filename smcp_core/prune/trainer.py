@@ -491,16 +491,7 @@ class PruneTrainer:
         }, self.ck_path, checksum=True)
         write_metrics_csv(self.out_dir / METRICS, self.history, unit=self.cost.unit)  # from the checkpointed history
 
-    # ------------------------------------------------------------------ mask updates
-    def apply_keep(self, keep: torch.Tensor, scores: torch.Tensor) -> None:
-        """Install a keep-mask (:meth:`Pruner.apply_keep`)."""
-        self.pruner.apply_keep(keep, scores)
-
-    def mask_update(self, progress: float, epoch: int) -> dict:
-        """Solve and install the masks for the budget at ``progress`` (:meth:`Pruner.update_masks`,
-        not recorded); returns the history row."""
-        return self.pruner.update_masks(progress, epoch, record=False)
-
+    # ------------------------------------------------------------------ batch norm statistics
     def recalibrate_bn_stats(self, epoch: int) -> None:
         """Re-estimate the batch norms' running statistics at the current masks when a mask change
         made them stale (``prune.bn_recalibration_batches`` training batches; 0 = off).  The batches
@@ -531,19 +522,15 @@ class PruneTrainer:
         # again after the epochs: a run killed between its last checkpoint and the CSV resumes with no epoch left
         if dist.is_main():
             write_metrics_csv(self.out_dir / METRICS, self.history, unit=self.cost.unit)
+        self.pruner.enforce_target(self.plan.epochs)  # e.g. resumed after the window with a changed target
         keep = self.masker.keep().cpu()
         final_cost = self.cost.total(keep)
-        if self.target_cost < self.full and final_cost > self.target_cost * (1 + 1e-9):
-            # e.g. resumed after the pruning window with a changed target: enforce it now
-            self.pruner.update_masks(1.0, self.plan.epochs)
-            keep = self.masker.keep().cpu()
-            final_cost = self.cost.total(keep)
         final_top1 = next((r["top1"] for r in reversed(self.history) if r.get("event") == "epoch" and "top1" in r),
                           None)
         self.recalibrate_bn_stats(self.plan.epochs)  # the saved model's statistics match its final masks
         if final_top1 is None and self.val_loader is not None:
             final_top1 = evaluate(self.model, self.val_loader, self.device, channels_last=self.pc.channels_last)
-        state = self.pruner.masked_state_dict()  # the BN scales baked in
+        state = self.pruner.bake_state_dict()
         return TrainResult(keep=keep, history=self.history, final_top1=final_top1, target_cost=self.target_cost,
                            final_cost=final_cost, full_cost=self.full, unit=self.cost.unit, state_dict=state)
 
