@@ -120,3 +120,19 @@ class CatSplitSE(nn.Module):
         u = u * torch.sigmoid(self.fc2(F.relu(self.fc1(self.pool(u)))))  # squeeze-excitation
         z = F.relu(self.bn3(self.e(u)))
         return self.head(torch.flatten(self.pool(z), 1))
+
+
+def fake_layer_latency(sig, cin, cout, **kw) -> float:
+    """A deterministic 'latency' of one layer (stands in for ``profile.measure._measure_point``): a
+    fixed overhead plus its multiply-adds."""
+    hw = sig.in_hw[0] * sig.in_hw[1] // (sig.stride[0] * sig.stride[1])
+    k = sig.kernel[0] * sig.kernel[1]
+    macs = (cin * k * hw) if sig.depthwise else (cin * cout * k * hw)
+    return 0.002 + macs * kw.get("batch_size", 1) * 1e-7
+
+
+def fake_whole_model_latency(models, recipe, **kw) -> dict:
+    """Whole-model 'latency' (stands in for ``stages.profiling.measure_lowest``): proportional to the
+    parameter count (deterministic)."""
+    stats = {k: {"median_ms": 0.01 + 1e-5 * sum(p.numel() for p in m.parameters())} for k, m in models.items()}
+    return {"stats": stats, "repeats": [stats]}

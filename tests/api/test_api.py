@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_RUN
 from torch import nn
 
 from smcp_core import api, stages
@@ -24,7 +25,6 @@ from smcp_core.errors import InfeasibleTarget, SmcpError
 from smcp_core.models.cifar_resnet import cifar_resnet
 from smcp_core.prune.trainer import _lr_at, _param_groups
 from smcp_core.stages.builders import build_data, build_model, example_input
-from tests.conftest import TINY_RUN
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from chain_support import fake_layer_latency, fake_whole_model_latency
 
 from smcp_core import stages
 from smcp_core.config.recipe import load_recipe
@@ -42,20 +43,6 @@ OVERRIDES = [
 # timing and machine-dependent fields: everything else must be identical
 _VOLATILE = {"seconds", "solve_ms", "stats", "latency_ms", "speedup", "passed", "environment", "files",
              "measured_ms", "dense_ms", "slim_ms", "path", "gate"}
-
-
-def _fake_point(sig, cin, cout, **kw) -> float:
-    """A deterministic 'latency' of one layer: a fixed overhead plus its multiply-adds."""
-    hw = sig.in_hw[0] * sig.in_hw[1] // (sig.stride[0] * sig.stride[1])
-    k = sig.kernel[0] * sig.kernel[1]
-    macs = (cin * k * hw) if sig.depthwise else (cin * cout * k * hw)
-    return 0.002 + macs * kw.get("batch_size", 1) * 1e-7
-
-
-def _fake_lowest(models, recipe, **kw) -> dict:
-    """Whole-model 'latency': proportional to the parameter count (deterministic)."""
-    stats = {k: {"median_ms": 0.01 + 1e-5 * sum(p.numel() for p in m.parameters())} for k, m in models.items()}
-    return {"stats": stats, "repeats": [stats]}
 
 
 def _digest(tensors: dict) -> str:
@@ -100,8 +87,8 @@ def run_chain(out: Path) -> dict:
 
 
 def test_quickstart_chain_is_bit_identical_to_the_recorded_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(profile_measure, "_measure_point", _fake_point)
-    monkeypatch.setattr(profiling, "measure_lowest", _fake_lowest)
+    monkeypatch.setattr(profile_measure, "_measure_point", fake_layer_latency)
+    monkeypatch.setattr(profiling, "measure_lowest", fake_whole_model_latency)
     old = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: float reductions in the same order on every run
     try:
