@@ -1,7 +1,7 @@
 """Detection through the Python API: SSD-ResNet-50 and torchvision's SSDlite pruned with their own
 loss to a measured speed-up of the whole deployed detector (backbone + heads) on onnxruntime CPU.
 
-    python benchmarks/detection.py                       # both detectors (about 40 minutes on 2 cores)
+    python benchmarks/detection.py                       # both detectors (SSD-ResNet-50: 24 min on 2 busy cores)
     python benchmarks/detection.py --only ssdlite --dense-steps 200 --prune-steps 200
 
 Each row: mAP@[.5:.95] before (dense, trained from scratch on the generated shapes set) and after
