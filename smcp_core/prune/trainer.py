@@ -58,12 +58,10 @@ class PhasePlan:
         """First epoch with frozen masks."""
         return self.epochs - self.cooldown
 
-    def progress(self, epoch: int, step: int) -> float:
-        """Ramp progress (0..1] after ``step`` steps of ``epoch`` (step counted from 1)."""
-        if self.ramp <= 0:
-            return 1.0
-        done = (epoch - self.warmup) * self.steps_per_epoch + step
-        return min(1.0, done / (self.ramp * self.steps_per_epoch))
+    def global_step(self, epoch: int, step: int) -> int:
+        """Optimizer steps done after ``step`` steps of ``epoch`` (step counted from 1): what the
+        pruner's :class:`StepSchedule` counts (its ``progress`` is the ramp progress)."""
+        return epoch * self.steps_per_epoch + step
 
 
 @dataclass
@@ -403,7 +401,7 @@ class PruneTrainer:
         self.pruner.before_step(importance=pruning)
         self.scaler.step(opt)
         self.scaler.update()
-        self.pruner.after_step(progress=plan.progress(epoch, step), epoch=epoch)
+        self.pruner.after_step(progress=self.pruner.schedule.progress(plan.global_step(epoch, step)), epoch=epoch)
         if self._host_check(step) or step == plan.steps_per_epoch:
             self.rep.progress("epoch", step, plan.steps_per_epoch,
                               f"epoch {epoch + 1}/{plan.epochs} loss {float(stats.loss_sum) / max(stats.seen, 1):.3f}")
@@ -447,7 +445,7 @@ class PruneTrainer:
         plan = self.plan
         last = epoch == plan.prune_end_epoch - 1
         if pruning and self.method.soft_filter:
-            prog = plan.progress(epoch, plan.steps_per_epoch)
+            prog = self.pruner.schedule.progress(plan.global_step(epoch, plan.steps_per_epoch))
             # SFP: filters zeroed at every window epoch's end; the last one (at the target) is masked
             if prog < 1.0:
                 self.pruner.sfp_step(prog, epoch)
