@@ -244,12 +244,16 @@ def test_the_examples_run_in_smoke_mode(name, capsys):
 @pytest.mark.parametrize("detector", ["ssd_resnet50", "ssdlite"])
 def test_the_detection_example_runs_in_smoke_mode(detector, capsys):
     """SSD-ResNet-50 and torchvision's SSDlite pruned through their backbones with the detector's
-    own loss: the slim detector's boxes, scores and labels equal the masked one's, and its ONNX
+    own loss: the slim detector's head outputs, boxes, scores and labels equal the masked one's
+    (detections matched order-independently: random detectors tie scores), and its ONNX
     export matches."""
     main = runpy.run_path(str(EXAMPLES / "detection_ssd.py"), run_name="smcp_example")["main"]
     assert main(["--smoke", "--detector", detector]) == 0
     row = json.loads(capsys.readouterr().out)
-    assert row["slim_equals_masked"]["labels_equal"] and row["slim_equals_masked"]["max_box_diff_px"] < 1e-2
+    same = row["slim_equals_masked"]
+    assert same["core_max_rel_diff"] < 1e-4  # backbone + heads: what is deployed
+    # every detection matched (label, box, score), in whatever order near-tied scores came out
+    assert same["detections"] > 0 and same["unmatched"] == 0 and same["max_box_diff_px"] < 1e-2
     assert row["kept_classes"][0] < row["kept_classes"][1]
     assert row["onnx_max_rel_diff"] < 1e-3
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from chain_support import fake_layer_latency, fake_whole_model_latency
@@ -65,6 +67,16 @@ def _scrub(obj):
     return obj
 
 
+def _machine() -> str:
+    """What the float results of the chain depend on besides the code: CPU type, torch's CPU
+    kernels and the numeric libraries' versions."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    return (f"{platform.machine()} {model} ({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, "
+            f"numpy {np.__version__}")
+
+
 def run_chain(out: Path) -> dict:
     recipe = load_recipe("quickstart", OVERRIDES)
     stages.profile(recipe, out)
@@ -97,9 +109,15 @@ def test_quickstart_chain_is_bit_identical_to_the_recorded_run(tmp_path, monkeyp
         torch.set_num_threads(old)
     got = json.loads(json.dumps(got))  # tuples -> lists, as stored
     if os.environ.get("SMCP_UPDATE_GOLDEN") == "1":
-        GOLDEN.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+        GOLDEN.write_text(json.dumps({**got, "machine": _machine()}, indent=1, sort_keys=True) + "\n")
         pytest.skip("golden file rewritten")
     want = json.loads(GOLDEN.read_text())
+    recorded_on = want.pop("machine", None)
+    if recorded_on != _machine():
+        # float kernels differ between CPU types and library builds (the masks follow the last bits
+        # of the importance scores): the recorded run is only bit-identical on its own machine type
+        pytest.skip(f"recorded on {recorded_on}, this is {_machine()}; "
+                    "SMCP_UPDATE_GOLDEN=1 records it here (before a refactor)")
     assert sorted(got) == sorted(want)
     for key in want:
         assert got[key] == want[key], key
