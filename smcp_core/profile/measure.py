@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import math
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ from smcp_core.graph.signature import LayerSig
 from smcp_core.profile import fingerprint as profile_fingerprint
 from smcp_core.profile import timing as profile_timing
 from smcp_core.profile.table import (
+    MAX_GRID_POINTS,
     MEASURABLE_BACKENDS,
     LatencyTable,
     TableBudgetExceeded,
@@ -24,6 +26,7 @@ from smcp_core.profile.table import (
     _Entry,
     channel_grid,
 )
+from smcp_core.utils.fsutil import atomic_write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
@@ -174,22 +177,27 @@ def measure_table(
     rel_tol: float = 0.02,
     point_max_seconds: float = 10.0,
     max_seconds: float = 600,
-    existing: LatencyTable | None = None,
+    existing: LatencyTable | Sequence[LatencyTable] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     coarse_stride: int = 4,
+    max_grid_points: int | None = MAX_GRID_POINTS,
+    partial_path: str | os.PathLike | None = None,
 ) -> LatencyTable:
     """Measure a :class:`LatencyTable` for the given layer signatures.
 
-    * Signatures with the same key are measured once, on the union of their grids.
+    * Signatures with the same key are measured once, on the union of their grids
+      (:func:`channel_grid` of each width with ``channel_step`` and ``max_grid_points``: at most
+      ``max_grid_points`` widths per layer and axis, ``None``: no cap).
     * ``backend="torch"``: the single ``nn.Conv2d``/``nn.Linear`` (random weights) in eval +
       inference mode, ``dtype``, channels-last when ``layout="nhwc"``, ``torch.set_num_threads(threads)``
       while measuring.  ``backend="onnxruntime"``: a one-node ONNX model built with ``onnx.helper``
       run by an ``InferenceSession`` (``threads`` intra-op threads, spinning off; NCHW only).
     * Each point is timed with :func:`profile_timing.time_one` (``warmup``, ``min_runs``, ``max_runs``,
       ``rel_tol``, at most ``point_max_seconds``); the stored value is the median in ms.
-    * ``existing``: a table measured with the same backend/device/batch/dtype/layout and the same
-      machine fingerprint -- its grid points are reused instead of re-measured, and its entries for
-      other keys are carried over.  An incompatible ``existing`` is ignored.
+    * ``existing``: a table (or a sequence of tables, the first one that has a point wins) measured
+      with the same backend/device/batch/dtype/layout and the same machine fingerprint -- its grid
+      points are reused instead of re-measured, and its entries for other keys are carried over.  An
+      incompatible ``existing`` is ignored.  Points it only interpolated are measured again.
     * ``progress(done, total, key)`` is called after every measured point (``done`` counts reused
       points too) and once with key ``"interpolated"`` when the rest is interpolated.
     * Coarse to fine: first every layer's coarse sub-grid (every ``coarse_stride``-th grid point
@@ -199,30 +207,46 @@ def measure_table(
       from the coarse sub-grid and counted in ``meta.measure.interpolated_points``; when it runs out
       earlier, :class:`TableBudgetExceeded` (an :class:`SmcpError`) is raised; its ``partial``
       attribute holds the points measured so far, usable as ``existing=`` to resume.
+    * ``partial_path``: where the points measured so far are written (atomically, with a checksum;
+      ``meta.partial`` true, ``meta.complete`` false) when the budget runs out before the coarse
+      sub-grids are measured or the measurement is interrupted (``KeyboardInterrupt``); pass the
+      table loaded from it as ``existing=`` to measure only the missing points.  The error's message
+      says where they are (or that they could not be written).
     """
 
     dtype, layout, batch_size = _checked_settings(backend, dtype, layout, batch_size, channel_step)
     groups = _group_signatures(sigs)
-    plan = [_plan_entry(key, ss, channel_step) for key, ss in groups.items()]
+    if max_grid_points is not None and int(max_grid_points) < 1:
+        raise SmcpError(f"max grid points must be >= 1 (or None: no cap), got {max_grid_points}")
+    plan = [_plan_entry(key, ss, channel_step, max_grid_points) for key, ss in groups.items()]
     setup = {"backend": backend, "batch_size": batch_size, "dtype": dtype, "layout": layout, "device": device,
              "threads": threads}
     fp = profile_fingerprint.device_fingerprint(backend, device, threads)
     fpid = profile_fingerprint.fingerprint_id(fp)
-    if existing is not None and not _reusable(existing, setup, fpid):
-        existing = None
+    olds = [] if existing is None else [existing] if isinstance(existing, LatencyTable) else list(existing)
+    olds = [t for t in olds if _reusable(t, setup, fpid)]
     timing = {"warmup": warmup, "min_runs": min_runs, "max_runs": max_runs, "rel_tol": rel_tol}
     meta = _table_meta(setup, channel_step, fp, fpid, {**timing, "point_max_seconds": point_max_seconds})
-    table, carried_interp = _new_table(meta, plan, existing)
+    meta["max_grid_points"] = None if max_grid_points is None else int(max_grid_points)
+    table, carried_interp = _new_table(meta, plan, olds)
+    # a partial table written below keeps the carried entries' interpolated flags
+    table.meta["measure"]["interpolated"] = dict(carried_interp)
 
     budget = _Budget(total=sum(e.n_points() for e in plan), max_seconds=max_seconds,
                      point_max_seconds=point_max_seconds, progress=progress)
     old_threads = _set_torch_threads(backend, threads)
     coarse = {e.key: _coarse_indices(e, coarse_stride) for e in plan}
-    budget.reused = budget.done = _reuse_points(plan, existing)
+    budget.reused = budget.done = _reuse_points(plan, olds)
     order = [(lvl, e, ci, co) for lvl in (0, 1) for e in plan for ci, co, v in e.points()
              if v is None and _is_coarse(e, ci, co, coarse[e.key]) == (lvl == 0)]
     try:
         interpolated = _measure_in_order(table, plan, order, coarse, budget, setup, timing, channel_step)
+    except TableBudgetExceeded as exc:
+        raise _with_partial_saved(exc, table, partial_path) from None
+    except KeyboardInterrupt:
+        _record_counts(table, budget)
+        _save_partial(table, partial_path)
+        raise
     finally:
         _restore_torch_threads(old_threads)
     interpolated = {**carried_interp, **interpolated}  # other models' entries keep their flag
@@ -273,7 +297,8 @@ def _group_signatures(sigs: Iterable[LayerSig]) -> dict[str, list[LayerSig]]:
     return groups
 
 
-def _plan_entry(key: str, ss: list[LayerSig], channel_step: int) -> _Entry:
+def _plan_entry(key: str, ss: list[LayerSig], channel_step: int,
+                max_grid_points: int | None = MAX_GRID_POINTS) -> _Entry:
     """The empty entry of the signatures ``ss`` (one key): the widest of them, on the union of their grids."""
     cin_max = max(s.cin for s in ss)
     cout_max = max(s.cout for s in ss)
@@ -281,8 +306,9 @@ def _plan_entry(key: str, ss: list[LayerSig], channel_step: int) -> _Entry:
     rep = LayerSig.from_dict({**rep.to_dict(), "cin": cin_max, "cout": cout_max})
     # grouped convs (group_size > 1) are pruned a whole group at a time: widths are multiples of it
     gs = rep.group_size if rep.depthwise else 1
-    cin_grid = sorted({c * gs for s in ss for c in channel_grid(s.cin // gs, -(-int(channel_step) // gs))})
-    cout_grid = None if rep.depthwise else sorted({c for s in ss for c in channel_grid(s.cout, channel_step)})
+    cap = max_grid_points
+    cin_grid = sorted({c * gs for s in ss for c in channel_grid(s.cin // gs, -(-int(channel_step) // gs), cap)})
+    cout_grid = None if rep.depthwise else sorted({c for s in ss for c in channel_grid(s.cout, channel_step, cap)})
     return _Entry(key, rep, cin_grid, cout_grid)
 
 
@@ -323,42 +349,46 @@ def _interpolated_meta(table: LatencyTable) -> dict:
     return (table.meta.get("measure") or {}).get("interpolated") or {}
 
 
-def _new_table(meta: dict, plan: list[_Entry], existing: LatencyTable | None) -> tuple[LatencyTable, dict]:
+def _new_table(meta: dict, plan: list[_Entry], olds: list[LatencyTable]) -> tuple[LatencyTable, dict]:
     """A table holding the (empty) entries of ``plan``, and the model and the entries of other keys
-    carried over from a reusable ``existing``; also returns the carried entries' interpolated points."""
-    table = LatencyTable(meta=meta)
+    carried over from the reusable tables ``olds`` (the first one that has a key wins); also returns
+    the carried entries' interpolated points."""
+    table = LatencyTable(meta=meta, model=dict(olds[0].model) if olds else None)
     keys = {e.key for e in plan}
     carried_interp = {}
-    if existing is not None:
-        table.model = dict(existing.model)
-        for k, e in existing.entries.items():
-            if k not in keys:
+    for old in olds:
+        interp = _interpolated_meta(old)
+        for k, e in old.entries.items():
+            if k not in keys and k not in table.entries:
                 table.entries[k] = _Entry.from_dict(k, e.to_dict())
-        carried_interp = {k: v for k, v in _interpolated_meta(existing).items() if k not in keys and k in table.entries}
+                if k in interp:
+                    carried_interp[k] = interp[k]
     for e in plan:
         table.entries[e.key] = e
     return table, carried_interp
 
 
-def _reuse_points(plan: list[_Entry], existing: LatencyTable | None) -> int:
-    """Copy the points of a reusable ``existing`` into the entries of ``plan``; returns how many.
+def _reuse_points(plan: list[_Entry], olds: list[LatencyTable]) -> int:
+    """Copy the points of the reusable tables ``olds`` (the first one that has a point wins) into
+    the entries of ``plan``; returns how many.
 
     Runs before any interpolation, so that an interpolation never overwrites a reusable point.
     """
-    if existing is None:
-        return 0
-    # points an earlier run interpolated (budget ran out) are measured now, never reused as if measured
-    was_interp = {k: {tuple(x) for x in v} for k, v in _interpolated_meta(existing).items()}
     reused = 0
-    for e in plan:
-        old = existing.entries.get(e.key)
-        if old is None:
-            continue
-        for ci, co, _ in e.points():
-            prev = old.get(ci, co)
-            if prev is not None and (ci, co) not in was_interp.get(e.key, ()):
-                e.set(ci, co, prev)
-                reused += 1
+    for old_table in olds:
+        # points an earlier run interpolated (budget ran out) are measured now, never reused as if measured
+        was_interp = {k: {tuple(x) for x in v} for k, v in _interpolated_meta(old_table).items()}
+        for e in plan:
+            old = old_table.entries.get(e.key)
+            if old is None:
+                continue
+            for ci, co, v in e.points():
+                if v is not None:  # already taken from an earlier table
+                    continue
+                prev = old.get(ci, co)
+                if prev is not None and (ci, co) not in was_interp.get(e.key, ()):
+                    e.set(ci, co, prev)
+                    reused += 1
     return reused
 
 
@@ -417,22 +447,49 @@ def _measure_in_order(table: LatencyTable, plan: list[_Entry], order: list, coar
     return {}
 
 
-def _budget_exceeded(table: LatencyTable, budget: _Budget, n_shapes: int, channel_step: int) -> TableBudgetExceeded:
-    """The error for a budget that ran out before the coarse sub-grids were measured, with the
-    partial ``table`` (its counters recorded)."""
+def _record_counts(table: LatencyTable, budget: _Budget) -> None:
     table.meta["measure"].update(
         measured_points=budget.measured, reused_points=budget.reused, seconds=budget.seconds()
     )
+
+
+def _budget_exceeded(table: LatencyTable, budget: _Budget, n_shapes: int, channel_step: int) -> TableBudgetExceeded:
+    """The error for a budget that ran out before the coarse sub-grids were measured, with the
+    partial ``table`` (its counters recorded); :func:`_with_partial_saved` completes its message."""
+    _record_counts(table, budget)
     done, total = budget.done, budget.total
     return TableBudgetExceeded(
         f"latency profiling ran out of its {budget.max_seconds:g} s budget after {done} of {total} "
         f"points ({n_shapes} layer shapes, channel step {channel_step}) before the coarse grid was "
-        "complete: raise the time budget (--budget-minutes) or use a larger channel step; the "
-        "points measured so far are kept and reused on the next run",
+        "complete: raise the time budget (--budget-minutes) or use a larger channel step",
         partial=table,
         done=done,
         total=total,
     )
+
+
+def _save_partial(table: LatencyTable, path: str | os.PathLike | None) -> str:
+    """Write the unfinished ``table`` to ``path`` (atomically, with a checksum, ``meta.partial``
+    true); returns the end of the budget message saying where the points are (or why not)."""
+    m = table.meta.get("measure") or {}
+    n = int(m.get("measured_points", 0) or 0) + int(m.get("reused_points", 0) or 0)
+    table.meta["partial"] = True
+    table.meta["complete"] = False
+    if path is None:
+        return (f"; the {n} points measured so far are in this error's `partial` table "
+                "(pass it as existing= to measure only the missing points)")
+    try:
+        atomic_write_json(path, table.to_dict(), indent=1, checksum=True)
+    except OSError as exc:
+        return f"; the {n} points measured so far could not be saved to {path} ({exc}) and are lost"
+    return (f"; the {n} points measured so far are saved in {path} and reused by the next run with the "
+            "same settings (only the missing points are measured)")
+
+
+def _with_partial_saved(exc: TableBudgetExceeded, table: LatencyTable,
+                        path: str | os.PathLike | None) -> TableBudgetExceeded:
+    """``exc`` with the partial table saved to ``path`` and the message saying so."""
+    return TableBudgetExceeded(f"{exc}{_save_partial(table, path)}", partial=table, done=exc.done, total=exc.total)
 
 
 def _set_torch_threads(backend: str, threads: int | None) -> int | None:

@@ -29,11 +29,24 @@ from smcp_core.stages.measure import (
 from smcp_core.stages.results import ProfileResult
 from smcp_core.utils.fsutil import (
     atomic_write_json,
+    remove_artifact,
 )
+
+PARTIAL_TABLE = "latency.partial.json"
+"""The points measured by a ``smcp profile`` that ran out of its time budget (or was interrupted),
+beside ``latency.json``; the next ``smcp profile`` in the same run directory measures only the
+missing points, and removes it once ``latency.json`` is written."""
 
 
 def profile(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, force: bool = False) -> ProfileResult:
-    """Measure the latency table of the recipe's model and the whole-model calibration."""
+    """Measure the latency table of the recipe's model and the whole-model calibration.
+
+    Points of ``OUT/latency.json`` and of ``OUT/latency.partial.json`` (what an earlier run measured
+    before its time budget ran out) that were measured with the same settings on this machine are
+    reused (``force``: neither is read); when the budget runs out before the coarse grid is measured,
+    the points measured so far are written to ``OUT/latency.partial.json`` and
+    :class:`~smcp_core.profile.table.TableBudgetExceeded` says so.
+    """
 
     rep = reporter or Reporter()
     prof = recipe.profile
@@ -43,19 +56,28 @@ def profile(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, forc
         ensure_tensorrt()  # one clear line when TensorRT or a GPU is missing
     model = build_model(recipe, load_weights=False)  # latency does not depend on the weights
     graph = build_graph(recipe, model)
-    existing = None
-    if path.exists() and not force:
-        try:  # a corrupt cached table stops here: it is never silently replaced
-            existing = LatencyTable.load(path)
-        except SmcpError as exc:
-            raise SmcpError(f"{exc}; `smcp profile --force` re-measures it from scratch") from None
+    partial_path = out / PARTIAL_TABLE
+    existing = []
+    if not force:
+        if partial_path.exists():
+            try:  # only a cache of measurements: a corrupt one is measured again
+                existing.append(LatencyTable.load(partial_path))
+                rep.log(f"resuming the latency table from {partial_path} (points measured with other settings "
+                        "or on another machine are measured again)")
+            except SmcpError as exc:
+                rep.log(f"warning: ignoring the partial latency table ({exc})")
+        if path.exists():
+            try:  # a corrupt cached table stops here: it is never silently replaced
+                existing.append(LatencyTable.load(path))
+            except SmcpError as exc:
+                raise SmcpError(f"{exc}; `smcp profile --force` re-measures it from scratch") from None
     t0 = time.perf_counter()
     dense_before = _dense_ms(recipe, model, out)
     sigs = [layer.sig for layer in graph.layers]
     table = measure_table(
         sigs, backend=prof.backend, batch_size=prof.batch_size, dtype=prof.dtype, layout=prof.layout,
         device=prof.device, channel_step=prof.channel_step, threads=prof.threads, warmup=prof.warmup,
-        min_runs=prof.min_runs, max_seconds=prof.max_seconds, existing=existing,
+        min_runs=prof.min_runs, max_seconds=prof.max_seconds, existing=existing, partial_path=partial_path,
         progress=lambda d, t, k: rep.progress("profile", d, t, k),
     )
     t_layers = time.perf_counter() - t0
@@ -72,6 +94,7 @@ def profile(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, forc
         "seconds": {"layers": t_layers, "total": time.perf_counter() - t0},
     }
     atomic_write_json(path, table.to_dict(), indent=1, checksum=True)
+    remove_artifact(partial_path)  # its points are in latency.json now
     table.path = path
     cal = whole["calibration"]
     return ProfileResult(

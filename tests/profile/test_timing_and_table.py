@@ -169,7 +169,7 @@ def test_onnxruntime_missing_or_doubled(monkeypatch):
 def test_channel_grid():
     assert channel_grid(16, 8) == [8, 16]
     assert channel_grid(20, 8) == [8, 16, 20]
-    assert channel_grid(5, 8) == [1, 2, 3, 4, 5]
+    assert channel_grid(5, 8) == [5]  # narrower than the step: its full width only (never a dense grid)
     assert channel_grid(8, 8) == [8]
     assert channel_grid(1, 8) == [1]
 
@@ -376,7 +376,7 @@ def test_existing_points_are_reused(measured, monkeypatch):
     monkeypatch.setattr(profile_measure, "_measure_point", lambda sig, ci, co, **kw: calls.append((ci, co)) or 1.0)
     extra = LayerSig("linear", 8, 4, bias=True)  # a new key: only its points are measured
     t2 = measure_table(SIGS + [extra], backend=measured["backend"], channel_step=8, threads=1, existing=t, **FAST)
-    assert len(calls) == 4  # grid(8) x grid(4) = [8] x [1, 2, 3, 4]
+    assert len(calls) == 1  # grid(8) x grid(4) = [8] x [4]
     assert t2.meta["measure"]["reused_points"] == N_POINTS
     for key in EXPECTED_GRIDS:
         assert t2.points(key) == t.points(key)
