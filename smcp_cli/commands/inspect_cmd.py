@@ -1,4 +1,5 @@
-"""smcp inspect: prunable groups, channels, params, FLOPs and what cannot be pruned and why."""
+"""smcp inspect: prunable groups, channels, params, MACs (whole model, and the share the channel graph
+understood) and what cannot be pruned and why."""
 
 from __future__ import annotations
 
@@ -49,15 +50,23 @@ def inspect(
         g = stages.build_graph(r, model)
         s = g.summary()
         s["model"] = r.model.source
+        if quiet and not as_json:
+            return
+        from smcp_core.analysis.model_stats import model_stats
+
+        # params/flops: the whole model (every parameter; MACs of one sample, measured with a forward
+        # pass); graph_*: what the channel graph understood (its conv/linear/BN layers) and their share
+        st = model_stats(model, stages.example_input(r), graph_flops=s["flops"], graph_params=s["params"])
+        s["params"], s["flops"] = st.pop("params"), st.pop("macs")
+        s.update(st)
         if as_json:
             emit({"ok": True, **s}, True)
             return
-        if quiet:
-            return
         from rich.table import Table
 
+        macs = "? MMAC" if s["flops"] is None else f"{s['flops'] / 1e6:,.1f} MMAC"
         tab = Table(title=f"{r.model.source}: input {tuple(s['input_shape'])}, {s['params']:,} params, "
-                          f"{s['flops'] / 1e6:,.1f} MMAC, {len(s['groups'])} groups", title_justify="left")
+                          f"{macs}, {len(s['groups'])} groups", title_justify="left")
         for col in ("group", "channels", "prunable", "layers reading it", "note"):
             tab.add_column(col)
         for gr in s["groups"]:
@@ -73,5 +82,21 @@ def inspect(
                 pr, note = "yes", "removable (layer pruning)" if gr["removable"] else ""
             tab.add_row(str(gr["group"]), str(gr["channels"]), pr, names, note)
         console.print(tab)
+        console.print(_understood_line(s))
         for spot in s["frozen_spots"]:
             console.print(f"[yellow]frozen:[/yellow] {escape(str(spot))}")
+
+
+def _pct(share) -> str:
+    return "n/a" if share is None else f"{100 * share:.1f} %"
+
+
+def _understood_line(s: dict) -> str:
+    """Whole model vs what the channel graph understood (and can prune), for the human output."""
+    macs = "? MMAC" if s["flops"] is None else f"{s['flops'] / 1e6:,.1f} MMAC"
+    line = (f"whole model: {s['params']:,} params, {macs} per sample (one forward pass); the channel graph "
+            f"understands {s['graph_params']:,} params ({_pct(s['graph_params_share'])}) and "
+            f"{s['graph_flops'] / 1e6:,.1f} MMAC ({_pct(s['graph_flops_share'])}) of it")
+    if s.get("macs_error"):
+        line += f"; MACs not measured: {escape(s['macs_error'])}"
+    return line
