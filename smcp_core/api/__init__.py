@@ -123,11 +123,13 @@ def _profile_settings(**settings: Any):
 
 
 def channel_graph(model: nn.Module, example: Any, *, submodule: str | None = None,
-                  unpruned: list[str] | tuple[str, ...] = ()) -> ChannelGraph:
+                  unpruned: list[str] | tuple[str, ...] = (),
+                  leaf_modules: list[str] | tuple[str, ...] = ()) -> ChannelGraph:
     """The channel graph of ``model`` (traced with ``torch.fx`` at ``example``), or of its
     ``submodule`` (a dotted name, e.g. a detector's ``"backbone.body"``): the submodule's input is
     captured from one forward of the whole model, and its outputs (features) stay unpruned.
-    ``unpruned``: layer names (relative to the submodule) whose output channels are kept."""
+    ``unpruned``: layer names (relative to the submodule) whose output channels are kept;
+    ``leaf_modules``: module type names the trace keeps whole (their channels are frozen)."""
     target = model
     x = example
     if submodule:
@@ -135,7 +137,8 @@ def channel_graph(model: nn.Module, example: Any, *, submodule: str | None = Non
         x = _input_of(model, target, submodule, example)
     elif not isinstance(example, torch.Tensor):
         raise SmcpError(f"the example input must be a tensor, got {type(example).__name__}")
-    return ChannelGraph(target, x, unpruned=list(unpruned), submodule=submodule)
+    return ChannelGraph(target, x, unpruned=list(unpruned), submodule=submodule,
+                        leaf_modules=list(leaf_modules))
 
 
 def profile(model: nn.Module, graph: ChannelGraph, example: torch.Tensor, *, backend: str = "onnxruntime",

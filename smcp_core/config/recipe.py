@@ -183,13 +183,16 @@ class ModelConfig(_Section):
     num_classes: PosInt | None = None
     input_size: list[Int] | None = None
     unpruned: list[str] = Field(default_factory=list)
+    # module types (class names, or module.path.ClassName) the fx trace keeps whole; their channels
+    # are frozen (never pruned): for code fx cannot trace, e.g. data-dependent control flow
+    leaf_modules: list[str] = Field(default_factory=list)
 
     @field_validator("source")
     @classmethod
     def _check_source(cls, value: str) -> str:
         v = value.strip()
-        if v.startswith("torchvision/"):
-            if _IDENT_RE.fullmatch(v[len("torchvision/"):]):
+        if v.startswith(("torchvision/", "timm/")):
+            if _IDENT_RE.fullmatch(v.split("/", 1)[1]):
                 return v
         elif v.startswith("cifar/"):
             if v[len("cifar/"):] in _CIFAR_RESNETS:
@@ -204,8 +207,8 @@ class ModelConfig(_Section):
             if file.endswith(".py") and _IDENT_RE.fullmatch(factory):
                 return v
         raise PydanticCustomError(
-            _VALUE_ERR, "must be torchvision/<name>, cifar/resnet<20|32|44|56|110>, mobilenet_v1 "
-            "or path/to/file.py:factory")
+            _VALUE_ERR, "must be torchvision/<name>, timm/<name>, cifar/resnet<20|32|44|56|110>, "
+            "mobilenet_v1 or path/to/file.py:factory")
 
     @field_validator("input_size")
     @classmethod
@@ -215,7 +218,7 @@ class ModelConfig(_Section):
                 _VALUE_ERR, "must be [C, H, W]: three positive integers, or null to take it from the data")
         return value
 
-    @field_validator("unpruned", mode="before")
+    @field_validator("unpruned", "leaf_modules", mode="before")
     @classmethod
     def _unpruned_list(cls, value: Any) -> Any:
         return _as_list(value)

@@ -31,6 +31,7 @@ Anything the tracer does not understand is never guessed at: the classes flowing
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import operator
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from smcp_core.graph.ops import (
     _BINARY_METHODS,
     _BN_MODULES,
     _CAT,
+    _ELEMENTWISE_MODULES,
     _FLATTEN,
     _MEAN,
     _PASS_METHODS,
@@ -160,11 +162,74 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(tm.shape)
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """``symbolic_trace`` with a one-line error naming the cause when the model is not traceable."""
+# Subclasses of these torch.nn layers from other libraries are kept whole by the trace (their
+# forward is the parent's computation, possibly followed by per-channel ops): timm's BatchNormAct2d
+# (batch norm, then drop and activation modules) and its Linear.  Traced into, they would end in
+# functional F.batch_norm / F.linear calls on parameters, which the graph cannot slice.
+_LEAF_SUBCLASSES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, nn.Linear)
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, also keeping opaque: subclasses of :data:`_LEAF_SUBCLASSES` and the
+    module types named in ``leaf_modules`` (class names, or ``module.path.ClassName``)."""
+
+    def __init__(self, leaf_modules: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.leaf_names = set(leaf_modules)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        cls = type(m)
+        if self.leaf_names & {cls.__name__, f"{cls.__module__}.{cls.__qualname__}"}:
+            return True
+        if isinstance(m, _LEAF_SUBCLASSES):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _inside(node: fx.Node) -> str:
+    """`` (in <module path>: <type>)`` of the innermost module of another library than torch.nn whose
+    forward made ``node`` (what froze a model's channels, named by the module type), else ``""``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, (_, cls) in reversed(list(stack.items())):
+        module = getattr(cls, "__module__", "") if isinstance(cls, type) else str(cls)
+        if not module.startswith("torch.nn") and path:
+            return f" (in {path}: {getattr(cls, '__name__', cls)})"
+    return ""
+
+
+def _channelwise(mod: nn.Module) -> bool:
+    """A module inside a norm-act layer that keeps channels independent and unchanged in number:
+    an activation, dropout or identity (torch.nn's, or timm's activation modules)."""
+    if isinstance(mod, nn.PReLU):
+        return mod.num_parameters == 1
+    if isinstance(mod, _ELEMENTWISE_MODULES) or isinstance(mod, (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)):
+        return True
+    return type(mod).__module__.startswith("timm.layers.activations") and next(mod.parameters(), None) is None
+
+
+def check_leaf_modules(model: nn.Module, leaf_modules: tuple[str, ...] | list[str]) -> None:
+    """Every name of ``model.leaf_modules`` must name a module type used in ``model``."""
+    used = set()
+    for mod in model.modules():
+        cls = type(mod)
+        used.update((cls.__name__, f"{cls.__module__}.{cls.__qualname__}"))
+    for name in leaf_modules:
+        if name not in used:
+            close = difflib.get_close_matches(name, sorted(u for u in used if "." not in u), n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else "`smcp inspect` lists the model's layers"
+            raise SmcpError(f"model.leaf_modules: no module of type '{name}' in the model "
+                            f"{type(model).__name__}; {hint}")
+
+
+def trace(model: nn.Module, leaf_modules: tuple[str, ...] | list[str] = ()) -> fx.GraphModule:
+    """``symbolic_trace`` with a one-line error naming the cause when the model is not traceable;
+    module types named in ``leaf_modules`` (and norm/linear subclasses of other libraries) stay
+    whole (one node each)."""
     before = set(vars(model))
     try:
-        gm = fx.symbolic_trace(model)
+        tracer = _Tracer(tuple(leaf_modules))
+        graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         # the tracer stores tensor constants of forward() (torch.tensor(...) etc.) as attributes
         # `_tensor_constantN` of the traced module; the GraphModule has its own references, so
         # remove them: otherwise the next trace of this model (e.g. by slim, of a copy) numbers its
@@ -178,16 +243,21 @@ def trace(model: nn.Module) -> fx.GraphModule:
         where = ""
         tb = exc.__traceback__
         last = None
+        culprit = "<its class name>"  # the module whose code failed (the innermost nn.Module `self`)
         while tb is not None:
             fname = tb.tb_frame.f_code.co_filename
             if "torch/fx" not in fname and "torch\\fx" not in fname:
                 last = (fname, tb.tb_lineno)
+                owner = tb.tb_frame.f_locals.get("self")
+                if isinstance(owner, nn.Module) and owner is not model:
+                    culprit = type(owner).__name__
             tb = tb.tb_next
         if last is not None:
             where = f" at {last[0]}:{last[1]}"
         raise SmcpError(
             f"model {type(model).__name__} cannot be traced by torch.fx{where}: {msg}; "
-            "remove data-dependent control flow from forward() or wrap that part in a leaf module"
+            "remove data-dependent control flow from forward(), or keep the module that has it opaque "
+            f"to the trace with model.leaf_modules: [{culprit}] (it is then not pruned)"
         ) from None
 
 
@@ -201,16 +271,20 @@ class ChannelGraph:
         *,
         unpruned: list[str] | tuple[str, ...] = (),
         submodule: str | None = None,
+        leaf_modules: list[str] | tuple[str, ...] = (),
     ) -> None:
         """``model``'s graph traced at ``example``.  ``submodule``: the name of ``model`` inside a
         larger model (a detector's backbone): its outputs may then be any tensors (features), not
         logits, and slimming replaces it in the larger model
-        (:func:`~smcp_core.slim.surgery.slim_submodule`)."""
+        (:func:`~smcp_core.slim.surgery.slim_submodule`).  ``leaf_modules``: module types kept
+        opaque to the trace (see :func:`trace`); the channels around them are frozen."""
         self.submodule = submodule or None
+        self.leaf_modules = tuple(leaf_modules)
+        check_leaf_modules(model, self.leaf_modules)
         was_training = model.training
         model.eval()
         try:
-            self.gm = trace(model)
+            self.gm = trace(model, self.leaf_modules)
             try:
                 with torch.no_grad():
                     output = self.gm(example)  # fails cleanly (ShapeProp would print its own traceback)
@@ -272,6 +346,8 @@ class ChannelGraph:
             lab = self.node_labels.get(a.name)
             if lab is not None:
                 self._freeze(lab, reason)
+        if node.op in ("call_function", "call_method"):
+            reason += _inside(node)
         if any(self.node_labels.get(a.name) is not None for a in node.all_input_nodes):
             self.unsupported.append(f"{node.name}: {reason}")
         out = self._fresh_like(node, reason)
@@ -444,6 +520,10 @@ class ChannelGraph:
         if isinstance(mod, _BN_MODULES):
             if x is None:
                 return self._barrier(node, f"{name}: batch norm without channel input")
+            odd = [f"{type(c).__name__}" for c in mod.modules() if c is not mod and not _channelwise(c)]
+            if odd:  # a norm-act layer (timm's BatchNormAct2d) with more than per-channel ops inside
+                return self._barrier(node, f"{name}: {type(mod).__name__} holds {', '.join(odd)}, "
+                                           "which is not a per-channel operation")
             self.bns[name] = node.name
             return x
         if isinstance(mod, nn.PReLU) and mod.num_parameters > 1:

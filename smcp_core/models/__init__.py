@@ -4,6 +4,9 @@ Sources accepted by :func:`build_model`:
 
 * ``torchvision/<name>`` — a torchvision classification model, built with ``weights=None`` (no
   downloads); ``num_classes`` and ``kwargs`` are passed to its builder.
+* ``timm/<name>`` — a timm model (optional extra ``timm``), built with ``pretrained=False``;
+  ``num_classes`` and ``kwargs`` are passed to ``timm.create_model``.  Re-parameterisable models
+  are built in their deployed form (:mod:`smcp_core.models.timm_source`).
 * ``cifar/resnet20`` | ``resnet32`` | ``resnet44`` | ``resnet56`` | ``resnet110`` — CIFAR ResNets
   (option-A shortcuts), kwargs ``in_channels`` (default 3); ``num_classes`` defaults to 10.
 * ``mobilenet_v1`` — MobileNetV1, kwargs ``width`` (default 1.0), ``in_channels`` (default 3);
@@ -39,6 +42,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from smcp_core.errors import SmcpError
 from smcp_core.models.cifar_resnet import DEPTHS as _CIFAR_DEPTHS
 from smcp_core.models.cifar_resnet import CifarResNet, PadShortcut, cifar_resnet
+from smcp_core.models import timm_source
 from smcp_core.models.mobilenet_v1 import MobileNetV1
 from smcp_core.utils.tv import import_torchvision
 
@@ -53,7 +57,7 @@ __all__ = [
 ]
 
 _BUILTIN = [f"cifar/{n}" for n in _CIFAR_DEPTHS] + ["mobilenet_v1"]
-_FORMS = "torchvision/<name>, cifar/resnet20|32|44|56|110, mobilenet_v1, or path/to/file.py:factory"
+_FORMS = "torchvision/<name>, timm/<name>, cifar/resnet20|32|44|56|110, mobilenet_v1, or path/to/file.py:factory"
 _counter = itertools.count()
 
 
@@ -94,7 +98,8 @@ def _call_builder(what: str, fn, kwargs: dict, accepted: list[str] | None = None
         raise
     except TypeError as exc:
         try:
-            params = [p for p in inspect.signature(fn).parameters if p not in ("self", "args", "kwargs")]
+            params = [n for n, p in inspect.signature(fn).parameters.items()
+                      if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
         except (TypeError, ValueError):
             params = []
         hint = f"; it accepts: {', '.join(params)}" if params else ""
@@ -109,8 +114,11 @@ def build_model(
     num_classes: int | None = None,
     kwargs: dict | None = None,
     base_dir: str | Path | None = None,
+    deploy: bool = True,
 ) -> nn.Module:
-    """Build a model from ``source`` (see the module docstring for the accepted forms)."""
+    """Build a model from ``source`` (see the module docstring for the accepted forms).
+    ``deploy=False``: a re-parameterisable timm model in its training form (to load a checkpoint
+    of that form; :func:`~smcp_core.models.timm_source.deploy_form` then folds it)."""
     if not isinstance(source, str) or not source.strip():
         raise SmcpError(f"model source must be a non-empty string such as {_FORMS} (got {source!r})")
     source = source.strip()
@@ -131,6 +139,10 @@ def build_model(
 
     if ".py:" in source or source.endswith(".py"):
         return _build_user(source, num_classes, kwargs, base_dir)
+
+    if source.startswith(timm_source.PREFIX):
+        model = timm_source.build_timm(source, num_classes, kwargs, _call_builder)
+        return timm_source.deploy_form(model) if deploy else model
 
     if source.startswith("torchvision/"):
         name = source.split("/", 1)[1]
@@ -220,6 +232,7 @@ def _build_user(source: str, num_classes: int | None, kwargs: dict, base_dir) ->
     if spec is None or spec.loader is None:
         raise SmcpError(f"model {source}: cannot import {path} as a Python module")
     module = importlib.util.module_from_spec(spec)
+    import_torchvision()  # before the file's own imports (it may import torchvision or timm)
     sys.modules[mod_name] = module  # dataclasses, pickling etc. look the module up here
     try:
         spec.loader.exec_module(module)

@@ -34,8 +34,27 @@ class CostModel:
         cal = (table.model or {}).get("calibration", {}) if (table is not None and kind == "latency") else {}
         self.scale = float(cal.get("scale", 1.0))
         self.offset = float(cal.get("offset_ms", 0.0))
+        self._memo: dict[tuple[int, int, int], float] = {}  # (layer, cin, cout) -> cost, for total()
         self.removed_cost = max(0.0, float(cal.get("removed_layer_ms", 0.0)))
+        # every layer's input/output channel classes, flattened, with the layer each belongs to:
+        # the widths of all layers at a keep-mask are then two index_adds (see widths())
+        layers = graph.layers
+        self._in_cls = torch.cat([layer.in_labels for layer in layers]) if layers else torch.zeros(0, dtype=torch.long)
+        self._out_cls = torch.cat([layer.out_labels for layer in layers]) if layers else torch.zeros(0, dtype=torch.long)
+        self._in_of = torch.repeat_interleave(torch.arange(len(layers)),
+                                              torch.tensor([len(layer.in_labels) for layer in layers], dtype=torch.long))
+        self._out_of = torch.repeat_interleave(torch.arange(len(layers)),
+                                               torch.tensor([len(layer.out_labels) for layer in layers], dtype=torch.long))
         self._prepare()
+
+    @property
+    def removed_cost(self) -> float:
+        return self._removed_cost
+
+    @removed_cost.setter
+    def removed_cost(self, value: float) -> None:
+        self._removed_cost = float(value)
+        self._memo.clear()  # memoised layer costs include it
 
     def _prepare(self) -> None:
         # validate every lookup up front so a missing table entry fails before training
@@ -59,14 +78,25 @@ class CostModel:
             return params(s, cin_f, cout_f) / 1e6
         return s.flops(cin_f, cout_f) / 1e6
 
-    def layer_costs(self, keep: torch.Tensor) -> torch.Tensor:
+    def widths(self, keep: torch.Tensor) -> tuple[list[int], list[int]]:
+        """(input widths, output widths) of every layer at a keep-mask."""
         k = keep.to(torch.long).cpu()
-        out = []
-        for layer in self.graph.layers:
-            cin = k[layer.in_labels].sum().view(1)
-            cout = int(k[layer.out_labels].sum())
-            out.append(self.layer_cost(layer, cin, cout)[0])
-        return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
+        n = len(self.graph.layers)
+        cin = torch.zeros(n, dtype=torch.long).index_add_(0, self._in_of, k[self._in_cls])
+        cout = torch.zeros(n, dtype=torch.long).index_add_(0, self._out_of, k[self._out_cls])
+        return cin.tolist(), cout.tolist()
+
+    def layer_costs(self, keep: torch.Tensor) -> torch.Tensor:
+        """Every layer's cost at a keep-mask (memoised per layer and widths: the allocator asks for
+        the same widths of most layers many times in one solve)."""
+        memo, out = self._memo, []
+        for layer, ci, co in zip(self.graph.layers, *self.widths(keep)):
+            key = (layer.index, ci, co)
+            c = memo.get(key)
+            if c is None:
+                c = memo[key] = float(self.layer_cost(layer, torch.tensor([ci]), co)[0])
+            out.append(c)
+        return torch.tensor(out, dtype=torch.float64)
 
     def total(self, keep: torch.Tensor) -> float:
         """Sum of layer costs at a keep-mask (what the knapsack budgets)."""

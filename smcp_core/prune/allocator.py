@@ -79,7 +79,10 @@ class Allocator:
         self._local = local
         touch = [0] * G
         out_group: dict[int, int] = {}
-        for layer in graph.layers:
+        # a channel-wise conv whose channels no conv/linear reads (every class frozen) belongs to no
+        # group: its cost is a constant of every option, never charged to a group
+        layers = _grouped_layers(graph)
+        for layer in layers:
             if layer.kind == "dwconv":
                 continue
             og = torch.unique(graph.class_group[layer.out_labels]).tolist()
@@ -92,7 +95,7 @@ class Allocator:
         # each segment keeps at least min_channels (so no layer is left without inputs/outputs
         # unless the whole group is removed by layer pruning, which is allowed only when safe)
         self._segments: dict[int, list[torch.Tensor]] = {g.index: [] for g in graph.groups}
-        for layer in graph.layers:
+        for layer in layers:
             self._segments[layer.group].append(torch.unique(local[layer.in_labels]))
             if layer.kind != "dwconv":
                 for x in torch.unique(graph.class_group[layer.out_labels]).tolist():
@@ -118,7 +121,7 @@ class Allocator:
         if not 0.0 <= w <= 1.0:
             raise SmcpError(f"prune.cost_weight = {w}: must be between 0 and 1")
         self._plan: dict[int, list[tuple[LayerInfo, str, torch.Tensor, float]]] = {g.index: [] for g in graph.groups}
-        for layer in graph.layers:
+        for layer in layers:
             if layer.kind == "dwconv":
                 self._plan[layer.group].append((layer, "dw", local[layer.in_labels], 1.0))
                 continue
@@ -453,3 +456,17 @@ class Allocator:
 
     def _widths(self, keep: torch.Tensor) -> dict[int, int]:
         return {g.index: int(keep[g.classes].sum()) for g in self.graph.groups}
+
+
+def _grouped_layers(graph: ChannelGraph) -> list[LayerInfo]:
+    """The layers of ``graph`` that belong to a channel group (every conv/linear layer, and the
+    channel-wise convs whose channels some conv/linear reads).  A conv/linear layer without a group
+    is a gap in the channel graph: one clear line, never an index error."""
+    for layer in graph.layers:
+        if layer.is_consumer and not 0 <= layer.group < len(graph.groups):
+            raise SmcpError(
+                f"channel graph: layer {layer.name} ({layer.kind}) belongs to no channel group; "
+                "this is a bug in smcp's graph analysis: please report it with `smcp inspect` output, "
+                "and keep the layer out of pruning with model.unpruned or model.leaf_modules meanwhile"
+            )
+    return [layer for layer in graph.layers if layer.group >= 0]

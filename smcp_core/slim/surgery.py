@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from smcp_core.errors import SmcpError
-from smcp_core.graph.channel_graph import ChannelGraph
+from smcp_core.graph.channel_graph import ChannelGraph, trace
 from smcp_core.graph.ops import (
     _BN_MODULES,
     _ELEMENTWISE_FUNCTIONS,
@@ -90,7 +90,7 @@ def slim_model(model: nn.Module, graph: ChannelGraph, keep: torch.Tensor) -> fx.
     """
     keep = keep.to(torch.bool).cpu()
     model = copy.deepcopy(model).cpu().eval()
-    gm = fx.symbolic_trace(model)
+    gm = trace(model, graph.leaf_modules)
     ref_names = [n.name for n in graph.gm.graph.nodes]
     names = [n.name for n in gm.graph.nodes]
     if names != ref_names:
@@ -195,20 +195,23 @@ def _slim_bns(gm: fx.GraphModule, graph: ChannelGraph, keep: torch.Tensor) -> No
         idx = _kept_idx(keep, graph.node_labels[node_name])
         if len(idx) == 0:
             continue  # its node becomes a 0-channel constant below
-        ref_t = bn.weight if bn.affine else bn.running_mean
-        fkw = {} if ref_t is None else {"device": ref_t.device, "dtype": ref_t.dtype}
-        new = type(bn)(len(idx), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                       track_running_stats=bn.track_running_stats, **fkw)
-        with torch.no_grad():
-            if bn.affine:
-                new.weight.copy_(_sl(bn.weight, idx))
-                new.bias.copy_(_sl(bn.bias, idx))
-            if bn.track_running_stats:
-                new.running_mean.copy_(_sl(bn.running_mean, idx))
-                new.running_var.copy_(_sl(bn.running_var, idx))
-                new.num_batches_tracked.copy_(bn.num_batches_tracked)
-        new.eval()
-        _set_module(gm, bn_name, new)
+        _set_module(gm, bn_name, _sliced_bn(bn, idx))
+
+
+def _sliced_bn(bn: nn.Module, idx: torch.Tensor) -> nn.Module:
+    """A copy of the batch norm ``bn`` (of any subclass: timm's BatchNormAct2d keeps its activation
+    and dropout) with only the channels ``idx``."""
+    new = copy.deepcopy(bn)
+    new.num_features = len(idx)
+    with torch.no_grad():
+        for pname in ("weight", "bias"):
+            if getattr(bn, pname, None) is not None:
+                setattr(new, pname, nn.Parameter(_sl(getattr(bn, pname), idx).clone(),
+                                                 requires_grad=getattr(bn, pname).requires_grad))
+        for bname in ("running_mean", "running_var"):
+            if getattr(bn, bname, None) is not None:
+                setattr(new, bname, _sl(getattr(bn, bname), idx).clone())
+    return new.eval()
 
 
 def _rewrite_channel_ops(gm: fx.GraphModule, ref_nodes: dict, labels: dict, keep: torch.Tensor) -> None:

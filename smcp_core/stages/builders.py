@@ -12,6 +12,7 @@ from smcp_core import models as model_sources
 from smcp_core.config.recipe import Recipe
 from smcp_core.errors import SmcpError
 from smcp_core.graph.channel_graph import ChannelGraph
+from smcp_core.models.timm_source import deploy_form, reparameterizable
 from smcp_core.profile.fingerprint import device_fingerprint, fingerprint_id
 from smcp_core.profile.table import LatencyTable
 
@@ -65,11 +66,37 @@ def build_model(recipe: Recipe, *, load_weights: bool = True, trust: bool | None
         trust = _TRUST_CHECKPOINT
 
     torch.manual_seed(recipe.seed)  # from-scratch initial weights depend on the recipe only
-    model = model_sources.build_model(recipe.model.source, num_classes=num_classes(recipe),
-                                      kwargs=dict(recipe.model.kwargs or {}))
-    if load_weights and recipe.model.checkpoint:
-        model_sources.load_checkpoint(model, recipe.model.checkpoint, trust=trust)
+    checkpoint = recipe.model.checkpoint if load_weights else None
+    try:
+        model = model_sources.build_model(recipe.model.source, num_classes=num_classes(recipe),
+                                          kwargs=dict(recipe.model.kwargs or {}), deploy=not checkpoint)
+    except SmcpError as exc:
+        if recipe.model.kwargs and "kwargs" in str(exc):  # say where they came from
+            where = ("by --set" if any(o.startswith("model.kwargs") for o in recipe.overrides)
+                     else f"in {recipe.source_label}")
+            raise SmcpError(f"{exc}; model.kwargs {dict(recipe.model.kwargs)} are set {where}: change "
+                            "them there or override them, e.g. --set 'model.kwargs={}'") from None
+        raise
+    if checkpoint:
+        _load_then_deploy(model, checkpoint, trust)
+        model = deploy_form(model)
     return model.eval()
+
+
+def _load_then_deploy(model: torch.nn.Module, checkpoint: str, trust: bool) -> None:
+    """Load ``checkpoint`` into ``model`` (a re-parameterisable one in its training form, then folded
+    by the caller); a checkpoint of the folded (deployed) form loads after folding."""
+    if not reparameterizable(model):
+        model_sources.load_checkpoint(model, checkpoint, trust=trust)
+        return
+    try:
+        model_sources.load_checkpoint(model, checkpoint, trust=trust)
+    except SmcpError as training_form_error:
+        deploy_form(model)
+        try:
+            model_sources.load_checkpoint(model, checkpoint, trust=trust)
+        except SmcpError:
+            raise training_form_error from None
 
 
 def example_input(recipe: Recipe, batch: int = 1) -> torch.Tensor:
@@ -78,7 +105,8 @@ def example_input(recipe: Recipe, batch: int = 1) -> torch.Tensor:
 
 
 def build_graph(recipe: Recipe, model: torch.nn.Module) -> ChannelGraph:
-    return ChannelGraph(model, example_input(recipe), unpruned=list(recipe.model.unpruned or []))
+    return ChannelGraph(model, example_input(recipe), unpruned=list(recipe.model.unpruned or []),
+                        leaf_modules=list(recipe.model.leaf_modules or []))
 
 
 def build_data(recipe: Recipe):

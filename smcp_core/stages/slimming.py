@@ -100,7 +100,8 @@ def slim(recipe: Recipe, out: Path, *, reporter: Reporter | None = None) -> Slim
 def _model_fields(recipe: Recipe) -> dict:
     """The model definition a slim model is made for, as ``channel_spec.json`` records it."""
     return {"source": recipe.model.source, "kwargs": dict(recipe.model.kwargs or {}),
-            "num_classes": num_classes(recipe), "unpruned": list(recipe.model.unpruned or [])}
+            "num_classes": num_classes(recipe), "unpruned": list(recipe.model.unpruned or []),
+            "leaf_modules": list(recipe.model.leaf_modules or [])}
 
 
 def load_slim(recipe: Recipe, out: Path) -> torch.nn.Module:
@@ -149,7 +150,8 @@ def rebuild_slim(spec_path: Path, weights_path: Path, recipe: Recipe | None = No
         model = model_sources.build_model(src, num_classes=m.get("num_classes"), kwargs=m.get("kwargs") or {})
         shape = tuple(spec["input_shape"])
     model.eval()
-    graph = ChannelGraph(model, torch.randn(1, *shape), unpruned=list(m.get("unpruned") or []))
+    graph = ChannelGraph(model, torch.randn(1, *shape), unpruned=list(m.get("unpruned") or []),
+                         leaf_modules=list(m.get("leaf_modules") or []))
     if graph.n_classes != spec.get("n_classes"):
         raise SmcpError(f"{spec_path}: the model definition changed since slimming; cannot rebuild")
     keep = torch.zeros(graph.n_classes, dtype=torch.bool)

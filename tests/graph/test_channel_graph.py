@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from chain_support import (
     CatSplitSE,
     group_of,
+    masked_then_slim,
+    random_keep,
     randomise,
 )
 
@@ -170,7 +172,7 @@ def test_untraceable_model_raises_one_line_smcp_error():
     msg = str(ei.value)
     assert "\n" not in msg
     assert "DataDependent" in msg and "torch.fx" in msg
-    assert "control flow" in msg and "leaf module" in msg  # says how to fix it
+    assert "control flow" in msg and "model.leaf_modules" in msg  # says how to fix it
 
 
 def test_wrong_input_shape_raises_smcp_error():
@@ -225,3 +227,47 @@ def test_user_model_groups(user_graph):
     assert torch.equal(graph.layer("fc2").out_labels, graph.layer("e").in_labels)
     assert torch.equal(graph.layer("e").in_labels[20:], graph.layer("b").out_labels[2:6])  # p
     assert group_of(graph, "fc2").removable  # removing the SE bottleneck leaves a constant gate
+
+
+class _Gate(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def forward(self, x):
+        return x if float(x.mean()) > 0 else -x
+
+
+class _GatedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.gate = _Gate()
+        self.c = nn.Conv2d(8, 16, 1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.gate(self.b(torch.relu(self.a(x))))
+        return self.head(self.c(x).relu().mean((2, 3)))
+
+
+def test_leaf_modules_keep_untraceable_code_opaque_and_slim_equals_masked():
+    gen = torch.Generator().manual_seed(3)
+    model = randomise(_GatedNet(), gen)
+    x = torch.randn(2, 3, 12, 12, generator=gen)
+    with pytest.raises(SmcpError) as ei:
+        ChannelGraph(model, x[:1])
+    assert "model.leaf_modules: [_Gate]" in str(ei.value)  # names the module to keep whole
+    graph = ChannelGraph(model, x[:1], leaf_modules=["_Gate"])
+    assert any("_Gate is not understood" in s for s in graph.unsupported)
+    assert bool(graph.class_frozen[graph.layer("b").out_labels].all())  # what flows into the gate
+    assert not bool(graph.class_frozen[graph.layer("a").out_labels].any())  # elsewhere: pruned
+    keep, _ = random_keep(graph, gen, n_remove=0)
+    assert not bool(keep.all())
+    ref, slim, out = masked_then_slim(model, graph, keep, x)
+    assert float((out - ref).abs().max()) <= 1e-5
+    assert any(type(m).__name__ == "_Gate" for m in slim.modules())  # still one module in the slim model
+
+
+def test_leaf_modules_naming_no_module_type_is_one_clear_line():
+    with pytest.raises(SmcpError, match=r"model.leaf_modules: no module of type '_Gat' .*did you mean _Gate"):
+        ChannelGraph(_GatedNet(), torch.randn(1, 3, 12, 12), leaf_modules=["_Gat"])

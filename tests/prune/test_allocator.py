@@ -683,3 +683,36 @@ def test_fit_calibration_recovers_scale_and_removed_layer_cost():
     # removal measured *faster* than its layer sum suggests: a negative residual is never used
     scale, removed = fit_calibration([(2.0, 0, 2.0), (1.0, 0, 1.0), (1.5, 10, 1.2)])
     assert removed == 0.0 and scale > 0
+
+
+class _UnreadDepthwise(nn.Module):
+    """conv -> depthwise conv -> global mean as the output: the depthwise conv's channels are read by
+    no conv/linear layer, so it belongs to no channel group (graph group -1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.mid = nn.Conv2d(8, 16, 1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+
+    def forward(self, x):
+        return self.dw(self.mid(self.conv(x).relu())).mean((2, 3))
+
+
+def test_a_channelwise_conv_in_no_group_is_a_constant_cost_not_an_index_error():
+    graph = ChannelGraph(_UnreadDepthwise(), torch.randn(1, 3, 16, 16))
+    dw = graph.layer("dw")
+    assert dw.group == -1  # what once made Allocator.__init__ raise KeyError: -1
+    cost = CostModel(graph, "flops")
+    alloc = Allocator(graph, cost, channel_round=1, min_channels=1, layer_pruning=False)
+    res = alloc.solve(random_scores(graph, seed=0), 0.7 * alloc.full_cost, graph.full_keep())
+    assert res.cost <= 0.7 * alloc.full_cost
+    assert bool(res.keep[dw.in_labels].all())  # never pruned: nothing masks it
+    assert not bool(res.keep.all())  # the conv -> mid group was pruned
+
+
+def test_a_conv_without_a_group_is_one_clear_line():
+    graph = ChannelGraph(_UnreadDepthwise(), torch.randn(1, 3, 16, 16))
+    graph.layer("mid").group = -1  # a future gap in the graph analysis
+    with pytest.raises(SmcpError, match=r"layer mid \(conv\) belongs to no channel group"):
+        Allocator(graph, CostModel(graph, "flops"), channel_round=1, min_channels=1, layer_pruning=False)
