@@ -32,6 +32,10 @@ running statistics at the current masks from ``n`` ``(x, ...)`` batches (as ``sm
 before evaluating; ``pruner.bn_stale`` says whether the masks changed since).  Under DDP pass the
 unwrapped module: scores are all-reduced and masks broadcast from rank 0.
 
+Distillation from the dense model (as ``prune.distill``): take ``teacher = api.Teacher(model)``
+before ``api.pruner(...)`` (a frozen copy of the dense model) and train on
+``api.distillation_loss(model(x), teacher(x), y, alpha=0.5, temperature=4.0)``.
+
 Bad input is one line (:class:`~smcp_core.errors.SmcpError`), worded like the CLI's.
 """
 
@@ -61,6 +65,7 @@ from smcp_core.profile.table import LatencyTable
 from smcp_core.prune.allocator import Allocator
 from smcp_core.prune.bn_recalibration import recalibrate_bn as _recalibrate_bn
 from smcp_core.prune.closed_loop import ClosedLoop, LatencyCheck
+from smcp_core.prune.distill import Teacher, distillation_loss
 from smcp_core.prune.pruner import Pruner, StepSchedule
 from smcp_core.slim.surgery import slim_submodule
 from smcp_core.stages.builders import budget_for_target
@@ -68,8 +73,8 @@ from smcp_core.stages.measure import Bench, PairMeasurement, keep_measurer, meas
 from smcp_core.stages.profiling import calibrate
 from smcp_core.stages.pruning import check_reachable
 
-__all__ = ["ChannelGraph", "LatencyTable", "Pruner", "StepSchedule", "channel_graph", "export_onnx", "load_table",
-           "measure_speedup", "profile", "pruner", "recalibrate_bn", "slim"]
+__all__ = ["ChannelGraph", "LatencyTable", "Pruner", "StepSchedule", "Teacher", "channel_graph", "distillation_loss",
+           "export_onnx", "load_table", "measure_speedup", "profile", "pruner", "recalibrate_bn", "slim"]
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:

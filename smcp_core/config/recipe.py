@@ -328,6 +328,15 @@ class ImportanceConfig(_Section):
     momentum: Fraction = 0.9
 
 
+class DistillConfig(_Section):
+    """Knowledge distillation from the dense starting model during fine-tuning
+    (smcp_core.prune.distill): loss = (1 - alpha) CE + alpha T^2 KL(teacher/T || student/T)."""
+
+    enabled: bool = False
+    alpha: Annotated[Float, Field(ge=0, le=1)] = 0.5
+    temperature: PosFloat = 4.0
+
+
 def _default_target() -> TargetConfig:
     return TargetConfig(speedup=2.0)
 
@@ -359,6 +368,7 @@ class PruneConfig(_Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     lr_schedule: LrScheduleConfig = Field(default_factory=LrScheduleConfig)
     label_smoothing: Fraction = 0.1
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     pruned_decay: NonNegFloat = 2.0e-4
     importance: ImportanceConfig = Field(default_factory=ImportanceConfig)
     channel_round: PosInt = 8

@@ -32,6 +32,7 @@ from smcp_core.prune import methods
 from smcp_core.prune.allocator import Allocator
 from smcp_core.prune.bn_recalibration import recalibrate_bn
 from smcp_core.prune.closed_loop import ClosedLoop, LatencyCheck
+from smcp_core.prune.distill import Teacher, distillation_loss
 from smcp_core.prune.metrics import write_metrics_csv
 from smcp_core.prune.pruner import Pruner, StepSchedule
 from smcp_core.utils import dist
@@ -226,6 +227,13 @@ class PruneTrainer:
         model.to(self.device)
         if pc.channels_last:
             model.to(memory_format=torch.channels_last)
+        # the dense starting model (its checkpoint, before any mask) teaches the pruned one; every
+        # rank makes its own copy, and a resumed run rebuilds it from the same start checkpoint
+        if pc.distill.enabled and not self.recipe.model.checkpoint:
+            raise SmcpError("prune.distill.enabled needs model.checkpoint: the dense model it starts from "
+                            "is the teacher, and without a checkpoint that is a random network; give the "
+                            "trained model's weights, or set prune.distill.enabled=false")
+        self.teacher = Teacher(model) if pc.distill.enabled else None
         self.world = dist.world()
         if pc.sync_bn and self.world > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same module names: masks still apply
@@ -417,7 +425,12 @@ class PruneTrainer:
         with sync:
             with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.use_amp):
                 logits = self.fwd(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=pc.label_smoothing)
+                if self.teacher is not None:
+                    loss = distillation_loss(logits, self.teacher(x), y, alpha=pc.distill.alpha,
+                                             temperature=pc.distill.temperature,
+                                             label_smoothing=pc.label_smoothing)
+                else:
+                    loss = F.cross_entropy(logits, y, label_smoothing=pc.label_smoothing)
             # the finiteness check reads the loss on the host: every step on CPU (free), every
             # 20th on a GPU so that the hot path does not wait for the device
             if self._host_check(step) and not torch.isfinite(loss.detach()).all():

@@ -47,13 +47,23 @@ OPTIONS = {
     # the other method options, through the same data-parallel path
     "options": ["prune.grad_accum=2", "prune.masking=permanent", "prune.bn_rescaling=kept_fraction",
                 "prune.cost_weight=0.5", "prune.importance.type=bn_taylor", "prune.importance.accumulate=average"],
+    # distillation: every rank runs its own copy of the teacher (the start checkpoint, written below)
+    "distill": ["prune.distill.enabled=true", "prune.distill.alpha=0.7"],
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(OPTIONS))
 def test_two_gloo_ranks_end_with_identical_masks_and_weights(tmp_path, case):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), OPTIONS[case]), nprocs=2, join=True)
+    extra = list(OPTIONS[case])
+    if case == "distill":
+        from smcp_core.models import build_model
+
+        torch.manual_seed(0)
+        teacher = build_model("cifar/resnet20", num_classes=10, kwargs={"in_channels": 1})
+        torch.save(teacher.state_dict(), tmp_path / "start.pt")
+        extra.append(f"model.checkpoint={tmp_path / 'start.pt'}")
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), extra), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert torch.equal(r0["keep"], r1["keep"])
