@@ -142,8 +142,9 @@ def channel_graph(model: nn.Module, example: Any, *, submodule: str | None = Non
         x = _input_of(model, target, submodule, example)
     elif not isinstance(example, torch.Tensor):
         raise SmcpError(f"the example input must be a tensor, got {type(example).__name__}")
-    return ChannelGraph(target, x, unpruned=list(unpruned), submodule=submodule,
-                        leaf_modules=list(leaf_modules))
+    as_list = (lambda v: [v] if isinstance(v, str) else list(v))  # noqa: E731 - "fc" means ["fc"]
+    return ChannelGraph(target, x, unpruned=as_list(unpruned), submodule=submodule,
+                        leaf_modules=as_list(leaf_modules))
 
 
 def profile(model: nn.Module, graph: ChannelGraph, example: torch.Tensor, *, backend: str = "onnxruntime",

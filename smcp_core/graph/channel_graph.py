@@ -162,11 +162,23 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(tm.shape)
 
 
-# Subclasses of these torch.nn layers from other libraries are kept whole by the trace (their
-# forward is the parent's computation, possibly followed by per-channel ops): timm's BatchNormAct2d
-# (batch norm, then drop and activation modules) and its Linear.  Traced into, they would end in
-# functional F.batch_norm / F.linear calls on parameters, which the graph cannot slice.
+# Subclasses of these torch.nn layers from other libraries are kept whole by the trace when their
+# forward is the parent's (not overridden) or one of _FUSED's: the parent's computation, then only
+# per-channel modules (checked in _visit_module).  Traced into, they would end in functional
+# F.batch_norm / F.linear calls on parameters, which the graph cannot slice.
 _LEAF_SUBCLASSES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, nn.Linear)
+_FUSED = {
+    "timm.layers.norm_act.BatchNormAct2d",  # batch norm, then its drop and act modules
+    "timm.layers.norm_act.SyncBatchNormAct",
+    "timm.layers.linear.Linear",  # nn.Linear with a dtype cast for TorchScript
+}
+
+
+def _opaque_subclass(m: nn.Module) -> bool:
+    cls = type(m)
+    if not isinstance(m, _LEAF_SUBCLASSES):
+        return False
+    return cls.forward.__module__.startswith("torch.nn") or f"{cls.__module__}.{cls.__qualname__}" in _FUSED
 
 
 class _Tracer(fx.Tracer):
@@ -181,7 +193,7 @@ class _Tracer(fx.Tracer):
         cls = type(m)
         if self.leaf_names & {cls.__name__, f"{cls.__module__}.{cls.__qualname__}"}:
             return True
-        if isinstance(m, _LEAF_SUBCLASSES):
+        if _opaque_subclass(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

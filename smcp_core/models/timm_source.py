@@ -5,8 +5,8 @@ weights come only from ``model.checkpoint`` (nothing is downloaded at run time).
 optional extra (``pip install 'smcp[timm]'``); it imports torchvision, so the torchvision shim
 (:func:`~smcp_core.utils.tv.import_torchvision`) runs first.
 
-Re-parameterisable architectures (RepVGG, MobileOne, FastViT, ... : every module with timm's
-``reparameterize()``/``fuse()``) are pruned in their *deployed* form: :func:`deploy_form` folds the
+Re-parameterisable architectures (RepVGG, MobileOne, FastViT, RepViT, LeViT, ...: every module
+with timm's ``fuse()``, ``reparameterize()`` or ``switch_to_deploy()``) are pruned in their *deployed* form: :func:`deploy_form` folds the
 training-time branches into one conv per block, as ``timm.utils.reparameterize_model`` does before
 export, and smcp profiles, prunes, fine-tunes, slims and exports that form.
 """
@@ -55,9 +55,14 @@ def build_timm(source: str, num_classes: int | None, kwargs: dict, call_builder)
     return call_builder(source, lambda **kw: timm.create_model(name, pretrained=False, **kw), kwargs)
 
 
+_FOLD_METHODS = ("fuse", "reparameterize", "switch_to_deploy")  # what timm.utils.reparameterize_model calls
+
+
 def reparameterizable(model: nn.Module) -> bool:
-    """Whether ``model`` has timm's re-parameterisable blocks (training-time branches)."""
-    return any(m is not model and callable(getattr(m, "reparameterize", None)) for m in model.modules())
+    """Whether ``model`` has blocks timm folds for deployment (RepVGG/MobileOne branches, RepViT and
+    LeViT conv + BN pairs, ...); still true once folded (folding again changes nothing)."""
+    return any(m is not model and any(callable(getattr(m, a, None)) for a in _FOLD_METHODS)
+               for m in model.modules())
 
 
 def deploy_form(model: nn.Module) -> nn.Module:

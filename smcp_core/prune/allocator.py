@@ -82,6 +82,8 @@ class Allocator:
         # a channel-wise conv whose channels no conv/linear reads (every class frozen) belongs to no
         # group: its cost is a constant of every option, never charged to a group
         layers = _grouped_layers(graph)
+        self._const = sum(float(cost.layer_cost(layer, torch.tensor([layer.sig.cin]), layer.sig.cout)[0])
+                          for layer in graph.layers if layer.group < 0)  # in no option's cost
         for layer in layers:
             if layer.kind == "dwconv":
                 continue
@@ -258,7 +260,7 @@ class Allocator:
     def _solve_at(self, scores, budget, lin, fixed, cache, inner: int, state: dict) -> SolveResult | None:
         """Knapsack at one linearisation point, with capacity correction; best feasible result."""
         values, costs, ks, orders = self.options(scores, lin, fixed, cache)
-        cap = budget
+        cap = budget - self._const
         best = None
         narrowed = False
         lo_cap = hi_cap = None  # knapsack infeasible at lo_cap; true cost over budget at hi_cap

@@ -201,6 +201,9 @@ def _slim_bns(gm: fx.GraphModule, graph: ChannelGraph, keep: torch.Tensor) -> No
 def _sliced_bn(bn: nn.Module, idx: torch.Tensor) -> nn.Module:
     """A copy of the batch norm ``bn`` (of any subclass: timm's BatchNormAct2d keeps its activation
     and dropout) with only the channels ``idx``."""
+    if nn.utils.parametrize.is_parametrized(bn):
+        raise SmcpError(f"slim: batch norm {type(bn).__name__} still carries a parametrization (masks or BN "
+                        "scales); bake the pruner's masks first (api.slim and smcp slim do)")
     new = copy.deepcopy(bn)
     new.num_features = len(idx)
     with torch.no_grad():

@@ -60,6 +60,11 @@ def stamp(recipe: Recipe, stage: str) -> str:
     src_file = user_model_file(recipe.model.source)  # read as the model registry reads it
     if src_file is not None:  # only then: the stamps of registry models stay as they were
         model["source_file"] = _file_sig(str(src_file))
+    # keys added by an smcp upgrade enter the stamp only when set, so that existing runs stay up to date
+    if not model.get("leaf_modules"):
+        model.pop("leaf_modules", None)
+    if not r["prune"].get("distill", {}).get("enabled"):
+        r["prune"].pop("distill", None)
     prof = _digest(model, r["profile"], r["data"]["source"], r["data"]["image_size"])
     if stage == "profile":
         return prof

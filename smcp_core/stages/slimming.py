@@ -135,7 +135,7 @@ def rebuild_slim(spec_path: Path, weights_path: Path, recipe: Recipe | None = No
         raise SmcpError(f"{spec_path}: not a channel spec (no model fields); re-run `smcp slim`")
     if recipe is not None:
         want = json.loads(json.dumps(_model_fields(recipe), default=str))  # as the spec's JSON holds it
-        got = {k: m.get(k) for k in want}
+        got = {k: m.get(k, [] if k == "leaf_modules" else None) for k in want}  # (specs before leaf_modules)
         if got != want or list(spec.get("input_shape") or []) != list(input_shape(recipe)):
             raise SmcpError(f"{spec_path}: the slim model was made for another model than the recipe's "
                             f"({recipe.model.source}); re-run `smcp slim`")
