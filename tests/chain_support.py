@@ -31,6 +31,24 @@ def randomise(model: nn.Module, gen: torch.Generator) -> nn.Module:
     return model.eval()
 
 
+def randomise_layer_norms_and_scales(model: nn.Module, gen: torch.Generator) -> nn.Module:
+    """Beyond :func:`randomise`: LayerNorm affine parameters and ConvNeXt-style layer scales
+    (torchvision's ``layer_scale``, timm's ``gamma``; 1e-6 at init, which would hide every block's
+    contribution from an output comparison)."""
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.LayerNorm) and mod.elementwise_affine:
+                mod.weight.copy_(torch.rand(mod.weight.shape, generator=gen) * 0.5 + 0.75)
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.1)
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                continue
+            for name in ("layer_scale", "gamma"):
+                ls = getattr(mod, name, None)
+                if isinstance(ls, torch.Tensor):
+                    ls.copy_(torch.rand(ls.shape, generator=gen) * 0.5 + 0.25)
+    return model
+
+
 def random_keep(graph: ChannelGraph, gen: torch.Generator, n_remove: int = 2):
     """A random class keep-mask: frozen classes kept, >= 1 class kept in every prunable group except
     ``n_remove`` randomly chosen *removable* groups, which keep nothing (layer pruning).

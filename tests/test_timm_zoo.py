@@ -21,7 +21,7 @@ import zlib
 import pytest
 import torch
 import torch.nn as nn
-from chain_support import masked_then_slim, random_keep, randomise
+from chain_support import masked_then_slim, random_keep, randomise, randomise_layer_norms_and_scales
 from conftest import cli, sets
 
 from smcp_core.export.onnx import export_onnx, onnx_parity
@@ -69,23 +69,11 @@ def _one_torch_thread(torch_single_thread):
     yield
 
 
-def _randomise_timm(model: nn.Module, gen: torch.Generator) -> nn.Module:
-    """BN statistics and biases (chain_support.randomise), and ConvNeXt's layer scale (1e-6 at
-    init, which would hide every block from the output comparison)."""
-    randomise(model, gen)
-    with torch.no_grad():
-        for mod in model.modules():
-            gamma = getattr(mod, "gamma", None)
-            if isinstance(gamma, nn.Parameter) and not isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                gamma.copy_(torch.rand(gamma.shape, generator=gen) * 0.5 + 0.25)
-    return model
-
-
 @pytest.mark.parametrize("name", list(ZOO))
 def test_timm_model_prunes_slims_and_exports(name, tmp_path):
     min_share, frozen_note = ZOO[name]
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-    model = _randomise_timm(build_model(f"timm/{name}", num_classes=10), gen)
+    model = randomise_layer_norms_and_scales(randomise(build_model(f"timm/{name}", num_classes=10), gen), gen)
     if name in REPARAM:  # the deployed form: no multi-branch blocks left
         blocks = [m for m in model.modules() if callable(getattr(m, "reparameterize", None))]
         assert blocks and all(getattr(m, "reparam_conv", None) is not None for m in blocks)

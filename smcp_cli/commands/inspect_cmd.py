@@ -64,9 +64,8 @@ def inspect(
             return
         from rich.table import Table
 
-        macs = "? MMAC" if s["flops"] is None else f"{s['flops'] / 1e6:,.1f} MMAC"
         tab = Table(title=f"{r.model.source}: input {tuple(s['input_shape'])}, {s['params']:,} params, "
-                          f"{macs}, {len(s['groups'])} groups", title_justify="left")
+                          f"{_mmac(s['flops'])}, {len(s['groups'])} groups", title_justify="left")
         for col in ("group", "channels", "prunable", "layers reading it", "note"):
             tab.add_column(col)
         for gr in s["groups"]:
@@ -87,16 +86,19 @@ def inspect(
             console.print(f"[yellow]frozen:[/yellow] {escape(str(spot))}")
 
 
+def _mmac(macs) -> str:
+    return "? MMAC" if macs is None else f"{macs / 1e6:,.1f} MMAC"
+
+
 def _pct(share) -> str:
     return "n/a" if share is None else f"{100 * share:.1f} %"
 
 
 def _understood_line(s: dict) -> str:
     """Whole model vs what the channel graph understood (and can prune), for the human output."""
-    macs = "? MMAC" if s["flops"] is None else f"{s['flops'] / 1e6:,.1f} MMAC"
-    line = (f"whole model: {s['params']:,} params, {macs} per sample (one forward pass); the channel graph "
-            f"understands {s['graph_params']:,} params ({_pct(s['graph_params_share'])}) and "
-            f"{s['graph_flops'] / 1e6:,.1f} MMAC ({_pct(s['graph_flops_share'])}) of it")
+    line = (f"whole model: {s['params']:,} params, {_mmac(s['flops'])} per sample (one forward pass); the "
+            f"channel graph understands {s['graph_params']:,} params ({_pct(s['graph_params_share'])}) and "
+            f"{_mmac(s['graph_flops'])} ({_pct(s['graph_flops_share'])}) of it")
     if s.get("macs_error"):
         line += f"; MACs not measured: {escape(s['macs_error'])}"
     return line

@@ -18,13 +18,10 @@ import math
 import torch
 from torch import nn
 
+from smcp_core.slim.surgery import count_params
+
 FLOP_COUNTER = "torch.utils.flop_counter.FlopCounterMode"
 HOOKS = "forward hooks on nn.Conv*/nn.Linear"
-
-
-def count_params(model: nn.Module) -> int:
-    """Every parameter of the model, a shared (tied) one once."""
-    return sum(int(p.numel()) for p in model.parameters())
 
 
 def _run(model: nn.Module, x: torch.Tensor) -> None:
@@ -103,5 +100,5 @@ def model_stats(model: nn.Module, x: torch.Tensor, graph_flops: int, graph_param
         "graph_flops_share": _share(int(graph_flops), macs),
     }
     if error:
-        out["macs_error"] = error.splitlines()[0][:300] if error else None
+        out["macs_error"] = error.splitlines()[0][:300]
     return out

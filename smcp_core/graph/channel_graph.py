@@ -174,11 +174,16 @@ _FUSED = {
 }
 
 
+def _type_names(cls: type) -> tuple[str, str]:
+    """The names ``model.leaf_modules`` may give a module type: ``Class`` and ``module.path.Class``."""
+    return cls.__name__, f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _opaque_subclass(m: nn.Module) -> bool:
     cls = type(m)
     if not isinstance(m, _LEAF_SUBCLASSES):
         return False
-    return cls.forward.__module__.startswith("torch.nn") or f"{cls.__module__}.{cls.__qualname__}" in _FUSED
+    return cls.forward.__module__.startswith("torch.nn") or _type_names(cls)[1] in _FUSED
 
 
 class _Tracer(fx.Tracer):
@@ -190,8 +195,7 @@ class _Tracer(fx.Tracer):
         self.leaf_names = set(leaf_modules)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        cls = type(m)
-        if self.leaf_names & {cls.__name__, f"{cls.__module__}.{cls.__qualname__}"}:
+        if self.leaf_names.intersection(_type_names(type(m))):
             return True
         if _opaque_subclass(m):
             return True
@@ -214,17 +218,14 @@ def _channelwise(mod: nn.Module) -> bool:
     an activation, dropout or identity (torch.nn's, or timm's activation modules)."""
     if isinstance(mod, nn.PReLU):
         return mod.num_parameters == 1
-    if isinstance(mod, _ELEMENTWISE_MODULES) or isinstance(mod, (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)):
+    if isinstance(mod, (*_ELEMENTWISE_MODULES, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)):
         return True
     return type(mod).__module__.startswith("timm.layers.activations") and next(mod.parameters(), None) is None
 
 
 def check_leaf_modules(model: nn.Module, leaf_modules: tuple[str, ...] | list[str]) -> None:
     """Every name of ``model.leaf_modules`` must name a module type used in ``model``."""
-    used = set()
-    for mod in model.modules():
-        cls = type(mod)
-        used.update((cls.__name__, f"{cls.__module__}.{cls.__qualname__}"))
+    used = {name for mod in model.modules() for name in _type_names(type(mod))}
     for name in leaf_modules:
         if name not in used:
             close = difflib.get_close_matches(name, sorted(u for u in used if "." not in u), n=3, cutoff=0.6)

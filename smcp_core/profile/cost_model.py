@@ -10,6 +10,14 @@ from smcp_core.graph.channel_graph import ChannelGraph, LayerInfo
 from smcp_core.profile.table import params
 
 
+def _flattened(labels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class ids of every layer's channels, concatenated, and the layer each one belongs to."""
+    if not labels:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    counts = torch.tensor([len(lab) for lab in labels], dtype=torch.long)
+    return torch.cat(labels), torch.repeat_interleave(torch.arange(len(labels)), counts)
+
+
 class CostModel:
     """Cost of every layer of a graph as a function of its input/output widths.
 
@@ -38,13 +46,8 @@ class CostModel:
         self.removed_cost = max(0.0, float(cal.get("removed_layer_ms", 0.0)))
         # every layer's input/output channel classes, flattened, with the layer each belongs to:
         # the widths of all layers at a keep-mask are then two index_adds (see widths())
-        layers = graph.layers
-        self._in_cls = torch.cat([layer.in_labels for layer in layers]) if layers else torch.zeros(0, dtype=torch.long)
-        self._out_cls = torch.cat([layer.out_labels for layer in layers]) if layers else torch.zeros(0, dtype=torch.long)
-        self._in_of = torch.repeat_interleave(torch.arange(len(layers)),
-                                              torch.tensor([len(layer.in_labels) for layer in layers], dtype=torch.long))
-        self._out_of = torch.repeat_interleave(torch.arange(len(layers)),
-                                               torch.tensor([len(layer.out_labels) for layer in layers], dtype=torch.long))
+        self._in_cls, self._in_of = _flattened([layer.in_labels for layer in graph.layers])
+        self._out_cls, self._out_of = _flattened([layer.out_labels for layer in graph.layers])
         self._prepare()
 
     @property

@@ -86,12 +86,11 @@ def build_model(recipe: Recipe, *, load_weights: bool = True, trust: bool | None
 def _load_then_deploy(model: torch.nn.Module, checkpoint: str, trust: bool) -> None:
     """Load ``checkpoint`` into ``model`` (a re-parameterisable one in its training form, then folded
     by the caller); a checkpoint of the folded (deployed) form loads after folding."""
-    if not reparameterizable(model):
-        model_sources.load_checkpoint(model, checkpoint, trust=trust)
-        return
     try:
         model_sources.load_checkpoint(model, checkpoint, trust=trust)
     except SmcpError as training_form_error:
+        if not reparameterizable(model):
+            raise
         deploy_form(model)
         try:
             model_sources.load_checkpoint(model, checkpoint, trust=trust)

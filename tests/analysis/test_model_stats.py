@@ -8,11 +8,11 @@ from torch import nn
 from smcp_core.analysis.model_stats import (
     FLOP_COUNTER,
     HOOKS,
-    count_params,
     flop_counter_macs,
     hook_macs,
     model_stats,
 )
+from smcp_core.slim.surgery import count_params
 
 
 def _convnet() -> nn.Module:

@@ -19,7 +19,7 @@ import zlib
 import pytest
 import torch
 import torch.nn as nn
-from chain_support import masked_then_slim, random_keep, randomise
+from chain_support import masked_then_slim, random_keep, randomise, randomise_layer_norms_and_scales
 
 from smcp_core.errors import SmcpError
 from smcp_core.export.onnx import export_onnx, onnx_parity
@@ -62,19 +62,6 @@ ZOO: dict[str, dict] = {
 REFUSED: dict[str, str] = {}
 
 
-def _randomise_more(model: nn.Module, gen: torch.Generator) -> None:
-    """Beyond BN/bias: LayerNorm affine and ConvNeXt's layer scale (1e-6 at init, which would hide
-    every block's contribution from the output comparison)."""
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.LayerNorm) and mod.elementwise_affine:
-                mod.weight.copy_(torch.rand(mod.weight.shape, generator=gen) * 0.5 + 0.75)
-                mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.1)
-            ls = getattr(mod, "layer_scale", None)
-            if isinstance(ls, torch.Tensor):
-                ls.copy_(torch.rand(ls.shape, generator=gen) * 0.5 + 0.25)
-
-
 def _check_widths(slim: nn.Module, graph: ChannelGraph, keep: torch.Tensor) -> int:
     """Every layer left in the slim model has its kept widths; grouped convs keep their group size.
     Returns how many grouped convs lost at least one group."""
@@ -101,7 +88,7 @@ def _check_widths(slim: nn.Module, graph: ChannelGraph, keep: torch.Tensor) -> i
 def test_zoo_prune_slim_export(name, tmp_path):
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     model = randomise(build_model(f"torchvision/{name}", num_classes=10), gen)
-    _randomise_more(model, gen)
+    randomise_layer_norms_and_scales(model, gen)
     x = torch.randn(2, 3, SIZE, SIZE, generator=gen)
     if name in REFUSED:
         with pytest.raises(SmcpError) as ei:
