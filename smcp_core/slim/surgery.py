@@ -195,15 +195,15 @@ def _slim_bns(gm: fx.GraphModule, graph: ChannelGraph, keep: torch.Tensor) -> No
         idx = _kept_idx(keep, graph.node_labels[node_name])
         if len(idx) == 0:
             continue  # its node becomes a 0-channel constant below
-        _set_module(gm, bn_name, _sliced_bn(bn, idx))
+        _set_module(gm, bn_name, _sliced_bn(bn_name, bn, idx))
 
 
-def _sliced_bn(bn: nn.Module, idx: torch.Tensor) -> nn.Module:
+def _sliced_bn(name: str, bn: nn.Module, idx: torch.Tensor) -> nn.Module:
     """A copy of the batch norm ``bn`` (of any subclass: timm's BatchNormAct2d keeps its activation
     and dropout) with only the channels ``idx``."""
     if nn.utils.parametrize.is_parametrized(bn):
-        raise SmcpError(f"slim: batch norm {type(bn).__name__} still carries a parametrization (masks or BN "
-                        "scales); bake the pruner's masks first (api.slim and smcp slim do)")
+        raise SmcpError(f"slim: batch norm {name} still carries a parametrization (masks or BN scales); "
+                        "bake the pruner's masks first (api.slim and smcp slim do)")
     new = copy.deepcopy(bn)
     new.num_features = len(idx)
     with torch.no_grad():

@@ -18,6 +18,7 @@ from chain_support import (
     randomise,
 )
 
+from smcp_core.errors import SmcpError
 from smcp_core.graph.channel_graph import ChannelGraph
 from smcp_core.models import build_model
 from smcp_core.prune.masking import Masker
@@ -260,3 +261,20 @@ def test_pipeline_slim_and_rebuild_round_trip(tmp_path):
     ep = torch.export.load(str(sdir / "model.pt2"))
     with torch.no_grad():
         assert float((ep.module()(x) - y_direct).abs().max()) <= TOL
+
+
+class _Half(nn.Module):
+    def forward(self, w):
+        return 0.5 * w
+
+
+def test_slim_of_a_still_parametrized_batch_norm_is_one_clear_line():
+    """A batch norm whose weight still carries a parametrization (a pruner not baked, e.g. through
+    the API) cannot be sliced: one SmcpError line, not a KeyError from deepcopy/setattr."""
+    model = build_model("cifar/resnet20", num_classes=10).eval()
+    graph = ChannelGraph(model, torch.randn(1, 3, 32, 32))
+    nn.utils.parametrize.register_parametrization(model.bn1, "weight", _Half())
+    keep = graph.full_keep()
+    keep[graph.groups[1].classes[0]] = False
+    with pytest.raises(SmcpError, match=r"slim: batch norm bn1 still carries a parametrization"):
+        slim_model(model, graph, keep)
