@@ -147,7 +147,7 @@ def _measure_point(
             module = single_layer_module(sig, cin, cout)
             x = torch.randn(_input_shape(sig, cin, batch_size))
         fn = profile_timing.torch_runner(module, x, device=device, dtype=dtype, channels_last=(layout == "nhwc"))
-        stats = profile_timing.time_one(fn, sync=profile_timing.torch_sync(device), **timing)
+        stats = profile_timing.time_one(fn, timer=profile_timing.device_timer(device), **timing)
     else:  # onnxruntime
         import numpy as np
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
 
-from smcp_core.profile.timing import Stats
+from smcp_core.profile.timing import Stats, Timer, host_timer
 
 
 @dataclass(frozen=True)
@@ -132,28 +132,22 @@ class PairedTiming:
         return Stats.from_samples(self.a_s, stable=True), Stats.from_samples(self.b_s, stable=True)
 
 
-def _timed(fn: Callable[[], object], sync: Callable[[], object] | None, clock: Callable[[], float]) -> float:
-    if sync is not None:
-        sync()
-    t0 = clock()
-    fn()
-    if sync is not None:
-        sync()
-    return clock() - t0
-
-
 def time_paired(fa: Callable[[], object], fb: Callable[[], object], *, warmup: int = 5, min_rounds: int = 30,
                 max_rounds: int = 20000, max_seconds: float = 60.0, check_every: int = 10,
                 decided: Callable[[PairedTiming], bool] | None = None,
                 sync: Callable[[], object] | None = None,
-                clock: Callable[[], float] = time.perf_counter) -> PairedTiming:
+                clock: Callable[[], float] = time.perf_counter,
+                timer: Timer | None = None) -> PairedTiming:
     """Time ``fa`` and ``fb`` in rounds of one call each, alternating which goes first.
 
     After ``min_rounds`` (and every ``check_every`` rounds after that) ``decided(timing)`` is asked
     whether the measurement is conclusive; the loop stops when it says so, after ``max_rounds``
     rounds, or when ``max_seconds`` (wall clock, warm-up included) have passed.  ``max_seconds`` is
     a hard cap, even before ``min_rounds``; at least one round is always timed.  Without
-    ``decided`` the loop runs ``min_rounds`` rounds (or until the time is up)."""
+    ``decided`` the loop runs ``min_rounds`` rounds (or until the time is up).  Each call is timed
+    by ``timer`` (CUDA events on a GPU, :func:`~smcp_core.profile.timing.device_timer`), else by
+    ``clock`` around it with ``sync`` on both sides."""
+    timed = timer if timer is not None else host_timer(sync, clock)
     t_start = clock()
     deadline = t_start + max_seconds
     for _ in range(max(0, warmup)):
@@ -164,11 +158,11 @@ def time_paired(fa: Callable[[], object], fb: Callable[[], object], *, warmup: i
     while True:
         first_a = len(res.a_s) % 2 == 0
         if first_a:
-            ta = _timed(fa, sync, clock)
-            tb = _timed(fb, sync, clock)
+            ta = timed(fa)
+            tb = timed(fb)
         else:
-            tb = _timed(fb, sync, clock)
-            ta = _timed(fa, sync, clock)
+            tb = timed(fb)
+            ta = timed(fa)
         res.a_s.append(ta)
         res.b_s.append(tb)
         n = len(res.a_s)

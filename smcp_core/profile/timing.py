@@ -77,6 +77,55 @@ def _median(xs: list[float]) -> float:
     return _percentile_sorted(sorted(xs), 50.0)
 
 
+Timer = Callable[[Callable[[], object]], float]
+"""Runs a zero-argument callable once and returns how long it took, in seconds."""
+
+
+def host_timer(sync: Callable[[], object] | None = None, clock: Callable[[], float] | None = None) -> Timer:
+    """Wall-clock time of one call (``clock``: :func:`time.perf_counter`); ``sync`` (if any) runs
+    before the clock starts and before it stops."""
+    clock = clock if clock is not None else time.perf_counter
+
+    def timed(fn: Callable[[], object]) -> float:
+        if sync is not None:
+            sync()
+        t0 = clock()
+        fn()
+        if sync is not None:
+            sync()
+        return clock() - t0
+
+    return timed
+
+
+def cuda_event_timer(device: Any = "cuda") -> Timer:
+    """GPU time of one call, like ``trtexec``'s compute time: a CUDA event recorded on the device's
+    current stream before and after the call, then the end event synchronised.  The callable must
+    enqueue its work on that stream (torch does; :func:`~smcp_core.export.tensorrt.trt_runner`
+    does); host launch overhead before the first kernel and the final synchronisation are not
+    counted, unlike a ``perf_counter`` around a synchronised call."""
+    import torch
+
+    dev = torch.device(device)
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+
+    def timed(fn: Callable[[], object]) -> float:
+        stream = torch.cuda.current_stream(dev)
+        start.record(stream)
+        fn()
+        end.record(stream)
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3  # elapsed_time is in milliseconds
+
+    return timed
+
+
+def device_timer(device: Any = "cpu") -> Timer:
+    """The timer for ``device``: CUDA events on ``cuda[:i]``, ``perf_counter`` elsewhere."""
+    return cuda_event_timer(device) if str(device).startswith("cuda") else host_timer()
+
+
 def time_interleaved(
     fns: Mapping[str, Callable[[], object]],
     *,
@@ -86,6 +135,7 @@ def time_interleaved(
     max_seconds: float = 60.0,
     rel_tol: float = 0.02,
     sync: Callable[[], object] | None = None,
+    timer: Timer | None = None,
 ) -> dict[str, Stats]:
     """Time several callables round-robin (A, B, A, B, ...) and return a :class:`Stats` per name.
 
@@ -96,8 +146,9 @@ def time_interleaved(
       ``max_runs`` rounds were made, or ``max_seconds`` (wall clock, warm-up included) have passed.
       ``max_seconds`` is a hard cap: it can stop the loop even before ``min_runs``; every callable
       still gets at least one timed run.
-    * Each call is timed with :func:`time.perf_counter`; ``sync`` (e.g. ``torch.cuda.synchronize``)
-      is called before the clock starts and before it stops, so asynchronous work is included.
+    * Each call is timed by ``timer`` (:func:`device_timer`: CUDA events on a GPU); without one,
+      with :func:`time.perf_counter`, ``sync`` (e.g. ``torch.cuda.synchronize``) called before the
+      clock starts and before it stops, so asynchronous work is included.
     """
     names = list(fns)
     if not names:
@@ -107,6 +158,7 @@ def time_interleaved(
     min_runs = min(min_runs, max_runs)
     calls = [fns[k] for k in names]
     clock = time.perf_counter
+    timed = timer if timer is not None else host_timer(sync)
     t_start = clock()
     deadline = t_start + max_seconds
 
@@ -122,17 +174,7 @@ def time_interleaved(
 
     def one_round() -> None:
         for i, fn in enumerate(calls):
-            if sync is not None:
-                sync()
-                t0 = clock()
-                fn()
-                sync()
-                t1 = clock()
-            else:
-                t0 = clock()
-                fn()
-                t1 = clock()
-            samples[i].append(t1 - t0)
+            samples[i].append(timed(fn))
 
     block = max(1, min_runs // 2)
     stable = False
@@ -169,6 +211,7 @@ def time_one(
     max_seconds: float = 60.0,
     rel_tol: float = 0.02,
     sync: Callable[[], object] | None = None,
+    timer: Timer | None = None,
 ) -> Stats:
     """:func:`time_interleaved` for one callable."""
     return time_interleaved(
@@ -179,6 +222,7 @@ def time_one(
         max_seconds=max_seconds,
         rel_tol=rel_tol,
         sync=sync,
+        timer=timer,
     )["fn"]
 
 
@@ -212,16 +256,6 @@ def resolve_dtype(dtype: Any) -> torch.dtype:
     return getattr(torch, canonical_dtype(dtype))
 
 
-def torch_sync(device: Any) -> Callable[[], None] | None:
-    """The synchronisation function to pass as ``sync=`` for ``device`` (None on CPU)."""
-    import torch
-
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return lambda: torch.cuda.synchronize(dev)
-    return None
-
-
 def torch_runner(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -234,7 +268,7 @@ def torch_runner(
 
     The model and input are moved to ``device``/``dtype`` (and to channels-last memory format for
     4-D inputs when asked) once, here.  On CUDA the call is asynchronous: time it with
-    ``sync=torch_sync(device)``.
+    ``timer=device_timer(device)``.
     """
     import torch
 

@@ -19,12 +19,13 @@ from smcp_core.export.onnx import export_onnx
 from smcp_core.graph.channel_graph import ChannelGraph
 from smcp_core.profile.paired import Interval, PairedTiming, Verdict, judge, median_interval, time_paired
 from smcp_core.profile.timing import (
+    device_timer,
+    host_timer,
     ort_providers,
     ort_runner,
     ort_session,
     time_interleaved,
     torch_runner,
-    torch_sync,
 )
 from smcp_core.prune.masking import Masker
 from smcp_core.slim.surgery import slim_submodule
@@ -59,7 +60,8 @@ def _onnx_bytes(model: torch.nn.Module, example: torch.Tensor, tmpdir: Path, nam
 def _runners(models: dict[str, torch.nn.Module], where: Recipe | Bench, *, batch: int, backend: str, workdir: Path,
              onnx_paths: dict[str, Path] | None = None) -> tuple[dict, Any, dict[str, Path]]:
     """One zero-argument forward call per model on ``backend`` (ONNX files exported into ``workdir``
-    unless given), the device's sync function (or None) and the ONNX files used."""
+    unless given), the timer for them (CUDA events for torch on a GPU; onnxruntime's IO-bound CUDA
+    run synchronises its own stream, so wall clock) and the ONNX files used."""
     bench = _bench(where)
     prof = bench.profile
     x = bench.batch(batch)
@@ -71,15 +73,15 @@ def _runners(models: dict[str, torch.nn.Module], where: Recipe | Bench, *, batch
             if name not in onnx_paths:
                 onnx_paths[name] = _onnx_bytes(m, x, workdir, name)
             sess = ort_session(onnx_paths[name], threads=prof.threads, providers=providers)
-            fns[name] = ort_runner(sess, x.numpy())
-        return fns, None, onnx_paths
+            fns[name] = ort_runner(sess, x.numpy(), device=prof.device)  # IO binding on CUDA, as the table
+        return fns, host_timer(), onnx_paths
     if backend == "torch":
         if prof.threads:
             torch.set_num_threads(prof.threads)
         for name, m in models.items():
             fns[name] = torch_runner(m, x, device=prof.device, dtype=prof.dtype,
                                      channels_last=prof.layout == "channels_last")
-        return fns, torch_sync(prof.device), onnx_paths
+        return fns, device_timer(prof.device), onnx_paths
     if backend == "tensorrt":
         raise SmcpError("whole-model timing on tensorrt is done by `smcp export --trt`; "
                         "profile with backend torch or onnxruntime on this machine")
@@ -90,10 +92,10 @@ def measure_models(models: dict[str, torch.nn.Module], where: Recipe | Bench, *,
                    workdir: Path, min_runs: int = 30, max_seconds: float = 60.0,
                    onnx_paths: dict[str, Path] | None = None) -> dict[str, Any]:
     """Median latency of each model, measured interleaved in one loop on one backend."""
-    fns, sync, onnx_paths = _runners(models, where, batch=batch, backend=backend, workdir=workdir,
+    fns, timer, onnx_paths = _runners(models, where, batch=batch, backend=backend, workdir=workdir,
                                      onnx_paths=onnx_paths)
     stats = time_interleaved(fns, warmup=max(3, _bench(where).profile.warmup // 2), min_runs=min_runs,
-                             max_seconds=max_seconds, sync=sync)
+                             max_seconds=max_seconds, timer=timer)
     return {"stats": {k: v.to_dict() for k, v in stats.items()}, "onnx": onnx_paths}
 
 
@@ -124,7 +126,7 @@ def measure_pair(baseline: torch.nn.Module, pruned: torch.nn.Module, where: Reci
     """``baseline`` and ``pruned`` timed in paired rounds (:func:`~smcp_core.profile.paired.time_paired`)
     until the verdict on a ``speedup`` or ``latency_ms`` target is decided by its interval (or
     ``max_seconds`` are up); for any other ``kind`` (or no target) ``min_rounds`` rounds."""
-    fns, sync, _ = _runners({"baseline": baseline, "pruned": pruned}, where, batch=batch,
+    fns, timer, _ = _runners({"baseline": baseline, "pruned": pruned}, where, batch=batch,
                             backend=backend, workdir=workdir, onnx_paths=onnx_paths)
     timed_target = kind in ("speedup", "latency_ms") and target is not None
 
@@ -134,7 +136,7 @@ def measure_pair(baseline: torch.nn.Module, pruned: torch.nn.Module, where: Reci
         return judge(t.ratios(), target, at_least=True, confidence=confidence)
 
     timing = time_paired(fns["baseline"], fns["pruned"], warmup=max(3, _bench(where).profile.warmup // 2),
-                         min_rounds=min_rounds, max_seconds=max_seconds, sync=sync,
+                         min_rounds=min_rounds, max_seconds=max_seconds, timer=timer,
                          decided=(lambda t: verdict(t).decided_by == "interval") if timed_target else None)
     return PairMeasurement(timing=timing, speedup=median_interval(timing.ratios(), confidence),
                            verdict=verdict(timing) if timed_target else None)

@@ -499,3 +499,51 @@ def test_budget_after_the_coarse_grid_interpolates_the_rest(monkeypatch, tmp_pat
     assert len(seen) == N_POINTS - n_coarse - 1 and full.meta["measure"]["interpolated_points"] == 0
     assert {(k, ci, co) for k, ci, co in seen} == {(k, ci, co) for k, pts in m["interpolated"].items()
                                                    for ci, co in pts}
+
+
+def test_host_timer_runs_sync_on_both_sides_of_the_clock():
+    from smcp_core.profile.timing import host_timer
+
+    events, now = [], [0.0]
+
+    def clock():
+        events.append("clock")
+        return now[0]
+
+    def fn():
+        events.append("fn")
+        now[0] += 0.25
+
+    timed = host_timer(sync=lambda: events.append("sync"), clock=clock)
+    assert timed(fn) == 0.25
+    assert events == ["sync", "clock", "fn", "sync", "clock"]
+
+
+def test_time_interleaved_uses_the_given_timer():
+    from smcp_core.profile.timing import time_interleaved
+
+    per_call = {"a": 0.002, "b": 0.001}
+    calls = []
+
+    def timer(fn):
+        calls.append(fn)
+        return per_call[fn()]
+
+    st = time_interleaved({"a": lambda: "a", "b": lambda: "b"}, warmup=1, min_runs=4, max_runs=4, timer=timer)
+    assert st["a"].median_ms == pytest.approx(2.0) and st["b"].median_ms == pytest.approx(1.0)
+    assert len(calls) == 8  # warm-up calls are not timed
+
+
+@pytest.mark.gpu
+def test_cuda_event_timer_measures_gpu_work():
+    import torch
+
+    from smcp_core.profile.timing import cuda_event_timer
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    a = torch.randn(2048, 2048, device="cuda")
+    timed = cuda_event_timer("cuda")
+    one = min(timed(lambda: a @ a) for _ in range(5))
+    four = min(timed(lambda: [a @ a for _ in range(4)]) for _ in range(5))
+    assert one > 0 and four > 2 * one  # events see the queued kernels, not just the launch
