@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +50,7 @@ def _ort_version() -> str | None:
     return _dist_version("onnxruntime") or _dist_version("onnxruntime-gpu")
 
 
-# fields of a fingerprint that define "the same machine and software" for a latency table
+# fields of a fingerprint that define "the same machine and software" for a latency table (CPU)
 _STABLE_FIELDS = (
     "backend",
     "device_type",
@@ -66,14 +67,30 @@ _STABLE_FIELDS = (
     "cuda_version",
 )
 
+# the same for a CUDA device: the GPU and its software stack, not the host's CPUs, its visible GPU
+# count (CUDA_VISIBLE_DEVICES) or its CPU affinity (a SLURM mask), which do not change a GPU latency
+_CUDA_STABLE_FIELDS = (
+    "backend",
+    "device_type",
+    "gpu_name",
+    "gpu_capability",
+    "cuda_version",
+    "cudnn_version",
+    "driver_version",
+    "backend_version",
+    "cudnn_allow_tf32",
+    "matmul_allow_tf32",
+)
+
 
 def device_fingerprint(backend: str, device: str = "cpu", threads: int | None = None) -> dict:
     """Describe the machine and software a latency is measured on (no host name, no user data).
 
     Always: backend, device, cpu model/count, OS and architecture, python/torch versions, threads.
     ``backend_version`` is the version of the library that runs the model (torch, onnxruntime or
-    tensorrt).  On CUDA devices also the GPU name, compute capability, memory, CUDA/cuDNN versions and
-    (when ``pynvml`` is importable) the driver version.
+    tensorrt).  On CUDA devices also the GPU name, compute capability, memory, visible GPU count,
+    CUDA/cuDNN versions, the cuDNN autotuner and TF32 settings (:func:`cudnn_settings`) and the driver
+    version (:func:`nvidia_driver_version`).
     """
     import torch
 
@@ -110,7 +127,8 @@ def device_fingerprint(backend: str, device: str = "cpu", threads: int | None = 
 def _cuda_fingerprint(dev: str) -> dict:
     import torch
 
-    out: dict[str, Any] = {"cuda_version": torch.version.cuda}
+    out: dict[str, Any] = {"cuda_version": torch.version.cuda, **cudnn_settings()}
+    out["driver_version"] = nvidia_driver_version()
     if not torch.cuda.is_available():
         out["gpu_name"] = None
         return out
@@ -120,30 +138,65 @@ def _cuda_fingerprint(dev: str) -> dict:
     out["gpu_name"] = props.name
     out["gpu_capability"] = f"{props.major}.{props.minor}"
     out["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
-    out["gpu_count_visible"] = torch.cuda.device_count()
+    out["gpu_count_visible"] = torch.cuda.device_count()  # reported, not in the id
+    return out
+
+
+def cudnn_settings() -> dict:
+    """cuDNN's version, autotuner (``cudnn.benchmark``) and TF32 switches (cuDNN convolutions and
+    matmuls): they change what a float32 GPU latency means."""
+    import torch
+
+    def read(get):
+        try:
+            return get()
+        except Exception:  # depends on the build
+            return None
+
+    return {
+        "cudnn_version": read(torch.backends.cudnn.version),
+        "cudnn_benchmark": read(lambda: bool(torch.backends.cudnn.benchmark)),
+        "cudnn_allow_tf32": read(lambda: bool(torch.backends.cudnn.allow_tf32)),
+        "matmul_allow_tf32": read(lambda: bool(torch.backends.cuda.matmul.allow_tf32)),
+    }
+
+
+_PROC_DRIVER = "/proc/driver/nvidia/version"
+
+
+def nvidia_driver_version(path: str | None = None) -> str | None:
+    """The NVIDIA kernel driver's version from ``/proc/driver/nvidia/version`` (Linux; ``path``),
+    else from ``pynvml`` when it is installed, else None."""
     try:
-        out["cudnn_version"] = torch.backends.cudnn.version()
-    except Exception:  # pragma: no cover - depends on the build
-        out["cudnn_version"] = None
-    out["driver_version"] = None
-    try:  # optional: pynvml gives the driver version
+        with open(path or _PROC_DRIVER, encoding="utf-8", errors="replace") as f:
+            m = re.search(r"\b(\d{2,}\.\d+(?:\.\d+)*)\b", f.readline())
+        if m:
+            return m.group(1)
+    except OSError:
+        pass
+    try:  # optional
         import pynvml  # type: ignore
 
         pynvml.nvmlInit()
         drv = pynvml.nvmlSystemGetDriverVersion()
-        out["driver_version"] = drv.decode() if isinstance(drv, bytes) else str(drv)
+        return drv.decode() if isinstance(drv, bytes) else str(drv)
     except Exception:
-        pass
-    return out
+        return None
 
 
 def fingerprint_id(fp: Mapping[str, Any]) -> str:
     """A short (12 hex digits) sha256 of the fields of ``fp`` that define the measuring setup.
 
-    Python version, driver version and the exact device index are left out, so the id survives
-    e.g. a driver update; library versions of the backend are in.
+    CPU: backend and its version, CPU model/count/affinity, OS, architecture, threads.  CUDA: the
+    GPU (name, compute capability), CUDA, cuDNN and driver versions, the backend's version and the
+    TF32 switches -- not the host's CPUs, the number of visible GPUs or the device index, so a table
+    made on one GPU of a machine (``CUDA_VISIBLE_DEVICES=1``, a SLURM CPU mask) is reused on the
+    same model of GPU.  The Python version is left out everywhere.
     """
-    stable = {k: fp.get(k) for k in _STABLE_FIELDS}
+    cuda = fp.get("device_type") == "cuda"
+    stable = {k: fp.get(k) for k in (_CUDA_STABLE_FIELDS if cuda else _STABLE_FIELDS)}
+    if cuda:
+        stable["id_version"] = 2  # never equal to an id of the fields above (CPU or old CUDA tables)
     blob = json.dumps(stable, sort_keys=True, default=str).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:12]
 

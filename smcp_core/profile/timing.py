@@ -14,6 +14,7 @@ torch, onnxruntime and friends are imported lazily inside functions: importing t
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -264,19 +265,24 @@ def torch_runner(
     dtype: Any = "float32",
     channels_last: bool = False,
 ) -> Callable[[], object]:
-    """A callable running ``model(x)`` once (eval mode, ``torch.inference_mode``).
+    """A callable running a copy of ``model`` on ``x`` once (eval mode, ``torch.inference_mode``).
 
-    The model and input are moved to ``device``/``dtype`` (and to channels-last memory format for
-    4-D inputs when asked) once, here.  On CUDA the call is asynchronous: time it with
-    ``timer=device_timer(device)``.
+    The runner works on its own deep copy of the model, moved to ``device``/``dtype`` (and to
+    channels-last memory format for 4-D inputs when asked) once, here: the caller's model keeps its
+    device, dtype, memory format and training mode (an evaluation after timing runs it as it was).
+    On CUDA the call is asynchronous: time it with ``timer=device_timer(device)``; the cuDNN
+    autotuner is switched on (``torch.backends.cudnn.benchmark = True``, for the process: GPU
+    timing like trtexec's, :func:`enable_cudnn_benchmark`).
     """
     import torch
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SmcpError(f"device {device!r} requested but torch sees no CUDA GPU")
+    if dev.type == "cuda":
+        enable_cudnn_benchmark()
     tdtype = resolve_dtype(dtype)
-    model = model.eval().to(device=dev, dtype=tdtype)
+    model = copy.deepcopy(model).eval().to(device=dev, dtype=tdtype)
     x = x.to(device=dev, dtype=tdtype)
     if channels_last and x.dim() == 4:
         model = model.to(memory_format=torch.channels_last)
@@ -287,6 +293,14 @@ def torch_runner(
             return model(x)
 
     return run
+
+
+def enable_cudnn_benchmark() -> None:
+    """Let cuDNN pick the fastest algorithm per shape (what a deployed model gets; the first calls
+    autotune, so warm up before timing).  Set for the whole process."""
+    import torch
+
+    torch.backends.cudnn.benchmark = True
 
 
 _ORT_MISSING = (
@@ -341,6 +355,21 @@ def ort_providers(device: Any = "cpu") -> list:
     return ["CPUExecutionProvider"]
 
 
+def _session_options(ort, threads: int | None, spinning: bool):
+    """All graph optimisations, sequential execution, warnings off (a fallback is checked instead)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    if threads is not None:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return so
+
+
 def ort_session(
     onnx_path_or_bytes: str | os.PathLike | bytes,
     *,
@@ -353,23 +382,15 @@ def ort_session(
     All graph optimisations on; ``threads`` sets ``intra_op_num_threads`` (None: ORT default);
     thread spinning off unless ``spinning=True`` (spinning ORT threads steal CPU from torch when the
     two are timed side by side, and distort interleaved comparisons).  ``providers`` defaults to
-    CPU only.  A provider that is asked for but not available raises :class:`SmcpError`.
+    CPU only.  A provider that is asked for but not available, or that the session does not run on
+    (onnxruntime's silent fallback to the CPU, :meth:`InferenceSession.get_providers`), raises
+    :class:`SmcpError`.
     """
     ort = ensure_onnxruntime()
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    if threads is not None:
-        so.intra_op_num_threads = int(threads)
-        so.inter_op_num_threads = 1
-    if not spinning:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so = _session_options(ort, threads, spinning)
     providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
     available = set(ort.get_available_providers())
-    for p in providers:
-        name = p[0] if isinstance(p, tuple) else p
+    for name in map(_provider_name, providers):
         if name not in available:
             raise SmcpError(
                 f"onnxruntime execution provider {name} is not available here "
@@ -378,11 +399,29 @@ def ort_session(
     model = onnx_path_or_bytes if isinstance(onnx_path_or_bytes, (bytes, bytearray)) else str(onnx_path_or_bytes)
     if isinstance(model, str) and not os.path.exists(model):
         raise SmcpError(f"ONNX model {model} does not exist")
+    where = "in-memory model" if isinstance(model, (bytes, bytearray)) else model
     try:
-        return ort.InferenceSession(model, sess_options=so, providers=providers)
+        sess = ort.InferenceSession(model, sess_options=so, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types
-        where = "in-memory model" if isinstance(model, (bytes, bytearray)) else model
         raise SmcpError(f"onnxruntime cannot load {where}: {first_line(e)}") from e
+    _check_session_providers(sess, providers, where)
+    return sess
+
+
+def _provider_name(p) -> str:
+    return p[0] if isinstance(p, tuple) else str(p)
+
+
+def _check_session_providers(sess, providers: list, where: str) -> None:
+    """Refuse a session that silently fell back to the CPU: onnxruntime drops a provider it cannot
+    create (e.g. CUDA without its libraries) with only a logged warning, and the CPU would be timed."""
+    running = list(sess.get_providers())
+    lost = [n for n in map(_provider_name, providers) if n != "CPUExecutionProvider" and n not in running]
+    if lost:
+        raise SmcpError(
+            f"onnxruntime could not use {', '.join(lost)} for {where} (the session runs on "
+            f"{', '.join(running) or 'nothing'}); check the CUDA/cuDNN libraries onnxruntime-gpu needs"
+        )
 
 
 def ort_runner(session, x_numpy, *, device: Any = "cpu") -> Callable[[], object]:

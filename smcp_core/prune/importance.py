@@ -20,7 +20,8 @@ sum, over the conv/linear layers that *write* it, of the L1 / L2 norm of its out
 no gradient and no accumulation.
 
 Accumulators: ``latest`` (the last step only), ``momentum`` (EMA, reset after each mask update),
-``average`` (mean since the last mask update).
+``average`` (mean since the last mask update).  A step with non-finite scores (fp16 AMP: GradScaler
+found inf/nan gradients and skips that optimizer step) is not accumulated and not counted.
 
 Removed groups.  When a mask update removes every channel of a group (layer pruning), the score of
 its classes is held at the value that decided the removal until the group comes back.  Their live
@@ -62,7 +63,7 @@ class ImportanceTracker:
         device = masker.class_mask.device
         self.acc = torch.zeros(n, device=device, dtype=torch.float32)
         self.last: torch.Tensor | None = None
-        self.count = 0
+        self._n = torch.zeros((), device=device, dtype=torch.long)  # steps accumulated (see count)
         cg = masker.graph.class_group
         self._valid = (cg >= 0).to(device)
         self._cg = cg.clamp(min=0).to(device)
@@ -80,6 +81,7 @@ class ImportanceTracker:
     def to(self, device) -> ImportanceTracker:
         self._bns = [(bn, lab.to(device)) for bn, lab in self._bns]
         self.acc = self.acc.to(device)
+        self._n = self._n.to(device)
         self.held = self.held.to(device)
         self.removed = self.removed.to(device)
         self._valid = self._valid.to(device)
@@ -132,19 +134,37 @@ class ImportanceTracker:
             total.index_add_(0, lin, per_in)
         return total.abs()
 
+    @property
+    def count(self) -> int:
+        """Steps accumulated in this window (a step with non-finite scores does not count).  Reading
+        it waits for the device; :meth:`update` never does."""
+        return int(self._n)
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self._n.fill_(int(value))
+
     @torch.no_grad()
     def update(self) -> None:
+        """Accumulate this step's scores.  A step whose scores are not finite (an fp16 AMP overflow:
+        inf/nan gradients, and GradScaler skips the optimizer step) is left out, as if it had not
+        happened; decided on the device, without waiting for it."""
         if self.kind in ("l1_filter", "l2_filter"):  # read from the weights when asked for
-            self.count += 1
+            self._n.add_(1)
             return
         s = torch.where(self.removed, self.held, self.step_scores())
-        if self.accumulate == "latest" or self.count == 0:
-            self.acc.copy_(s)
-        elif self.accumulate == "momentum":
-            self.acc.mul_(self.momentum).add_(s, alpha=1 - self.momentum)
-        else:
-            self.acc.mul_(self.count / (self.count + 1)).add_(s, alpha=1 / (self.count + 1))
-        self.count += 1
+        ok = torch.isfinite(s).all()
+        self.acc.copy_(torch.where(ok, self._accumulated(s), self.acc))
+        self._n.add_(ok.to(self._n.dtype))
+
+    def _accumulated(self, s: torch.Tensor) -> torch.Tensor:
+        """The accumulator after one more step with scores ``s`` (the first step of a window: ``s``)."""
+        n = self._n.to(s.dtype)
+        if self.accumulate == "latest":
+            return s
+        if self.accumulate == "momentum":
+            return torch.where(n == 0, s, self.acc.mul(self.momentum).add_(s, alpha=1 - self.momentum))
+        return self.acc.mul(n / (n + 1)).add_(s / (n + 1))
 
     def scores(self) -> torch.Tensor:
         """Accumulated scores; right after a reset (no step since), the previous window's.  Filter
@@ -164,7 +184,7 @@ class ImportanceTracker:
         self.removed = removed
         self.last = self.acc.clone() if self.count > 0 or self.last is None else self.last
         self.acc.zero_()
-        self.count = 0
+        self._n.zero_()
 
     def state_dict(self) -> dict:
         return {"acc": self.acc.detach().cpu().clone(), "count": self.count,

@@ -41,7 +41,9 @@ from smcp_core.utils.fsutil import (
 def prune(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, resume: bool = False,
           force_table: bool = False) -> PruneResult:
     """SMCP fine-tuning to the recipe's target.  Under ``torchrun`` every rank calls this; they
-    train data-parallel and only rank 0 writes artifacts.  The result's ``train`` is the in-memory
+    train data-parallel and only rank 0 writes artifacts; with a CUDA ``prune.device`` each rank
+    trains on its own GPU, ``cuda:LOCAL_RANK`` (an explicit ``cuda:N`` is mapped there, with one log
+    line: :func:`~smcp_core.utils.dist.local_device`).  The result's ``train`` is the in-memory
     :class:`~smcp_core.prune.trainer.TrainResult` (not written to disk)."""
     rep = reporter or Reporter()
     dist.init_from_env(recipe.prune.device)

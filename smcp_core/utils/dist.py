@@ -8,6 +8,7 @@ training code calls them unconditionally.  Under ``torchrun`` (``RANK``/``WORLD_
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -29,25 +30,43 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def env_world() -> int:
+    """``WORLD_SIZE`` of torchrun's environment (1 when not under torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    """``LOCAL_RANK`` of torchrun's environment: this process's GPU on its node (0 when unset)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def init_from_env(device: str = "cpu") -> bool:
     """Join the process group described by torchrun's environment; False when not under torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+    if env_world() <= 1 or not dist.is_available():
         return False
     if dist.is_initialized():
         return True
     backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_device(device))
     dist.init_process_group(backend=backend)
     return True
 
 
-def local_device(device: str) -> torch.device:
-    """``cuda`` becomes this process's GPU (``LOCAL_RANK``) under torchrun."""
+def local_device(device: str, warn: Callable[[str], object] | None = None) -> torch.device:
+    """This process's device.  Under torchrun (``WORLD_SIZE`` > 1) a CUDA device is always the
+    process's own GPU, ``cuda:LOCAL_RANK``: ranks sharing one GPU is NCCL's duplicate-GPU error.  An
+    explicit ``cuda:N`` with ``N != LOCAL_RANK`` is mapped too, and ``warn`` (if given) gets one line
+    saying so; to run on other GPUs, choose them with ``CUDA_VISIBLE_DEVICES``.  Elsewhere
+    ``device`` unchanged."""
     d = torch.device(device)
-    if d.type == "cuda" and d.index is None and active():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return d
+    if d.type != "cuda" or not (env_world() > 1 or active()):
+        return d
+    mine = torch.device("cuda", local_rank())
+    if d.index is not None and d.index != mine.index and warn is not None:
+        warn(f"device {device} under torchrun: each rank uses its own GPU, this one (LOCAL_RANK="
+             f"{mine.index}) {mine}; choose the GPUs with CUDA_VISIBLE_DEVICES")
+    return mine
 
 
 def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:

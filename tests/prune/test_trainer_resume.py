@@ -200,3 +200,151 @@ def test_final_mask_update_uses_accumulated_importance(tmp_path, monkeypatch):
     assert len(seen) >= 2
     assert all(s > 0 for s in seen), seen
     assert summary["flops_ratio"] >= 0.3  # at least half of the 0.6 target is kept
+
+
+# ---------------------------------------------------------------- fp16 AMP overflow steps (issue 15, D3)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _overflow_grads(model) -> None:
+    """What ``GradScaler.unscale_`` leaves after an fp16 overflow: inf and nan gradients."""
+    for j, p in enumerate(model.parameters()):
+        if p.grad is not None:
+            p.grad.fill_(float("nan") if j % 2 else float("inf"))
+
+
+@pytest.mark.parametrize("overflow_at", [0, 2])
+@pytest.mark.parametrize("accumulate", ["latest", "momentum", "average"])
+@pytest.mark.parametrize("kind", ["taylor", "bn_taylor"])
+def test_importance_leaves_out_a_step_with_non_finite_gradients(kind, accumulate, overflow_at):
+    """The step GradScaler skips is not accumulated either: scores equal the run without it."""
+    import torch.nn.functional as F
+
+    from smcp_core.graph.channel_graph import ChannelGraph
+    from smcp_core.prune.importance import ImportanceTracker
+    from smcp_core.prune.masking import Masker
+
+    torch.manual_seed(0)
+    model = _Net()
+    masker = Masker(model, ChannelGraph(model, torch.randn(2, 3, 8, 8)))
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))) for _ in range(4)]
+
+    def scores(steps, overflow: int | None) -> tuple[torch.Tensor, int]:
+        tr = ImportanceTracker(masker, kind=kind, accumulate=accumulate)
+        for i in steps:
+            model.zero_grad(set_to_none=True)
+            x, y = batches[i]
+            F.cross_entropy(model(x), y).backward()
+            if i == overflow:
+                _overflow_grads(model)
+            tr.update()
+        return tr.scores(), tr.count
+
+    with_overflow, n = scores(range(4), overflow_at)
+    without, m = scores([i for i in range(4) if i != overflow_at], None)
+    assert bool(torch.isfinite(with_overflow).all())
+    assert torch.equal(with_overflow, without) and n == m == 3
+
+
+class _OverflowingScaler:
+    """A GradScaler that reports an fp16 overflow at every third step: its unscaled gradients are
+    inf/nan and it skips the optimizer step (as ``torch.amp.GradScaler`` does)."""
+
+    def __init__(self, *args, **kwargs):
+        self.calls = 0
+        self.found_inf = False
+
+    def is_enabled(self) -> bool:
+        return True
+
+    def scale(self, loss):
+        return loss
+
+    def unscale_(self, opt) -> None:
+        self.calls += 1
+        self.found_inf = self.calls % 3 == 0
+        if self.found_inf:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.fill_(float("inf"))
+
+    def step(self, opt) -> None:
+        if not self.found_inf:
+            opt.step()
+
+    def update(self) -> None:
+        self.found_inf = False
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.calls = d["calls"]
+
+
+@pytest.mark.parametrize("accumulate", ["momentum", "average"])
+def test_amp_overflow_steps_do_not_poison_the_masks(tmp_path, monkeypatch, accumulate):
+    """Was a NaN score for good (momentum) and a ValueError in the next solve (exit 3)."""
+    from smcp_core.prune import allocator
+
+    seen: list[torch.Tensor] = []
+    orig = allocator.Allocator.solve
+
+    def spy(self, scores, budget, keep_now, **kw):
+        seen.append(scores.detach().clone())
+        return orig(self, scores, budget, keep_now, **kw)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", _OverflowingScaler)
+    monkeypatch.setattr(allocator.Allocator, "solve", spy)
+    torch.manual_seed(1)
+    summary = stages.prune(tiny_recipe(f"prune.importance.accumulate={accumulate}"), tmp_path).to_dict()
+    assert summary["meets_budget"] and len(seen) >= 2
+    assert all(bool(torch.isfinite(s).all()) for s in seen)
+
+
+@pytest.mark.gpu
+def test_a_real_fp16_overflow_is_left_out_without_waiting_for_the_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    import torch.nn.functional as F
+
+    from smcp_core.graph.channel_graph import ChannelGraph
+    from smcp_core.prune.importance import ImportanceTracker
+    from smcp_core.prune.masking import Masker
+
+    model = _Net()
+    graph = ChannelGraph(model, torch.randn(2, 3, 8, 8))
+    model.cuda()
+    masker = Masker(model, graph)
+    masker.to(torch.device("cuda"))
+    tracker = ImportanceTracker(masker, kind="taylor", accumulate="momentum")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**60)  # the first step overflows in fp16
+    x, y = torch.randn(4, 3, 8, 8, device="cuda"), torch.randint(0, 4, (4,), device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = F.cross_entropy(model(x), y)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tracker.update()  # decided on the device
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() < 2.0**60  # it was an overflow, and the step was skipped
+    assert tracker.count == 0 and bool(torch.isfinite(tracker.scores()).all())
