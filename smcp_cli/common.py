@@ -41,10 +41,16 @@ EXIT_OK, EXIT_INPUT, EXIT_GATE, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # SIGINT / SIGTERM (128 + signal number)
 
 
-def load(recipe: Optional[str], sets: Optional[list[str]], extra: list[str] | None = None):
+def load(recipe: Optional[str], sets: Optional[list[str]], extra: list[str] | None = None, *, trt: bool = False):
+    """The recipe with ``--set`` overrides; ``trt`` (``--trt``) adds ``trt`` to ``export.formats``, so
+    the export stamp sees it (a run exported without engines is not "up to date" for ``--trt``)."""
     from smcp_core.config.recipe import load_recipe
 
-    return load_recipe(recipe, list(sets or []) + list(extra or []))
+    overrides = list(sets or []) + list(extra or [])
+    r = load_recipe(recipe, overrides)
+    if trt and "trt" not in r.export.formats:
+        r = load_recipe(recipe, [*overrides, f"export.formats=[{', '.join([*r.export.formats, 'trt'])}]"])
+    return r
 
 
 def out_dir(recipe, out: Optional[Path]) -> Path:

@@ -71,13 +71,13 @@ def export(
     recipe: Optional[str] = RecipeOpt,
     set_: Optional[list[str]] = SetOpt,
     out: Optional[Path] = OutOpt,
-    trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT engine (needs tensorrt and a GPU)."),
+    trt: bool = typer.Option(False, "--trt", help="Time the baseline and pruned models as TensorRT engines (export.trt_precision, fp16 by default) and gate on them; needs tensorrt and a CUDA GPU."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Write ONNX, check parity, measure baseline vs pruned; exit 2 when the target is missed."""
     with guarded(as_json):
-        r = load(recipe, set_)
+        r = load(recipe, set_, trt=trt)
         o = out_dir(r, out)
         with locked(o, "export", create=False):  # missing run dir: the stage says what is missing
             from smcp_core import stages

@@ -36,7 +36,7 @@ def run(
     resume: bool = typer.Option(False, "--resume", help=(
         "Continue an interrupted prune from OUT/prune/checkpoint.pt (the other stages run or are "
         "skipped as usual).")),
-    trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT engine at export."),
+    trt: bool = typer.Option(False, "--trt", help="Time the baseline and pruned models as TensorRT engines (export.trt_precision, fp16 by default) and gate on them; needs tensorrt and a CUDA GPU."),
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -46,7 +46,7 @@ def run(
     discarded unasked: pass --resume to continue it or --force to start over; without either the
     run stops with exit 1 before any stage runs."""
     with guarded(as_json):
-        r = load(recipe, set_)
+        r = load(recipe, set_, trt=trt)
         o = out_dir(r, out)
         with locked(o, "run"):
             from smcp_core import stages

@@ -6,6 +6,7 @@ All heavy imports (torch.onnx, onnx, onnxruntime, tensorrt) happen inside the fu
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -64,6 +65,7 @@ def export_onnx(
     *,
     opset: int = 18,
     dynamic_batch: bool = True,
+    dtype: str = "float32",
 ) -> Path:
     """Export ``model`` (an ``nn.Module`` or ``torch.fx.GraphModule``) to a single ONNX file.
 
@@ -73,7 +75,9 @@ def export_onnx(
     * ``dynamic_batch``: dimension 0 is symbolic (``"batch"``).  The exporter specialises a batch of
       1, so an example of batch < 2 is repeated to batch 2 for tracing;
     * if the dynamo exporter fails, the legacy TorchScript exporter is tried once;
-    * the file is checked with ``onnx.checker.check_model`` and moved into place atomically.
+    * the file is checked with ``onnx.checker.check_model`` and moved into place atomically;
+    * ``dtype="float16"``: a half-precision copy of the model (the caller's is left alone) exported
+      with a half input: an fp16 ONNX model (what TensorRT 11 builds fp16 engines from).
 
     Any failure raises :class:`SmcpError` with the exporter's one-line reason.
     """
@@ -90,6 +94,10 @@ def export_onnx(
     except StopIteration:
         dev = example.device
     example = example.detach().to(dev)
+    if dtype == "float16":
+        model, example = copy.deepcopy(model).half(), example.half()
+    elif dtype != "float32":
+        raise SmcpError(f"ONNX export supports dtype float32 or float16, not {dtype}")
     if dynamic_batch and example.shape[0] < 2:
         reps = [2] + [1] * (example.dim() - 1)
         example = example[:1].repeat(*reps)

@@ -16,6 +16,7 @@ from smcp_core.errors import SmcpError
 from smcp_core.graph.signature import LayerSig
 from smcp_core.profile import fingerprint as profile_fingerprint
 from smcp_core.profile import timing as profile_timing
+from smcp_core.profile import trt as profile_trt
 from smcp_core.profile.table import (
     MAX_GRID_POINTS,
     MEASURABLE_BACKENDS,
@@ -136,9 +137,13 @@ def _measure_point(
     device: str,
     threads: int | None,
     timing: dict,
+    trt_timing_cache: str | os.PathLike | None = None,
 ) -> float:
     """Median latency (ms) of one layer at one grid point."""
 
+    if backend == "tensorrt":
+        return _measure_trt_point(sig, cin, cout, batch_size=batch_size, dtype=dtype, timing=timing,
+                                  timing_cache=trt_timing_cache)
     if backend == "torch":
         import torch
 
@@ -159,6 +164,23 @@ def _measure_point(
         fn = profile_timing.ort_runner(sess, x, device=device)
         stats = profile_timing.time_one(fn, **timing)
     return float(stats.median_ms)
+
+
+def _measure_trt_point(sig: LayerSig, cin: int, cout: int, *, batch_size: int, dtype: str, timing: dict,
+                       timing_cache: str | os.PathLike | None) -> float:
+    """Median latency (ms) of one layer's TensorRT engine (built from :func:`single_layer_onnx`, the
+    timing cache shared by all points), CUDA events on the runner's stream after warm-up."""
+    import torch
+
+    trt = profile_trt.ensure_tensorrt()
+    precision = profile_trt.trt_precision(dtype)
+    model = single_layer_onnx(sig, cin, cout, batch_size=batch_size, dtype=profile_trt.onnx_dtype_for(trt, precision))
+    engine = profile_trt.serialize_engine(model, precision=precision, batch_size=batch_size, timing_cache=timing_cache)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cin * 100003 + cout)
+        x = torch.randn(_input_shape(sig, cin, batch_size))
+    fn = profile_trt.trt_runner(engine, x)
+    return float(profile_timing.time_one(fn, timer=profile_trt.engine_timer(), **timing).median_ms)
 
 
 def measure_table(
@@ -182,6 +204,7 @@ def measure_table(
     coarse_stride: int = 4,
     max_grid_points: int | None = MAX_GRID_POINTS,
     partial_path: str | os.PathLike | None = None,
+    trt_timing_cache: str | os.PathLike | None = None,
 ) -> LatencyTable:
     """Measure a :class:`LatencyTable` for the given layer signatures.
 
@@ -192,6 +215,9 @@ def measure_table(
       inference mode, ``dtype``, channels-last when ``layout="nhwc"``, ``torch.set_num_threads(threads)``
       while measuring.  ``backend="onnxruntime"``: a one-node ONNX model built with ``onnx.helper``
       run by an ``InferenceSession`` (``threads`` intra-op threads, spinning off; NCHW only).
+      ``backend="tensorrt"``: one engine per point from that ONNX model (fp16 via the FP16 builder
+      flag on TensorRT 10, from an fp16 ONNX model on TensorRT 11; NCHW only), the persistent timing
+      cache ``trt_timing_cache`` shared by every build, timed with CUDA events on the runner's stream.
     * Each point is timed with :func:`profile_timing.time_one` (``warmup``, ``min_runs``, ``max_runs``,
       ``rel_tol``, at most ``point_max_seconds``); the stored value is the median in ms.
     * ``existing``: a table (or a sequence of tables, the first one that has a point wins) measured
@@ -220,7 +246,7 @@ def measure_table(
         raise SmcpError(f"max grid points must be >= 1 (or None: no cap), got {max_grid_points}")
     plan = [_plan_entry(key, ss, channel_step, max_grid_points) for key, ss in groups.items()]
     setup = {"backend": backend, "batch_size": batch_size, "dtype": dtype, "layout": layout, "device": device,
-             "threads": threads}
+             "threads": threads, "trt_timing_cache": trt_timing_cache}
     fp = profile_fingerprint.device_fingerprint(backend, device, threads)
     fpid = profile_fingerprint.fingerprint_id(fp)
     olds = [] if existing is None else [existing] if isinstance(existing, LatencyTable) else list(existing)
@@ -263,10 +289,8 @@ def _checked_settings(backend: str, dtype: str, layout: str, batch_size: int,
                       channel_step: int) -> tuple[str, str, int]:
     """``(dtype, layout, batch_size)`` in canonical form; :class:`SmcpError` for settings that
     cannot be measured."""
-    if backend not in MEASURABLE_BACKENDS:
-        if backend == "tensorrt":
-            raise SmcpError("latency tables for the tensorrt backend are not supported yet: use onnxruntime or torch")
-        raise SmcpError(f"unknown backend {backend!r}: use onnxruntime or torch")
+    if backend not in MEASURABLE_BACKENDS and backend != "tensorrt":
+        raise SmcpError(f"unknown backend {backend!r}: use onnxruntime, torch or tensorrt")
     dtype = profile_timing.canonical_dtype(dtype)
     layout = _canonical_layout(layout)
     batch_size = int(batch_size)
@@ -280,6 +304,11 @@ def _checked_settings(backend: str, dtype: str, layout: str, batch_size: int,
             raise SmcpError("onnxruntime models take NCHW input: use layout nchw with the onnxruntime backend")
         if dtype == "bfloat16":
             raise SmcpError("onnxruntime latency tables support float32 and float16, not bfloat16")
+    if backend == "tensorrt":
+        profile_trt.ensure_tensorrt()
+        if layout != "nchw" or dtype == "bfloat16":
+            raise SmcpError(f"TensorRT latency tables take NCHW float32 or float16 input, not {layout} {dtype}: "
+                            "TensorRT picks its own internal layouts")
     return dtype, layout, batch_size
 
 

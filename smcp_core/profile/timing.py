@@ -5,7 +5,7 @@ Latency is always the **median** wall-clock time of one forward call, measured w
 are compared by :func:`time_interleaved` in one process, calls alternating A, B, A, B, ... so that
 slow phases of a noisy machine hit both alike.
 
-Runners (``torch_runner``, ``ort_runner``; ``smcp_core.export.tensorrt.trt_runner`` for TensorRT) turn a model and an
+Runners (``torch_runner``, ``ort_runner``; ``smcp_core.profile.trt.trt_runner`` for TensorRT) turn a model and an
 input into a zero-argument callable that runs one forward pass; the timing functions only ever see
 such callables.
 
@@ -102,7 +102,7 @@ def host_timer(sync: Callable[[], object] | None = None, clock: Callable[[], flo
 def cuda_event_timer(device: Any = "cuda") -> Timer:
     """GPU time of one call, like ``trtexec``'s compute time: a CUDA event recorded on the device's
     current stream before and after the call, then the end event synchronised.  The callable must
-    enqueue its work on that stream (torch does; :func:`~smcp_core.export.tensorrt.trt_runner`
+    enqueue its work on that stream (torch does; :func:`~smcp_core.profile.trt.trt_runner`
     does); host launch overhead before the first kernel and the final synchronisation are not
     counted, unlike a ``perf_counter`` around a synchronised call."""
     import torch

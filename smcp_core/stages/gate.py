@@ -13,6 +13,11 @@ def gate(report: ExportResult) -> None:
     if not report.parity["passed"]:
         raise GateFailed(f"ONNX parity failed: max abs diff {report.parity['max_abs_diff']:.3g} > "
                          f"{report.parity['tolerance']:g}")
+    engine = (report.tensorrt or {}).get("parity") or {"passed": True}
+    if not engine["passed"]:
+        raise GateFailed(f"TensorRT engine parity failed: {engine.get('max_rel_diff', float('nan')):.3g} relative "
+                         f"difference to PyTorch float32 > {engine.get('tolerance')} "
+                         f"({report.tensorrt.get('precision')}); try export.trt_precision=fp32")
     t = report.target
     verdict = (report.gate or {}).get("verdict") or {}
     why = f"; {verdict['reason']}" if verdict.get("reason") else ""

@@ -7,7 +7,7 @@ import copy
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch
 from smcp_core.config.recipe import ProfileConfig, Recipe
 from smcp_core.errors import SmcpError
 from smcp_core.export.onnx import export_onnx
+from smcp_core.export.tensorrt import build_model_engine, trt_runner
 from smcp_core.graph.channel_graph import ChannelGraph
 from smcp_core.profile.paired import Interval, PairedTiming, Verdict, judge, median_interval, time_paired
 from smcp_core.profile.timing import (
@@ -27,6 +28,7 @@ from smcp_core.profile.timing import (
     time_interleaved,
     torch_runner,
 )
+from smcp_core.profile.trt import engine_timer, trt_precision
 from smcp_core.prune.masking import Masker
 from smcp_core.slim.surgery import slim_submodule
 from smcp_core.stages.builders import build_model, example_input
@@ -57,11 +59,52 @@ def _onnx_bytes(model: torch.nn.Module, example: torch.Tensor, tmpdir: Path, nam
     return path
 
 
+@dataclass(frozen=True)
+class TrtPlan:
+    """How whole models become TensorRT engines: their ``precision`` (None: the profile's dtype),
+    where each model's engine goes (by name; default ``WORKDIR/NAME.engine``) and the persistent
+    timing cache (default ``trt_timing.cache`` beside ``WORKDIR``, which may be a scratch folder)."""
+
+    precision: str | None = None
+    engines: dict[str, Path] = field(default_factory=dict)
+    timing_cache: Path | None = None
+
+    def engine(self, name: str, workdir: Path) -> Path:
+        return self.engines.get(name, workdir / f"{name}.engine")
+
+    def cache(self, workdir: Path) -> Path:
+        return self.timing_cache if self.timing_cache is not None else workdir.parent / "trt_timing.cache"
+
+
+def _trt_runners(models: dict[str, torch.nn.Module], x: torch.Tensor, prof: ProfileConfig, workdir: Path,
+                 onnx_paths: dict[str, Path], plan: TrtPlan | None) -> tuple[dict, Any, dict[str, Path]]:
+    """Engines of ``models`` at ``x``'s batch (one build each, the timing cache shared), their runners
+    (enqueued on the current CUDA stream) and the CUDA-event timer."""
+    plan = plan or TrtPlan()
+    precision = plan.precision or trt_precision(prof.dtype)
+    fns = {}
+    for name, m in models.items():
+        eng = plan.engine(name, workdir)
+        if not _built_from(eng, onnx_paths.get(name)):  # measure_lowest's second loop reuses its engines
+            onnx_paths[name] = build_model_engine(m, x, eng, precision=precision, timing_cache=plan.cache(workdir),
+                                                  onnx_path=onnx_paths.get(name))
+        fns[name] = trt_runner(eng, x)
+    return fns, engine_timer(), onnx_paths
+
+
+def _built_from(engine: Path, onnx: Path | None) -> bool:
+    """Whether ``engine`` was built after ``onnx`` was written (both exist)."""
+    return (onnx is not None and engine.exists() and Path(onnx).exists()
+            and engine.stat().st_mtime_ns >= Path(onnx).stat().st_mtime_ns)
+
+
 def _runners(models: dict[str, torch.nn.Module], where: Recipe | Bench, *, batch: int, backend: str, workdir: Path,
-             onnx_paths: dict[str, Path] | None = None) -> tuple[dict, Any, dict[str, Path]]:
+             onnx_paths: dict[str, Path] | None = None,
+             trt: TrtPlan | None = None) -> tuple[dict, Any, dict[str, Path]]:
     """One zero-argument forward call per model on ``backend`` (ONNX files exported into ``workdir``
-    unless given), the timer for them (CUDA events for torch on a GPU; onnxruntime's IO-bound CUDA
-    run synchronises its own stream, so wall clock) and the ONNX files used."""
+    unless given), the timer for them (CUDA events for torch on a GPU and for TensorRT engines;
+    onnxruntime's IO-bound CUDA run synchronises its own stream, so wall clock) and the ONNX files
+    used.  TensorRT: engines built as ``trt`` says (:class:`TrtPlan`)."""
     bench = _bench(where)
     prof = bench.profile
     x = bench.batch(batch)
@@ -83,8 +126,7 @@ def _runners(models: dict[str, torch.nn.Module], where: Recipe | Bench, *, batch
                                      channels_last=prof.layout == "channels_last")
         return fns, device_timer(prof.device), onnx_paths
     if backend == "tensorrt":
-        raise SmcpError("whole-model timing on tensorrt is done by `smcp export --trt`; "
-                        "profile with backend torch or onnxruntime on this machine")
+        return _trt_runners(models, x, prof, workdir, onnx_paths, trt)
     raise SmcpError(f"unknown backend {backend!r}")
 
 
@@ -122,12 +164,13 @@ def measure_pair(baseline: torch.nn.Module, pruned: torch.nn.Module, where: Reci
                  backend: str,
                  workdir: Path, kind: str | None, target: float | None, confidence: float = 0.9,
                  min_rounds: int = 30, max_seconds: float = 60.0,
-                 onnx_paths: dict[str, Path] | None = None) -> PairMeasurement:
+                 onnx_paths: dict[str, Path] | None = None, trt: TrtPlan | None = None) -> PairMeasurement:
     """``baseline`` and ``pruned`` timed in paired rounds (:func:`~smcp_core.profile.paired.time_paired`)
     until the verdict on a ``speedup`` or ``latency_ms`` target is decided by its interval (or
-    ``max_seconds`` are up); for any other ``kind`` (or no target) ``min_rounds`` rounds."""
+    ``max_seconds`` are up); for any other ``kind`` (or no target) ``min_rounds`` rounds.  On
+    ``tensorrt`` the engines are built as ``trt`` says."""
     fns, timer, _ = _runners({"baseline": baseline, "pruned": pruned}, where, batch=batch,
-                            backend=backend, workdir=workdir, onnx_paths=onnx_paths)
+                            backend=backend, workdir=workdir, onnx_paths=onnx_paths, trt=trt)
     timed_target = kind in ("speedup", "latency_ms") and target is not None
 
     def verdict(t: PairedTiming) -> Verdict:

@@ -37,6 +37,11 @@ PARTIAL_TABLE = "latency.partial.json"
 beside ``latency.json``; the next ``smcp profile`` in the same run directory measures only the
 missing points, and removes it once ``latency.json`` is written."""
 
+TRT_TIMING_CACHE = "trt_timing.cache"
+"""The TensorRT timing cache of ``smcp profile`` (backend tensorrt), beside ``latency.json``: every
+layer engine and the whole-model engines of the calibration (built in ``.profile_tmp``, whose
+:class:`~smcp_core.stages.measure.TrtPlan` default is this file) share it, and later runs reuse it."""
+
 
 def profile(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, force: bool = False) -> ProfileResult:
     """Measure the latency table of the recipe's model and the whole-model calibration.
@@ -79,6 +84,7 @@ def profile(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, forc
         device=prof.device, channel_step=prof.channel_step, threads=prof.threads, warmup=prof.warmup,
         min_runs=prof.min_runs, max_seconds=prof.max_seconds, existing=existing, partial_path=partial_path,
         progress=lambda d, t, k: rep.progress("profile", d, t, k),
+        trt_timing_cache=out / TRT_TIMING_CACHE if prof.backend == "tensorrt" else None,
     )
     t_layers = time.perf_counter() - t0
     dense_after = _dense_ms(recipe, model, out)

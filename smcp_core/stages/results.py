@@ -118,3 +118,10 @@ class ExportResult(_Result):
     accuracy: dict | None
     environment: dict
     files: dict
+    tensorrt: dict | None = None  # the engines' precision, FPS, latency percentiles, parity (--trt)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["tensorrt"] is None:  # reports of the other backends stay as they were
+            del d["tensorrt"]
+        return d

@@ -47,3 +47,27 @@ def test_a_latency_target_is_judged_on_the_pruned_models_latency(tiny_run, tmp_p
     assert code == 2 and "ms" in err
     v = _report(run)["gate"]["verdict"]
     assert v["at_least"] is False and v["lo"] > 1e-6 and not v["passed"]
+
+
+def test_a_failed_engine_parity_is_named_by_the_gate(tiny_run):
+    import pytest
+
+    from smcp_core.errors import GateFailed
+    from smcp_core.stages import ExportResult, gate
+
+    doc = _report(tiny_run)
+    doc.update(passed=False, tensorrt={"precision": "fp16", "parity": {
+        "passed": False, "max_rel_diff": 0.2, "tolerance": 0.01}})
+    with pytest.raises(GateFailed, match=r"TensorRT engine parity failed: 0\.2 relative .* > 0\.01 \(fp16\)"):
+        gate(ExportResult.from_dict(doc))
+    assert "tensorrt" not in ExportResult.from_dict(_report(tiny_run)).to_dict()  # other backends: no key
+
+
+def test_trt_flag_enters_the_recipe_so_a_run_exported_without_engines_is_not_up_to_date():
+    from smcp_cli.common import load
+    from smcp_core.stages.artifacts import stamp
+
+    plain, trt = load("quickstart", TINY_RUN), load("quickstart", TINY_RUN, trt=True)
+    assert trt.export.formats == [*plain.export.formats, "trt"]
+    assert stamp(plain, "export") != stamp(trt, "export") and stamp(plain, "slim") == stamp(trt, "slim")
+    assert load("quickstart", [*TINY_RUN, "export.formats=[onnx, trt]"], trt=True).export.formats == ["onnx", "trt"]
