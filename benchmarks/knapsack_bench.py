@@ -7,7 +7,15 @@ nondecreasing); the cost is a staircase latency model, ``a * ceil(k / 32) * 32``
 a little per-option noise, so it is not monotone and not convex.  The budget is a fraction of the
 full model's cost.
 
+``--model resnet50`` instead times a whole mask update, :meth:`Allocator.solve` (options, the
+knapsack at a few corrected capacities, the hub search), on torchvision ResNet-50's real channel
+graph at the rn50_fps2x recipe's grid (``channel_round`` 32, ``min_channels`` 32) with a latency
+table on a 32-channel grid whose per-layer cost is proportional to the layer's MACs, random
+log-normal importances, from the unpruned masks and re-solved from the previous answer (as the
+mask updates of a ramp do).  ``--profile`` prints where the time goes (cProfile).
+
     python benchmarks/knapsack_bench.py [--repeats 7] [--groups 200]
+    python benchmarks/knapsack_bench.py --model resnet50 [--threads 1] [--profile]
 """
 
 from __future__ import annotations
@@ -71,14 +79,83 @@ def bench(channels: list[int], label: str, repeats: int, seed: int = 0) -> None:
               f"{res.max_frontier:>13d} {res.value:>12.3f}")
 
 
+def mac_table(graph, step: int = 32, gmacs_per_ms: float = 50.0):
+    """A complete latency table on ``step``-channel grids: 1 us plus the layer's MACs at 50 GMAC/s."""
+    from smcp_core.profile.table import LatencyTable, channel_grid
+
+    by_key: dict[str, list] = {}
+    for layer in graph.layers:
+        by_key.setdefault(layer.sig.key(), []).append(layer.sig)
+    entries = {}
+    for key, sigs in by_key.items():
+        rep = sigs[0].from_dict({**sigs[0].to_dict(), "cin": max(s.cin for s in sigs),
+                                 "cout": max(s.cout for s in sigs)})
+        gi = sorted({c for s in sigs for c in channel_grid(s.cin, step)})
+        if rep.depthwise:
+            ms = [1e-3 + rep.flops(c, c) / (gmacs_per_ms * 1e9) for c in gi]
+            entries[key] = {"sig": rep.to_dict(), "depthwise": True, "cin_grid": gi, "cout_grid": None, "ms": ms}
+            continue
+        go = sorted({c for s in sigs for c in channel_grid(s.cout, step)})
+        ms = [[1e-3 + rep.flops(ci, co) / (gmacs_per_ms * 1e9) for co in go] for ci in gi]
+        entries[key] = {"sig": rep.to_dict(), "depthwise": False, "cin_grid": gi, "cout_grid": go, "ms": ms}
+    return LatencyTable.from_dict({"format": "smcp-latency-table", "schema_version": 1,
+                                   "meta": {"backend": "synthetic", "device": "cpu", "batch_size": 256,
+                                            "dtype": "float16", "layout": "nhwc", "channel_step": step},
+                                   "model": {}, "entries": entries}, source="MAC-proportional table")
+
+
+def bench_resnet50(repeats: int, profile: bool) -> None:
+    """Allocator.solve on ResNet-50 at the rn50_fps2x grid: from the full model and from the last answer."""
+    from smcp_core.graph.channel_graph import ChannelGraph
+    from smcp_core.models import build_model
+    from smcp_core.profile.cost_model import CostModel
+    from smcp_core.prune.allocator import Allocator
+
+    graph = ChannelGraph(build_model("torchvision/resnet50"), torch.randn(1, 3, 224, 224))
+    alloc = Allocator(graph, CostModel(graph, "latency", mac_table(graph)), channel_round=32, min_channels=32)
+    print(f"\nResNet-50 Allocator.solve: {len(graph.groups)} groups ({len(alloc.hubs)} hubs), "
+          f"{graph.n_classes} channel classes, channel_round 32, min_channels 32, 32-step MAC table")
+    print(f"{'budget':>8} {'start':>6} {'median ms':>10} {'min ms':>8} {'max ms':>8} {'knapsacks':>10}")
+    for frac in (0.5, 0.7):
+        for start in ("full", "prev"):
+            times, iters = [], 0
+            for r in range(repeats):
+                g = torch.Generator().manual_seed(r)
+                scores = torch.randn(graph.n_classes, generator=g, dtype=torch.float64).exp()
+                keep0 = graph.full_keep()
+                if start == "prev":
+                    keep0 = alloc.solve(scores * 1.1, (frac + 0.05) * alloc.full_cost, keep0).keep
+                t0 = time.perf_counter()
+                res = alloc.solve(scores, frac * alloc.full_cost, keep0)
+                times.append((time.perf_counter() - t0) * 1e3)
+                iters = res.iterations
+            print(f"{int(frac * 100):>7}% {start:>6} {statistics.median(times):>10.1f} {min(times):>8.1f} "
+                  f"{max(times):>8.1f} {iters:>10d}")
+    if profile:
+        import cProfile
+        import pstats
+
+        scores = torch.randn(graph.n_classes, generator=torch.Generator().manual_seed(99), dtype=torch.float64).exp()
+        prof = cProfile.Profile()
+        prof.runcall(alloc.solve, scores, 0.5 * alloc.full_cost, graph.full_keep())
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--groups", type=int, default=200, help="group count of the scaled instance")
     ap.add_argument("--seeds", type=int, default=3, help="random instances per size")
+    ap.add_argument("--model", choices=("synthetic", "resnet50"), default="synthetic",
+                    help="synthetic knapsack instances, or whole mask updates on ResNet-50's channel graph")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--profile", action="store_true", help="with --model resnet50: cProfile one solve")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}")
+    if args.model == "resnet50":
+        bench_resnet50(args.repeats, args.profile)
+        return
     base = resnet50_channels()
     for seed in range(args.seeds):
         bench(base, f"ResNet-50-like (seed {seed})", args.repeats, seed)

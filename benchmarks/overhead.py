@@ -26,8 +26,8 @@ Part 2 -- mask updates.  ``Allocator.solve`` (options for every group + exact kn
 ResNet-50 (224x224) and CIFAR ResNet-56, with a FLOPs cost model and a latency cost model (a
 synthetic staircase :class:`~smcp_core.profile.table.LatencyTable` by default, or a small real onnxruntime
 table with ``--latency-table measure``), random log-normal importances, budgets of 30/50/70% of the
-full cost, starting from the unpruned mask.  ``solve_mckp`` is timed per call by wrapping the name
-the allocator calls.  The update cost is amortised over the default update interval
+full cost, starting from the unpruned mask.  The knapsack is timed per call by wrapping
+``McKpInstance.solve``, which the allocator calls.  The update cost is amortised over the default update interval
 (``update_interval_samples / batch`` steps).
 
     python benchmarks/overhead.py                 # full run (about 7.5 minutes on a busy 2-core VM)
@@ -60,7 +60,6 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-pass
 from smcp_core import __version__ as smcp_version  # noqa: E402
 from smcp_core.errors import InfeasibleTarget  # noqa: E402
 from smcp_core.graph.channel_graph import ChannelGraph  # noqa: E402
@@ -68,10 +67,9 @@ from smcp_core.models import build_model  # noqa: E402
 from smcp_core.profile.cost_model import CostModel  # noqa: E402
 from smcp_core.profile.fingerprint import device_fingerprint  # noqa: E402
 from smcp_core.profile.table import LatencyTable, channel_grid  # noqa: E402
-from smcp_core.prune import allocator as allocator_mod  # noqa: E402
 from smcp_core.prune.allocator import Allocator  # noqa: E402
 from smcp_core.prune.importance import ImportanceTracker  # noqa: E402
-from smcp_core.prune.knapsack import solve_mckp  # noqa: E402
+from smcp_core.prune.knapsack import McKpInstance, solve_mckp  # noqa: E402
 from smcp_core.prune.masking import Masker  # noqa: E402
 from smcp_core.prune.trainer import _param_groups  # noqa: E402  (the exact optimizer grouping of prune_train)
 
@@ -427,22 +425,23 @@ def measured_table(graph: ChannelGraph, args, log) -> LatencyTable | None:
 
 @contextlib.contextmanager
 def knapsack_timer():
-    """Time every solve_mckp call the allocator makes (wraps the name prune/allocator.py looks up)."""
+    """Time every knapsack solve the allocator makes (wraps ``McKpInstance.solve``, which
+    prune/allocator.py calls once per capacity on each prepared instance)."""
     calls: list[float] = []
-    orig = allocator_mod.solve_mckp
+    orig = McKpInstance.solve
 
-    def timed(*a, **k):
+    def timed(self, *a, **k):
         t0 = time.perf_counter()
         try:
-            return orig(*a, **k)
+            return orig(self, *a, **k)
         finally:
             calls.append((time.perf_counter() - t0) * 1e3)
 
-    allocator_mod.solve_mckp = timed
+    McKpInstance.solve = timed
     try:
         yield calls
     finally:
-        allocator_mod.solve_mckp = orig
+        McKpInstance.solve = orig
 
 
 def bench_solve(label: str, graph: ChannelGraph, cost: CostModel, args, log) -> list[dict]:

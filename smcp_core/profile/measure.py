@@ -247,6 +247,8 @@ def measure_table(
     plan = [_plan_entry(key, ss, channel_step, max_grid_points) for key, ss in groups.items()]
     setup = {"backend": backend, "batch_size": batch_size, "dtype": dtype, "layout": layout, "device": device,
              "threads": threads, "trt_timing_cache": trt_timing_cache}
+    if backend == "torch" and str(device).startswith("cuda"):
+        profile_timing.enable_cudnn_benchmark()  # before the fingerprint records the setting
     fp = profile_fingerprint.device_fingerprint(backend, device, threads)
     fpid = profile_fingerprint.fingerprint_id(fp)
     olds = [] if existing is None else [existing] if isinstance(existing, LatencyTable) else list(existing)

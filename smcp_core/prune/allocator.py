@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from smcp_core.config.recipe import PruneConfig
 from smcp_core.errors import InfeasibleTarget, SmcpError
 from smcp_core.graph.channel_graph import ChannelGraph, LayerInfo
 from smcp_core.profile.cost_model import CostModel
-from smcp_core.prune.knapsack import solve_mckp
+from smcp_core.prune.knapsack import McKpInstance
 
 
 @dataclass
@@ -77,6 +78,13 @@ class Allocator:
         for g in graph.groups:
             local[g.classes] = torch.arange(g.size)
         self._local = local
+        self._in_cls, self._in_of = _flat_labels([layer.in_labels for layer in graph.layers])
+        self._out_cls, self._out_of = _flat_labels([layer.out_labels for layer in graph.layers])
+        self._in_start = _starts(self._in_of, len(graph.layers))
+        self._out_start = _starts(self._out_of, len(graph.layers))
+        self._group_of = graph.class_group.numpy().copy()
+        self._memo: dict[tuple[int, int, int], float] = {}  # (layer, cin, cout) -> cost, for _total
+        self._memo_removed = cost.removed_cost
         touch = [0] * G
         out_group: dict[int, int] = {}
         # a channel-wise conv whose channels no conv/linear reads (every class frozen) belongs to no
@@ -202,42 +210,107 @@ class Allocator:
     def options(self, scores: torch.Tensor, keep_now: torch.Tensor, fixed: dict[int, int] | None = None,
                 cache: dict | None = None):
         """(values, costs, ks, orders) per group for the knapsack.  Groups in ``fixed`` (hubs)
-        get the single option of that width; other widths come from ``keep_now``."""
-        graph, cost = self.graph, self.cost
-        k_now = keep_now.to(torch.long).cpu()
+        get the single option of that width; other widths come from ``keep_now``.  ``cache`` (one
+        per solve, i.e. per score vector) keeps each group's order and every option cost vector
+        already built, so re-linearising at new widths only recomputes the groups they change."""
         scores = scores.detach().to(torch.float64).cpu()
         fixed = fixed or {}
         cache = {} if cache is None else cache
+        cin_now, cout_now = self._layer_widths(keep_now)
         values, costs, ks, orders = [], [], [], []
-        for g in graph.groups:
+        for g in self.graph.groups:
             if g.index not in cache:
                 cache[g.index] = self._order(g, scores)
-            order, csum, rank, n_mand = cache[g.index]
-            grid = self.grid(g, n_mand) if g.index not in fixed else torch.tensor([fixed[g.index]])
-            values.append(csum[grid])
-            c = torch.zeros(len(grid), dtype=torch.float64)
-            for layer, mode, pos, share in self._plan[g.index]:
-                cnt = torch.searchsorted(torch.sort(rank[pos]).values, grid, right=False)
-                if mode == "in":
-                    lc = cost.layer_cost(layer, cnt, int(k_now[layer.out_labels].sum()))
-                elif mode == "out":
-                    cin = torch.full_like(cnt, int(k_now[layer.in_labels].sum()))
-                    lc = cost.layer_cost(layer, cin, cnt)
-                else:
-                    lc = cost.layer_cost(layer, cnt, cnt)
-                c += lc if share == 1.0 else share * lc
-            costs.append(c)
+            w = fixed.get(g.index)
+            grid, vals = self._grid_values(g, w, cache)
+            values.append(vals)
+            costs.append(self._group_cost(g, w, grid, cin_now, cout_now, cache))
             ks.append(grid)
-            orders.append(order)
+            orders.append(cache[g.index][0])
         return values, costs, ks, orders
 
-    def _keep_from(self, choice: torch.Tensor, ks, orders) -> torch.Tensor:
-        keep = self.full_keep.clone()
-        for g, j, grid, order in zip(self.graph.groups, choice.tolist(), ks, orders):
-            k = int(grid[j])
-            keep[g.classes] = False
-            keep[g.classes[order[:k]]] = True
-        return keep
+    def _grid_values(self, g, width: int | None, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The group's option widths (its grid, or the one fixed ``width``) and their values."""
+        key = ("grid", g.index, width)
+        if key not in cache:
+            _, csum, _, n_mand = cache[g.index]
+            grid = self.grid(g, n_mand) if width is None else torch.tensor([width])
+            cache[key] = (grid, csum[grid])
+        return cache[key]
+
+    def _group_cost(self, g, width: int | None, grid: torch.Tensor, cin_now, cout_now, cache: dict) -> torch.Tensor:
+        """Option costs of group ``g``: every layer charged to it at the option widths, its other
+        width held at the current masks (memoised on those held widths)."""
+        plan = self._plan[g.index]
+        held = tuple(int(cout_now[layer.index]) if mode == "in" else int(cin_now[layer.index]) if mode == "out" else 0
+                     for layer, mode, _, _ in plan)
+        key = ("cost", g.index, width, held)
+        if key in cache:
+            return cache[key]
+        rank = cache[g.index][2]
+        c = torch.zeros(len(grid), dtype=torch.float64)
+        for i, ((layer, mode, pos, share), other) in enumerate(zip(plan, held)):
+            cnt = self._kept_counts(g, i, width, rank, pos, grid, cache)
+            if mode == "in":
+                lc = self.cost.layer_cost(layer, cnt, other)
+            elif mode == "out":
+                lc = self.cost.layer_cost(layer, torch.full_like(cnt, other), cnt)
+            else:
+                lc = self.cost.layer_cost(layer, cnt, cnt)
+            c += lc if share == 1.0 else share * lc
+        cache[key] = c
+        return c
+
+    @staticmethod
+    def _kept_counts(g, i: int, width, rank, pos, grid, cache: dict) -> torch.Tensor:
+        """How many of a layer's positions ``pos`` in group ``g`` each option width keeps."""
+        key = ("cnt", g.index, i, width)
+        if key not in cache:
+            cache[key] = torch.searchsorted(torch.sort(rank[pos]).values, grid, right=False)
+        return cache[key]
+
+    def _layer_widths(self, keep: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(input widths, output widths) of every layer at a keep-mask (numpy: no torch thread pool
+        for these small sums)."""
+        k = keep.detach().cpu().numpy().astype(np.int64)
+        n = len(self.graph.layers)
+        return (_segment_sums(k[self._in_cls], self._in_of, self._in_start, n),
+                _segment_sums(k[self._out_cls], self._out_of, self._out_start, n))
+
+    def _total(self, keep: torch.Tensor) -> float:
+        """``cost.total(keep)``, the same sum of the same layer costs, memoised per layer widths."""
+        if self._memo_removed != self.cost.removed_cost:  # the closed loop re-fitted it
+            self._memo.clear()
+            self._memo_removed = self.cost.removed_cost
+        memo, out = self._memo, []
+        for layer, ci, co in zip(self.graph.layers, *(w.tolist() for w in self._layer_widths(keep))):
+            c = memo.get((layer.index, ci, co))
+            if c is None:
+                c = memo[(layer.index, ci, co)] = float(self.cost.layer_cost(layer, torch.tensor([ci]), co)[0])
+            out.append(c)
+        return float(torch.tensor(out, dtype=torch.float64).sum())
+
+    def _keep_from(self, choice: torch.Tensor, ks, orders, rank: np.ndarray | None = None) -> torch.Tensor:
+        """The keep-mask of one option per group: each group keeps the first ``k`` of its order
+        (``rank``: :meth:`_class_ranks` of ``orders``, when the caller has it)."""
+        k_of = np.array([int(grid[j]) for grid, j in zip(ks, choice.tolist())] + [0], dtype=np.int64)
+        rank = self._class_ranks(orders) if rank is None else rank
+        grouped = self._group_of >= 0
+        keep = self.full_keep.numpy().copy()
+        keep[grouped] = rank[grouped] < k_of[self._group_of[grouped]]
+        return torch.from_numpy(keep)
+
+    def _class_ranks(self, orders, cache: dict | None = None) -> np.ndarray:
+        """Every channel class's position in its group's keep order (-1: in no group); memoised in
+        ``cache`` (one solve's orders never change)."""
+        if cache is not None and "rank" in cache:
+            return cache["rank"]
+        rank = np.full(self.graph.n_classes, -1, dtype=np.int64)
+        for g, order in zip(self.graph.groups, orders):
+            rank[g.classes.numpy()[order.numpy()]] = np.arange(g.size)
+        if cache is not None:
+            cache["rank"] = rank
+        return rank
 
     def _set_width(self, keep: torch.Tensor, g, k: int, order: torch.Tensor) -> torch.Tensor:
         keep = keep.clone()
@@ -260,6 +333,7 @@ class Allocator:
     def _solve_at(self, scores, budget, lin, fixed, cache, inner: int, state: dict) -> SolveResult | None:
         """Knapsack at one linearisation point, with capacity correction; best feasible result."""
         values, costs, ks, orders = self.options(scores, lin, fixed, cache)
+        instance = McKpInstance(values, costs)
         cap = budget - self._const
         best = None
         narrowed = False
@@ -269,7 +343,7 @@ class Allocator:
             it += 1
             state["n"] += 1
             try:
-                res = solve_mckp(values, costs, cap, unit=self.cost.unit)
+                res = instance.solve(cap, unit=self.cost.unit)
             except InfeasibleTarget:
                 if not narrowed and best is None:
                     # output widths held at this point make every option too expensive: hold them
@@ -277,14 +351,15 @@ class Allocator:
                     narrowed = True
                     lin = self._narrowest(lin, fixed, cache)
                     values, costs, ks, orders = self.options(scores, lin, fixed, cache)
+                    instance = McKpInstance(values, costs)
                     continue
                 lo_cap = cap if lo_cap is None else max(lo_cap, cap)
                 if hi_cap is None:
                     break
                 cap = 0.5 * (lo_cap + hi_cap)
                 continue
-            keep = self._keep_from(res.choice, ks, orders)
-            actual = self.cost.total(keep)
+            keep = self._keep_from(res.choice, ks, orders, self._class_ranks(orders, cache))
+            actual = self._total(keep)
             value = float(res.value)
             if actual <= budget * (1 + 1e-9):
                 if best is None or value > best.value:
@@ -458,6 +533,30 @@ class Allocator:
 
     def _widths(self, keep: torch.Tensor) -> dict[int, int]:
         return {g.index: int(keep[g.classes].sum()) for g in self.graph.groups}
+
+
+def _flat_labels(labels: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """Every layer's channel classes concatenated, and the layer each belongs to (numpy)."""
+    if not labels:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    counts = [len(lab) for lab in labels]
+    return torch.cat(labels).numpy().astype(np.int64), np.repeat(np.arange(len(labels)), counts)
+
+
+def _starts(of: np.ndarray, n: int) -> np.ndarray | None:
+    """Where each of the ``n`` layers' runs starts in ``of`` (sorted layer ids), or None when a
+    layer has no entry (then :func:`_segment_sums` counts with ``bincount``)."""
+    counts = np.bincount(of, minlength=n)
+    if n == 0 or (counts == 0).any():
+        return None
+    return np.concatenate([[0], np.cumsum(counts)[:-1]])
+
+
+def _segment_sums(x: np.ndarray, of: np.ndarray, starts: np.ndarray | None, n: int) -> np.ndarray:
+    """Per-layer sums (``n`` layers) of the int64 values ``x`` (``of``: the layer of each value)."""
+    if starts is None:
+        return np.bincount(of, weights=x, minlength=n).astype(np.int64)
+    return np.add.reduceat(x, starts)
 
 
 def _grouped_layers(graph: ChannelGraph) -> list[LayerInfo]:

@@ -63,7 +63,11 @@ can take much longer; pruning-shaped inputs (concave values, near-linear costs) 
 few hundred entries.
 
 All work inside a group is vectorised with numpy; Python only loops over groups (and over the few
-passes needed to peel non-concave points off each group's hull).  Inputs may be torch tensors on any
+passes needed to peel non-concave points off each group's hull).  The reduction of step 4 tests every
+option of every group at once, and the groups left with a single option (most of them, after it)
+are added to the search's first frontier without a step each.  :class:`McKpInstance` does what does
+not depend on the capacity (checks, Pareto sets, first hulls and LP tables) once, for callers that
+solve one instance at several capacities (the allocator's capacity correction).  Inputs may be torch tensors on any
 device, numpy arrays or lists; the computation runs in float64 on the CPU.
 
 The feasibility test uses ``total cost <= capacity + 1e-9 * |capacity|`` so that float round-off in
@@ -82,7 +86,7 @@ import torch
 
 from smcp_core.errors import InfeasibleTarget
 
-__all__ = ["McKpResult", "solve_mckp", "REL_TOL"]
+__all__ = ["McKpInstance", "McKpResult", "solve_mckp", "REL_TOL"]
 
 
 #: Relative tolerance on the capacity (float round-off in summed costs).
@@ -106,14 +110,17 @@ class McKpResult:
 
 def _as_vector(x, what: str, g: int) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        arr = x.detach().to(device="cpu", dtype=torch.float64).numpy()
+        t = x.detach()
+        if t.dtype != torch.float64 or t.device.type != "cpu":
+            t = t.to(device="cpu", dtype=torch.float64)
+        arr = t.numpy()
     else:
         arr = np.asarray(x, dtype=np.float64)
     if arr.ndim != 1:
         raise ValueError(f"{what}[{g}] must be 1-D, got shape {tuple(arr.shape)}")
     if arr.size == 0:
         raise ValueError(f"{what}[{g}] is empty: every group needs at least one option")
-    if not np.all(np.isfinite(arr)):
+    if not np.isfinite(arr).all():
         raise ValueError(f"{what}[{g}] contains a non-finite number")
     return arr
 
@@ -137,7 +144,7 @@ def _upper_hull(c: np.ndarray, v: np.ndarray) -> np.ndarray:
     idx = np.arange(c.size)
     while idx.size > 2:
         cc, vv = c[idx], v[idx]
-        dc, dv = np.diff(cc), np.diff(vv)
+        dc, dv = cc[1:] - cc[:-1], vv[1:] - vv[:-1]  # np.diff, without its per-call overhead
         # point i (interior) is kept when slope(i-1, i) > slope(i, i+1)
         inner = dv[:-1] * dc[1:] > dv[1:] * dc[:-1]
         if inner.all():
@@ -194,50 +201,65 @@ def solve_mckp(
         InfeasibleTarget: even the cheapest option of every group together exceeds ``capacity``.
         ValueError: malformed input (mismatched lengths, empty groups, NaN/inf entries, NaN capacity).
     """
-    vals, csts, capacity = _checked_options(values, costs, capacity)
-    n_groups = len(vals)
-    cap = capacity + REL_TOL * abs(capacity) if math.isfinite(capacity) else capacity
-    min_total = float(sum(c.min() for c in csts)) if n_groups else 0.0
-    if min_total > cap:
-        raise InfeasibleTarget(_infeasible_message(min_total, capacity, unit))
-    if n_groups == 0:
-        return _result(vals, csts, np.zeros(0, dtype=np.int64))
-    if math.isinf(capacity):  # +inf: unconstrained
-        return _result(vals, csts, np.array([int(np.argmax(v)) for v in vals], dtype=np.int64))
-
-    # 1. Pareto options per group (sorted by cost; strictly increasing cost and value).
-    p_idx = [_pareto_group(csts[g], vals[g]) for g in range(n_groups)]
-    p_c = [csts[g][p_idx[g]] for g in range(n_groups)]
-    p_v = [vals[g][p_idx[g]] for g in range(n_groups)]
-
-    # Trivial case: every group's best option fits.
-    if float(sum(pc[-1] for pc in p_c)) <= cap:
-        return _result(vals, csts, np.array([p_idx[g][-1] for g in range(n_groups)], dtype=np.int64))
-
-    # Tolerances: ``eps`` on values (bound tests), ``ctol`` on costs for intermediate feasibility
-    # tests whose sums are formed in a different order than the final one.
-    eps = 1e-9 * max(float(sum(np.abs(pv).max() for pv in p_v)), 1e-300)
-    ctol = 1e-12 * float(sum(np.abs(pc).max() for pc in p_c))
-
-    # 2.-4. LP bounds and a feasible lower bound; then drop options that provably cannot be optimal.
-    reduced = _reduce_options(p_idx, p_c, p_v, cap, ctol, eps)
-    if reduced.solved:
-        return _result(vals, csts, reduced.lb_choice)
-
-    # 5. Frontier search.
-    choice, max_front = _FrontierSearch(reduced, cap, ctol, eps).run()
-    return _result(vals, csts, choice, max_front)
+    return McKpInstance(values, costs).solve(capacity, unit=unit)
 
 
-def _checked_options(values: Sequence, costs: Sequence,
-                     capacity: float) -> tuple[list[np.ndarray], list[np.ndarray], float]:
-    """The options of every group as float64 vectors (values, costs) and the capacity as a float;
-    ``ValueError`` for malformed input."""
+class McKpInstance:
+    """One knapsack instance (the options of every group), solved for one or more capacities.
+
+    What does not depend on the capacity is done once: the input checks, each group's Pareto set,
+    the hull segments of those sets and the per-group LP tables of the first reduction round.  The
+    allocator solves the same options at a few corrected capacities in a row.
+    """
+
+    def __init__(self, values: Sequence, costs: Sequence) -> None:
+        self.vals, self.csts = _checked_options(values, costs)
+        n_groups = len(self.vals)
+        self.min_total = float(sum(c.min() for c in self.csts)) if n_groups else 0.0
+        # 1. Pareto options per group (sorted by cost; strictly increasing cost and value).
+        self.p_idx = [_pareto_group(self.csts[g], self.vals[g]) for g in range(n_groups)]
+        self.p_c = [self.csts[g][self.p_idx[g]] for g in range(n_groups)]
+        self.p_v = [self.vals[g][self.p_idx[g]] for g in range(n_groups)]
+        self.best_total = float(sum(pc[-1] for pc in self.p_c))
+        # Tolerances: ``eps`` on values (bound tests), ``ctol`` on costs for intermediate feasibility
+        # tests whose sums are formed in a different order than the final one.
+        self.eps = 1e-9 * max(float(sum(np.abs(pv).max() for pv in self.p_v)), 1e-300)
+        self.ctol = 1e-12 * float(sum(np.abs(pc).max() for pc in self.p_c))
+        self._segs: _Segments | None = None  # built on the first constrained solve
+
+    def solve(self, capacity: float, *, unit: str = "") -> McKpResult:
+        """The optimum at ``capacity`` (see :func:`solve_mckp`)."""
+        capacity = float(capacity)
+        if math.isnan(capacity):
+            raise ValueError("capacity is NaN")
+        vals, csts = self.vals, self.csts
+        n_groups = len(vals)
+        cap = capacity + REL_TOL * abs(capacity) if math.isfinite(capacity) else capacity
+        if self.min_total > cap:
+            raise InfeasibleTarget(_infeasible_message(self.min_total, capacity, unit))
+        if n_groups == 0:
+            return _result(vals, csts, np.zeros(0, dtype=np.int64))
+        if math.isinf(capacity):  # +inf: unconstrained
+            return _result(vals, csts, np.array([int(np.argmax(v)) for v in vals], dtype=np.int64))
+        # Trivial case: every group's best option fits.
+        if self.best_total <= cap:
+            return _result(vals, csts, np.array([p[-1] for p in self.p_idx], dtype=np.int64))
+        if self._segs is None:
+            self._segs = _Segments(self.p_c, self.p_v)
+        # 2.-4. LP bounds and a feasible lower bound; then drop options that provably cannot be optimal.
+        reduced = _reduce_options(self.p_idx, self.p_c, self.p_v, cap, self.ctol, self.eps, self._segs)
+        if reduced.solved:
+            return _result(vals, csts, reduced.lb_choice)
+        # 5. Frontier search.
+        choice, max_front = _FrontierSearch(reduced, cap, self.ctol, self.eps).run()
+        return _result(vals, csts, choice, max_front)
+
+
+def _checked_options(values: Sequence, costs: Sequence) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The options of every group as float64 vectors (values, costs); ``ValueError`` for malformed
+    input."""
     if len(values) != len(costs):
         raise ValueError(f"values has {len(values)} groups but costs has {len(costs)}")
-    capacity = float(capacity)
-    if math.isnan(capacity):
-        raise ValueError("capacity is NaN")
     n_groups = len(values)
     vals = [_as_vector(values[g], "values", g) for g in range(n_groups)]
     csts = [_as_vector(costs[g], "costs", g) for g in range(n_groups)]
@@ -246,7 +268,7 @@ def _checked_options(values: Sequence, costs: Sequence,
             raise ValueError(
                 f"group {g}: values has {vals[g].size} options but costs has {csts[g].size}"
             )
-    return vals, csts, capacity
+    return vals, csts
 
 
 def _result(vals: list[np.ndarray], csts: list[np.ndarray], choice: np.ndarray, max_frontier: int = 0) -> McKpResult:
@@ -271,14 +293,16 @@ class _Reduced(NamedTuple):
     solved: bool
 
 
-def _reduce_options(p_idx, p_c, p_v, cap: float, ctol: float, eps: float) -> _Reduced:
+def _reduce_options(p_idx, p_c, p_v, cap: float, ctol: float, eps: float, segs: _Segments) -> _Reduced:
     """Steps 2.-4.: a greedy lower bound, then the options whose LP bound is below it removed, for
-    at most :data:`_MAX_REDUCTION_ROUNDS` rounds (while a round removes anything)."""
+    at most :data:`_MAX_REDUCTION_ROUNDS` rounds (while a round removes anything).  ``segs`` are the
+    hull segments of the options as given (the first round's)."""
     n_groups = len(p_c)
     lb = -math.inf
     lb_choice = None
-    for _ in range(_MAX_REDUCTION_ROUNDS):
-        segs = _Segments(p_c, p_v)
+    for rnd in range(_MAX_REDUCTION_ROUNDS):
+        if rnd:
+            segs = _Segments(p_c, p_v)
         cur = _greedy_feasible(p_c, p_v, segs, cap)
         cur_v = float(sum(p_v[g][cur[g]] for g in range(n_groups)))
         if cur_v > lb:
@@ -328,10 +352,9 @@ class _FrontierSearch:
 
     def run(self) -> tuple[np.ndarray, int]:
         """An optimal choice (original option indices per group) and the largest frontier size."""
-        front_c = np.zeros(1)
-        front_v = np.zeros(1)
+        front_c, front_v, lead = self._single_option_prefix()
         max_front = 1
-        for t, g in enumerate(self.perm):
+        for t, g in enumerate(self.perm[lead:], start=lead):
             f = front_c.size
             sel = self._candidates(t, front_c, front_v)
             if sel.size == 0:  # only through round-off: the best known solution is optimal
@@ -348,6 +371,21 @@ class _FrontierSearch:
         choice = np.empty(self.n_groups, dtype=np.int64)
         self._trace(choice, self.n_groups - 1, front_c.size - 1)
         return choice, max_front
+
+    def _single_option_prefix(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """The one-entry frontier after the leading groups that have a single option left (the
+        processing order puts them first), all but the last of them added without the per-step
+        tests: fixing such a group changes no bound.  Returns (costs, values, steps done)."""
+        front_c, front_v = np.zeros(1), np.zeros(1)
+        lead = 0
+        while lead + 1 < self.n_groups and self.p_c[self.perm[lead + 1]].size == 1:
+            g = self.perm[lead]
+            front_c = self.p_c[g][:1] + front_c  # the same additions as in the candidate tests
+            front_v = self.p_v[g][:1] + front_v
+            self.parents.append(np.zeros(1, dtype=np.int64))
+            self.options.append(np.zeros(1, dtype=np.int64))
+            lead += 1
+        return front_c, front_v, lead
 
     def _candidates(self, t: int, front_c: np.ndarray, front_v: np.ndarray) -> np.ndarray:
         """The (option r, frontier entry e) pairs of step ``t`` that pass the budget and bound tests,
@@ -442,6 +480,11 @@ _MAX_REDUCTION_ROUNDS = 4
 
 _CHUNK = 1 << 19  # candidates formed at once in one step of the frontier search
 
+_VECTOR_REDUCE_MAX = 1 << 21  # options x segments up to which all options are reduced at once
+
+
+_SMALL = [np.arange(n) for n in range(3)]  # the hull of 0, 1 or 2 points: all of them (read only)
+
 
 class _Segments:
     """Upper-hull segments of all groups, sorted by decreasing slope (value per unit cost).
@@ -453,13 +496,17 @@ class _Segments:
 
     def __init__(self, p_c: list[np.ndarray], p_v: list[np.ndarray]):
         n_groups = len(p_c)
-        self.hull = [_upper_hull(p_c[g], p_v[g]) for g in range(n_groups)]
+        self._without: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._rows: tuple[np.ndarray, np.ndarray] | None = None  # see lp_without
+        self.hull = [_upper_hull(p_c[g], p_v[g]) if p_c[g].size > 2 else _SMALL[p_c[g].size]
+                     for g in range(n_groups)]
         self.min_c = np.array([pc[0] for pc in p_c])
         self.base_v = np.array([pv[0] for pv in p_v])
         dcs, dvs, keys, gs, hs = [], [], [], [], []
         for g, h in enumerate(self.hull):
             if h.size > 1:
-                dc, dv = np.diff(p_c[g][h]), np.diff(p_v[g][h])
+                hc, hv = p_c[g][h], p_v[g][h]
+                dc, dv = hc[1:] - hc[:-1], hv[1:] - hv[:-1]
                 dcs.append(dc)
                 dvs.append(dv)
                 # Hull slopes decrease; the running minimum guards against a rounded division
@@ -477,21 +524,61 @@ class _Segments:
         order = np.lexsort((hh, gg, -key))
         self.dc, self.dv, self.g = dc[order], dv[order], gg[order]
 
+    def lp_without(self, gid: np.ndarray, room: np.ndarray) -> np.ndarray:
+        """For every ``(gid[i], room[i])``: the LP gain of all groups but ``gid[i]`` at budget
+        ``room[i] >= 0``, the value :meth:`without`'s table gives (to round-off)."""
+        if self._rows is None:  # per group: the global prefix sums with the group's own segments zeroed
+            other = self.g[None, :] != np.arange(self.min_c.size)[:, None]
+            zero = np.zeros((other.shape[0], 1))
+            self._rows = (np.hstack([zero, np.cumsum(self.dc * other, axis=1)]),
+                          np.hstack([zero, np.cumsum(self.dv * other, axis=1)]))
+        xs, fs = self._rows[0][gid], self._rows[1][gid]
+        idx = (xs < room[:, None]).sum(axis=1)  # rows are nondecreasing: the first point >= room
+        lo = np.maximum(idx - 1, 0)
+        hi = np.minimum(idx, xs.shape[1] - 1)
+        r = np.arange(gid.size)
+        x0, x1, f0, f1 = xs[r, lo], xs[r, hi], fs[r, lo], fs[r, hi]
+        span = np.where(x1 > x0, x1 - x0, 1.0)
+        return np.where(idx > xs.shape[1] - 1, fs[:, -1], f0 + (room - x0) * ((f1 - f0) / span))
+
+    def without(self, g: int) -> tuple[np.ndarray, np.ndarray]:
+        """The LP table (:func:`_lp_table`) of every group's segments but group ``g``'s (memoised:
+        an instance solved at several capacities reuses its first round's tables)."""
+        if g not in self._without:
+            other = self.g != g
+            self._without[g] = _lp_table(self.dc[other], self.dv[other])
+        return self._without[g]
+
 
 def _reduce(p_c, p_v, segs: _Segments, cap: float, threshold: float) -> list[np.ndarray] | None:
     """Keep-masks of the options that may still be in an optimal solution (``None``: all of them).
 
     Option ``j`` of group ``g`` is dropped when fixing it leaves a budget the other groups cannot
     meet even at their cheapest, or when its value plus the LP bound of all *other* groups at the
-    budget left over is below ``threshold`` (the lower bound minus a tolerance).
+    budget left over is below ``threshold`` (the lower bound minus a tolerance).  All options are
+    tested at once (:meth:`_Segments.lp_without`) unless that table would be large.
     """
+    sizes = [pc.size for pc in p_c]
+    if sum(sizes) * (segs.dc.size + 1) > _VECTOR_REDUCE_MAX:
+        return _reduce_per_group(p_c, p_v, segs, cap, threshold)
+    gid = np.repeat(np.arange(len(p_c)), sizes)
+    c, v = np.concatenate(p_c), np.concatenate(p_v)
+    slack = cap - (float(segs.min_c.sum()) - segs.min_c[gid]) - c
+    ub = v + (float(segs.base_v.sum()) - segs.base_v[gid]) + segs.lp_without(gid, np.maximum(slack, 0.0))
+    keep = (slack >= 0.0) & (ub >= threshold)
+    if keep.all():
+        return None
+    return np.split(keep, np.cumsum(sizes)[:-1])
+
+
+def _reduce_per_group(p_c, p_v, segs: _Segments, cap: float, threshold: float) -> list[np.ndarray] | None:
+    """:func:`_reduce`, one group at a time (large instances)."""
     min_total = float(segs.min_c.sum())
     base_total = float(segs.base_v.sum())
     keeps = []
     changed = False
     for g in range(len(p_c)):
-        other = segs.g != g
-        xp, fp = _lp_table(segs.dc[other], segs.dv[other])
+        xp, fp = segs.without(g)
         slack = cap - (min_total - segs.min_c[g]) - p_c[g]
         ub = p_v[g] + (base_total - segs.base_v[g]) + np.interp(np.maximum(slack, 0.0), xp, fp)
         keep = (slack >= 0.0) & (ub >= threshold)

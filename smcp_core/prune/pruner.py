@@ -9,8 +9,9 @@ budget schedule of one model.  Two loops drive it with the same code:
   ``loss.backward()`` and one :meth:`Pruner.after_step` after ``optimizer.step()``; the pruner
   counts optimizer steps itself and follows its :class:`StepSchedule`.
 
-Every mask update is solved from scores all-reduced over the ranks and its keep-mask broadcast from
-rank 0, so the masks are identical on every rank (no-op in one process).
+Every mask update is solved once, on rank 0, from scores all-reduced over the ranks, and its result
+(keep-mask, cost, value) broadcast to the others, so the masks are identical on every rank and the
+other ranks spend no CPU time on the solve (no-op in one process).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as torch_dist
 from torch import nn
 
 from smcp_core.config import presets
-from smcp_core.errors import SmcpError
+from smcp_core.errors import InfeasibleTarget, SmcpError
 from smcp_core.events import Reporter
 from smcp_core.graph.channel_graph import ChannelGraph
 from smcp_core.profile.cost_model import CostModel
@@ -307,8 +309,8 @@ class Pruner:
         budget = budget_at(progress, self.full, self.target_cost, self.pc.schedule)
         t0 = time.perf_counter()
         scores = dist.all_reduce_mean_(self.tracker.scores().detach().clone())  # identical on every rank
-        res = solve(scores, budget)
-        keep = dist.broadcast_(res.keep.to(device=scores.device, dtype=torch.uint8)).cpu().bool()
+        res = _solve_on_main(solve, scores, budget)
+        keep = res.keep.cpu().bool()
         row = {"event": "mask_update", **({"soft_filter": True} if soft_filter else {}),
                "epoch": epoch if epoch is not None else 0, **({"step": self.steps} if self._self_counted else {}),
                "progress": round(progress, 4), "budget": budget, "cost": res.cost,
@@ -336,3 +338,25 @@ class Pruner:
         weights with the masks applied (CPU copies): what ``smcp prune`` saves.  Once, at the end."""
         self.bn_scaler.bake()  # gamma_orig * s into plain parameters before the weights are handed over
         return {k: v.detach().cpu().clone() for k, v in masked_state_dict(self.model, self.masker).items()}
+
+
+def _solve_on_main(solve: Callable[[torch.Tensor, float], SolveResult], scores: torch.Tensor,
+                   budget: float) -> SolveResult:
+    """``solve(scores, budget)`` on rank 0 only, its result (or its error) broadcast to every rank."""
+    if not dist.active():
+        return solve(scores, budget)
+    payload: list = [None]
+    error: Exception | None = None
+    if dist.is_main():
+        try:
+            payload[0] = solve(scores, budget)
+        except Exception as exc:  # noqa: BLE001 - every rank must leave the broadcast with the same outcome
+            error = exc
+            payload[0] = (type(exc).__name__, str(exc))
+    torch_dist.broadcast_object_list(payload, src=0)
+    if error is not None:
+        raise error
+    if isinstance(payload[0], tuple):  # rank 0 failed: the same line here
+        kind, msg = payload[0]
+        raise InfeasibleTarget(msg) if kind == "InfeasibleTarget" else SmcpError(f"mask update on rank 0: {msg}")
+    return payload[0]

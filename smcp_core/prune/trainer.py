@@ -217,7 +217,7 @@ class PruneTrainer:
     def _setup_device(self, model: nn.Module, out_dir: Path) -> None:
         """The device, the output folder, the seed, and the model moved there (SyncBatchNorm under DDP)."""
         pc = self.pc
-        self.device = dist.local_device(pc.device)
+        self.device = dist.local_device(pc.device, warn=self.rep.log)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise SmcpError(f"prune.device is {pc.device} but CUDA is not available; set --set prune.device=cpu")
         self.out_dir = Path(out_dir)
@@ -281,7 +281,8 @@ class PruneTrainer:
         interval_steps = max(1, math.ceil(pc.update_interval_samples / (bs * accum * self.world)))
         self.plan = PhasePlan(pc.epochs, pc.warmup_epochs, pc.ramp_epochs, pc.cooldown_epochs, steps_per_epoch, bs,
                               interval_steps)
-        self.val_loader = (self.make_loader(self.val_set, batch_size=max(bs, 64), shuffle=False, seed=self.recipe.seed)
+        self.val_loader = (self.make_loader(self.val_set, batch_size=max(bs, 64), shuffle=False, seed=self.recipe.seed,
+                                            pin_memory=self.device.type == "cuda")
                            if self.val_set is not None else None)
 
     def _check_target(self) -> None:
@@ -340,7 +341,8 @@ class PruneTrainer:
     def one_shot(self) -> None:
         """No training epochs in the pruning window: importance from a few batches (none for filter
         norms), one mask update at the target, then the closed loop if there is one."""
-        loader = self.make_loader(self.train_set, batch_size=self.bs, shuffle=True, seed=self.recipe.seed)
+        loader = self.make_loader(self.train_set, batch_size=self.bs, shuffle=True, seed=self.recipe.seed,
+                                  pin_memory=self.device.type == "cuda")
         self.model.train()
         if self.method.name != "smcp":
             self.history.append({"event": "method", **presets.describe(self.pc)})
@@ -364,7 +366,8 @@ class PruneTrainer:
         last update and closed loop, the epoch's history row and checkpoint."""
         self.model.train()
         loader = self.make_loader(self.train_set, batch_size=self.bs, shuffle=True, seed=self.recipe.seed + epoch,
-                                  drop_last=self.n_local >= self.bs, **({"shard": True} if self.world > 1 else {}))
+                                  drop_last=self.n_local >= self.bs, pin_memory=self.device.type == "cuda",
+                                  **({"shard": True} if self.world > 1 else {}))
         batches = iter(loader)
         pruning = self.plan.warmup <= epoch < self.plan.prune_end_epoch and self.target_cost < self.full
         t_epoch = time.perf_counter()
@@ -515,7 +518,7 @@ class PruneTrainer:
         t0 = time.perf_counter()
         loader = self.make_loader(self.train_set, batch_size=self.bs, shuffle=True,
                                   seed=self.recipe.seed + 100_003 + epoch, drop_last=self.n_local >= self.bs,
-                                  **({"shard": True} if self.world > 1 else {}))
+                                  pin_memory=self.device.type == "cuda", **({"shard": True} if self.world > 1 else {}))
         used = recalibrate_bn(self.model, loader, n, device=self.device, channels_last=self.pc.channels_last)
         self.bn_stale = False
         self.pruner.record({"event": "bn_recalibration", "epoch": epoch, "batches": used,

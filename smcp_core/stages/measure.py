@@ -20,6 +20,7 @@ from smcp_core.export.tensorrt import build_model_engine, trt_runner
 from smcp_core.graph.channel_graph import ChannelGraph
 from smcp_core.profile.paired import Interval, PairedTiming, Verdict, judge, median_interval, time_paired
 from smcp_core.profile.timing import (
+    canonical_dtype,
     device_timer,
     host_timer,
     ort_providers,
@@ -52,11 +53,19 @@ def _bench(where: Recipe | Bench) -> Bench:
     return where if isinstance(where, Bench) else Bench(where.profile, example_input(where, 1))
 
 
-def _onnx_bytes(model: torch.nn.Module, example: torch.Tensor, tmpdir: Path, name: str) -> Path:
-
+def _onnx_bytes(model: torch.nn.Module, example: torch.Tensor, tmpdir: Path, name: str,
+                dtype: str = "float32") -> Path:
+    """``model`` exported to ``tmpdir/NAME.onnx`` (float16 when the profile's table is float16, so
+    the calibration and the closed loop time what the table timed)."""
     path = tmpdir / f"{name}.onnx"
-    export_onnx(model, example, path, dynamic_batch=True)
+    export_onnx(model, example, path, dynamic_batch=True, dtype="float16" if dtype == "float16" else "float32")
     return path
+
+
+def _ort_input(sess, x: torch.Tensor):
+    """``x`` as the numpy array the session's first input takes (float16 or float32)."""
+    xn = x.numpy()
+    return xn.astype("float16") if sess.get_inputs()[0].type == "tensor(float16)" else xn
 
 
 @dataclass(frozen=True)
@@ -114,9 +123,9 @@ def _runners(models: dict[str, torch.nn.Module], where: Recipe | Bench, *, batch
         providers = ort_providers(prof.device) if prof.device != "cpu" else None
         for name, m in models.items():
             if name not in onnx_paths:
-                onnx_paths[name] = _onnx_bytes(m, x, workdir, name)
+                onnx_paths[name] = _onnx_bytes(m, x, workdir, name, canonical_dtype(prof.dtype))
             sess = ort_session(onnx_paths[name], threads=prof.threads, providers=providers)
-            fns[name] = ort_runner(sess, x.numpy(), device=prof.device)  # IO binding on CUDA, as the table
+            fns[name] = ort_runner(sess, _ort_input(sess, x), device=prof.device)  # IO binding on CUDA, as the table
         return fns, host_timer(), onnx_paths
     if backend == "torch":
         if prof.threads:

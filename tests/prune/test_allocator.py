@@ -716,3 +716,99 @@ def test_a_conv_without_a_group_is_one_clear_line():
     graph.layer("mid").group = -1  # a future gap in the graph analysis
     with pytest.raises(SmcpError, match=r"layer mid \(conv\) belongs to no channel group"):
         Allocator(graph, CostModel(graph, "flops"), channel_round=1, min_channels=1, layer_pruning=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# the optimised solver gives the masks the original (per-channel, uncached) code gave
+
+# sha256[:16] of the keep-mask (uint8 bytes) solved from the full model and then re-solved from that
+# answer, recorded with the allocator and knapsack as they were before the bookkeeping was optimised
+# (issue 15): ResNet-50 at rn50_fps2x's grid (channel_round = min_channels = 32, a 32-step table),
+# CIFAR ResNet-20 at 8
+EXPECTED_KEEP = {
+    ("torchvision/resnet50", "latency", 0, 0.5): ("819cc4b1e650fc98", "75e338a0211aab4f"),
+    ("torchvision/resnet50", "latency", 1, 0.7): ("0ac0ee048f84ea82", "05893867573e02d6"),
+    ("torchvision/resnet50", "latency", 2, 0.35): ("bdbee2dd93e53167", "c994583a18b32911"),
+    ("cifar/resnet20", "latency", 0, 0.5): ("664d76573a65e519", "a81dc5d808788e46"),
+    ("cifar/resnet20", "latency", 1, 0.7): ("fb0f4060b6f792a5", "b8214b9039fa9160"),
+    ("cifar/resnet20", "latency", 2, 0.4): ("75b98c49df459a7e", "195d0d13a49e2c51"),
+    ("cifar/resnet20", "flops", 0, 0.5): ("9329b413366c91d7", "8a5ecfd8c98d5b93"),
+    ("cifar/resnet20", "flops", 1, 0.7): ("ab239cf42e0db674", "ae7552bef9684ad7"),
+    ("cifar/resnet20", "flops", 2, 0.4): ("8e16e9c7f86ca1a6", "7043aa218d5c3753"),
+}
+GRID = {"torchvision/resnet50": (224, 32), "cifar/resnet20": (32, 8)}
+
+
+def _digest(keep: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(keep.to(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("name", list(GRID))
+def test_solutions_equal_the_unoptimised_solvers(name):
+    hw, step = GRID[name]
+    graph = ChannelGraph(build_model(name), torch.randn(1, 3, hw, hw))
+    for kind in ("latency", "flops"):
+        cases = [(s, f) for (n, k, s, f) in EXPECTED_KEEP if n == name and k == kind]
+        if not cases:
+            continue
+        cost = CostModel(graph, kind, fake_table(graph, step) if kind == "latency" else None)
+        alloc = Allocator(graph, cost, channel_round=step, min_channels=step)
+        for seed, frac in cases:
+            s = torch.rand(graph.n_classes, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            first = alloc.solve(s, frac * alloc.full_cost, graph.full_keep())
+            again = alloc.solve(s * 0.9 + 0.05, (frac - 0.05) * alloc.full_cost, first.keep)
+            assert (_digest(first.keep), _digest(again.keep)) == EXPECTED_KEEP[(name, kind, seed, frac)], (kind, seed)
+            assert first.cost == cost.total(first.keep) and again.cost == cost.total(again.keep)
+
+
+# --------------------------------------------------------------------------------------------------
+# data parallel: the mask update is solved on rank 0 only and its result (or error) broadcast
+
+
+def _solve_on_main_worker(rank: int, world: int, port: int, tmp: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from smcp_core.prune.allocator import SolveResult
+    from smcp_core.prune.pruner import _solve_on_main
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        calls = []
+
+        def solve(scores, budget):
+            calls.append(rank)
+            if budget < 0:
+                raise InfeasibleTarget("cost budget -1 is below the minimum reachable 0.5")
+            return SolveResult(torch.tensor([True, rank == 0]), budget, 1.0, 2.0, 1, {0: 1 + rank})
+
+        res = _solve_on_main(solve, torch.zeros(2), 1.0)
+        try:
+            _solve_on_main(solve, torch.zeros(2), -1.0)
+            err = ""
+        except InfeasibleTarget as exc:
+            err = str(exc)
+        torch.save({"keep": res.keep, "widths": res.widths, "calls": calls, "err": err}, f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_mask_update_is_solved_on_rank_0_and_broadcast_with_its_error(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_solve_on_main_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["calls"] == [0, 0] and r1["calls"] == []  # rank 1 never solves
+    assert torch.equal(r0["keep"], torch.tensor([True, True])) and torch.equal(r1["keep"], r0["keep"])
+    assert r1["widths"] == {0: 1}
+    assert r0["err"] == r1["err"] == "cost budget -1 is below the minimum reachable 0.5"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from smcp_core.errors import InfeasibleTarget, SmcpError
-from smcp_core.prune.knapsack import REL_TOL, McKpResult, solve_mckp
+from smcp_core.prune.knapsack import REL_TOL, McKpInstance, McKpResult, solve_mckp
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -337,3 +337,46 @@ def test_cuda_tensor_inputs():
     cc = [c.double().cpu().numpy() for c in tc]
     check_result(res, values, cc, cap)
     assert_optimal(res, brute_force(values, cc, cap))
+
+
+# --------------------------------------------------------------------------------------------------
+# the prepared instance and the vectorised reduction give the same answers
+
+
+def test_one_instance_solved_at_several_capacities_matches_fresh_solves():
+    rng = np.random.default_rng(23)
+    for _ in range(30):
+        values, costs = random_instance(rng)
+        inst = McKpInstance(values, costs)
+        for cap in capacities(rng, costs, n=4):
+            try:
+                fresh = solve_mckp(values, costs, cap)
+            except InfeasibleTarget:
+                with pytest.raises(InfeasibleTarget):
+                    inst.solve(cap)
+                continue
+            again = inst.solve(cap)
+            assert torch.equal(again.choice, fresh.choice) and again.value == fresh.value
+            assert_optimal(again, brute_force(values, costs, cap))
+
+
+def test_vectorised_reduction_keeps_what_the_per_group_one_keeps():
+    """All options reduced at once (one LP table per group, zeroed own segments) = one group at a time."""
+    from smcp_core.prune import knapsack
+
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        values, costs = staircase_instance(rng, 30, max_channels=512, integer_costs=False, noise=0.2)
+        inst = McKpInstance(values, costs)
+        segs = knapsack._Segments(inst.p_c, inst.p_v)
+        full = float(sum(c.max() for c in inst.p_c))
+        for frac in (0.3, 0.5, 0.8):
+            cap = frac * full
+            lb = float(sum(inst.p_v[g][k] for g, k in
+                           enumerate(knapsack._greedy_feasible(inst.p_c, inst.p_v, segs, cap))))
+            thr = lb - inst.eps
+            fast = knapsack._reduce(inst.p_c, inst.p_v, segs, cap, thr)
+            slow = knapsack._reduce_per_group(inst.p_c, inst.p_v, segs, cap, thr)
+            assert (fast is None) == (slow is None)
+            if fast is not None:
+                assert all(np.array_equal(a, b) for a, b in zip(fast, slow))
