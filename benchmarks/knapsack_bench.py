@@ -12,10 +12,12 @@ knapsack at a few corrected capacities, the hub search), on torchvision ResNet-5
 graph at the rn50_fps2x recipe's grid (``channel_round`` 32, ``min_channels`` 32) with a latency
 table on a 32-channel grid whose per-layer cost is proportional to the layer's MACs, random
 log-normal importances, from the unpruned masks and re-solved from the previous answer (as the
-mask updates of a ramp do).  ``--profile`` prints where the time goes (cProfile).
+mask updates of a ramp do).  ``--profile`` prints where the time goes (cProfile); ``--linearised``
+times the linearised hub-candidate solve (``Allocator.EXACT_COMPONENTS = False``) instead of the
+exact one over components.
 
     python benchmarks/knapsack_bench.py [--repeats 7] [--groups 200]
-    python benchmarks/knapsack_bench.py --model resnet50 [--threads 1] [--profile]
+    python benchmarks/knapsack_bench.py --model resnet50 [--threads 1] [--profile] [--linearised]
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def mac_table(graph, step: int = 32, gmacs_per_ms: float = 50.0):
                                    "model": {}, "entries": entries}, source="MAC-proportional table")
 
 
-def bench_resnet50(repeats: int, profile: bool) -> None:
+def bench_resnet50(repeats: int, profile: bool, linearised: bool = False) -> None:
     """Allocator.solve on ResNet-50 at the rn50_fps2x grid: from the full model and from the last answer."""
     from smcp_core.graph.channel_graph import ChannelGraph
     from smcp_core.models import build_model
@@ -113,9 +115,11 @@ def bench_resnet50(repeats: int, profile: bool) -> None:
 
     graph = ChannelGraph(build_model("torchvision/resnet50"), torch.randn(1, 3, 224, 224))
     alloc = Allocator(graph, CostModel(graph, "latency", mac_table(graph)), channel_round=32, min_channels=32)
-    print(f"\nResNet-50 Allocator.solve: {len(graph.groups)} groups ({len(alloc.hubs)} hubs), "
+    alloc.EXACT_COMPONENTS = not linearised
+    how = "linearised" if linearised else "exact over components"
+    print(f"\nResNet-50 Allocator.solve ({how}): {len(graph.groups)} groups ({len(alloc.hubs)} hubs), "
           f"{graph.n_classes} channel classes, channel_round 32, min_channels 32, 32-step MAC table")
-    print(f"{'budget':>8} {'start':>6} {'median ms':>10} {'min ms':>8} {'max ms':>8} {'knapsacks':>10}")
+    print(f"{'budget':>8} {'start':>6} {'median ms':>10} {'min ms':>8} {'max ms':>8} {'knapsacks':>10} {'value':>10}")
     for frac in (0.5, 0.7):
         for start in ("full", "prev"):
             times, iters = [], 0
@@ -128,9 +132,9 @@ def bench_resnet50(repeats: int, profile: bool) -> None:
                 t0 = time.perf_counter()
                 res = alloc.solve(scores, frac * alloc.full_cost, keep0)
                 times.append((time.perf_counter() - t0) * 1e3)
-                iters = res.iterations
+                iters, value = res.iterations, res.value
             print(f"{int(frac * 100):>7}% {start:>6} {statistics.median(times):>10.1f} {min(times):>8.1f} "
-                  f"{max(times):>8.1f} {iters:>10d}")
+                  f"{max(times):>8.1f} {iters:>10d} {value:>10.1f}")
     if profile:
         import cProfile
         import pstats
@@ -150,11 +154,13 @@ def main() -> None:
                     help="synthetic knapsack instances, or whole mask updates on ResNet-50's channel graph")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--profile", action="store_true", help="with --model resnet50: cProfile one solve")
+    ap.add_argument("--linearised", action="store_true",
+                    help="with --model resnet50: the linearised hub-candidate solve instead of the exact one")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}")
     if args.model == "resnet50":
-        bench_resnet50(args.repeats, args.profile)
+        bench_resnet50(args.repeats, args.profile, args.linearised)
         return
     base = resnet50_channels()
     for seed in range(args.seeds):

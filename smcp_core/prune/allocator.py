@@ -8,10 +8,18 @@ masks (input-side attribution; a layer is charged to the group it reads).  A mul
 knapsack picks one option per group under the budget.  Because output widths are held at their
 current value while solving, the true cost of the new masks is recomputed afterwards and, if
 needed, the solve is repeated with the new widths and a tightened budget until it fits.
+
+On graphs whose layers each couple at most two groups (ResNets: a bottleneck's two inner groups),
+each hub candidate is instead solved exactly: the groups joined by layers form components whose
+joint options have exact true costs (:class:`_BoundPlan`), so one knapsack over components needs no
+held widths and no capacity correction, and finds masks at least as valuable.  The LP relaxation of
+that knapsack bounds a candidate's value, and candidates whose bound is below the best value found
+are skipped.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +29,7 @@ from smcp_core.config.recipe import PruneConfig
 from smcp_core.errors import InfeasibleTarget, SmcpError
 from smcp_core.graph.channel_graph import ChannelGraph, LayerInfo
 from smcp_core.profile.cost_model import CostModel
-from smcp_core.prune.knapsack import McKpInstance
+from smcp_core.prune.knapsack import McKpInstance, lp_upper_bound
 
 
 @dataclass
@@ -56,6 +64,10 @@ class Allocator:
 
     HUB_MIN_LAYERS = 4  # a group touched by at least this many conv/linear layers is a hub
     HUB_CANDIDATES = 16  # widths tried per hub per round
+    BOUND_MAX_OPTIONS = 4096  # largest joint option list of a component in a hub candidate's bound
+    # solve each hub candidate exactly over components (true costs, no linearisation) when the
+    # graph allows it (:class:`_BoundPlan`); False: the linearised solve with capacity correction
+    EXACT_COMPONENTS = True
 
     def __init__(self, graph: ChannelGraph, cost: CostModel, *, channel_round: int = 8, min_channels: int = 8,
                  layer_pruning: bool = False, stickiness: float = 0.0, cost_weight: float = 1.0) -> None:
@@ -118,6 +130,7 @@ class Allocator:
             self._segments[gi] = [torch.tensor(u) for u in sorted(uniq)]
         self.hubs = [g.index for g in graph.groups
                      if g.prunable and touch[g.index] >= self.HUB_MIN_LAYERS and g.n_frozen == 0]
+        self._bound_plan = _BoundPlan.build(self, layers) if cost_weight == 1.0 else None
         hubset = set(self.hubs)
         # charge plan per group: (layer, mode, positions in the charged group)
         #   mode "in": cin from the charged group's option, cout from the current masks
@@ -330,10 +343,60 @@ class Allocator:
         cands.update(grid[max(0, j - 2): j + 3])
         return sorted(cands)
 
+    def _best_candidate(self, scores, budget, cur, g, n_mand, cache, inner: int, state: dict) -> SolveResult | None:
+        """The best solution over hub ``g``'s candidate widths (the first of equal ones).  Each
+        candidate's value has an upper bound (:meth:`_candidate_bound`); candidates are solved in
+        order of decreasing bound, and those whose bound is below the best value found so far are
+        not solved: they cannot win."""
+        order = cache[g.index][0]
+        cands = []
+        for i, k in enumerate(self._hub_candidates(g, int(cur[g.classes].sum()), n_mand)):
+            lin = self._set_width(cur, g, k, order)
+            fixed = {x: int(lin[self.graph.groups[x].classes].sum()) for x in self.hubs}
+            cands.append((self._candidate_bound(fixed, budget, cache), i, lin, fixed))
+        best, best_i = None, -1
+        for ub, i, lin, fixed in sorted(cands, key=lambda c: -c[0]):  # stable: ties in list order
+            if best is not None and ub < best.value - 1e-9 * abs(best.value):
+                break
+            if self.EXACT_COMPONENTS and self._bound_plan is not None:
+                state["n"] += 1
+                r = self._solve_exact(budget, fixed, cache)
+            else:
+                r = self._solve_at(scores, budget, lin, fixed, cache, inner, state)
+            if r is not None and (best is None or r.value > best.value or (r.value == best.value and i < best_i)):
+                best, best_i = r, i
+        return best
+
+    def _solve_exact(self, budget: float, fixed: dict[int, int], cache: dict) -> SolveResult | None:
+        """The most valuable mask with the hub widths ``fixed`` whose true cost meets ``budget``:
+        one knapsack over the components of :class:`_BoundPlan`, whose option costs are exact (no
+        held widths, so no capacity correction); ``None`` when nothing fits."""
+        plan = self._bound_plan
+        values, costs = plan.options(self, fixed, cache)
+        try:
+            res = McKpInstance(values, costs, cache.setdefault("knapsack", {})).solve(budget - self._const)
+        except InfeasibleTarget:
+            return None
+        keep = plan.keep(self, res.choice.tolist(), fixed, cache)
+        actual = self._total(keep)
+        if actual > budget * (1 + 1e-9):  # only through round-off in the summed costs
+            return None
+        return SolveResult(keep, budget, actual, float(res.value), 0, {})
+
+    def _candidate_bound(self, fixed: dict[int, int], budget: float, cache: dict) -> float:
+        """An upper bound on the value of every mask with the hub widths ``fixed`` whose true cost
+        meets ``budget`` (``inf`` where the graph's structure is not supported)."""
+        plan = self._bound_plan
+        if plan is None:
+            return math.inf
+        values, costs = plan.options(self, fixed, cache)
+        cap = budget * (1 + 2e-9) - self._const
+        return lp_upper_bound(values, costs, cap, cache.setdefault("knapsack", {}))
+
     def _solve_at(self, scores, budget, lin, fixed, cache, inner: int, state: dict) -> SolveResult | None:
         """Knapsack at one linearisation point, with capacity correction; best feasible result."""
         values, costs, ks, orders = self.options(scores, lin, fixed, cache)
-        instance = McKpInstance(values, costs)
+        instance = McKpInstance(values, costs, cache.setdefault("knapsack", {}))
         cap = budget - self._const
         best = None
         narrowed = False
@@ -351,7 +414,7 @@ class Allocator:
                     narrowed = True
                     lin = self._narrowest(lin, fixed, cache)
                     values, costs, ks, orders = self.options(scores, lin, fixed, cache)
-                    instance = McKpInstance(values, costs)
+                    instance = McKpInstance(values, costs, cache["knapsack"])
                     continue
                 lo_cap = cap if lo_cap is None else max(lo_cap, cap)
                 if hi_cap is None:
@@ -412,6 +475,7 @@ class Allocator:
         cur = keep_now.clone().cpu()
         if self.stickiness > 0:
             scores_c = scores_c * (1.0 + self.stickiness * cur.to(torch.float64))
+        cache["scores"] = scores_c  # for the groups' orders (:meth:`_candidate_bound`)
         best: SolveResult | None = None
         if not self.hubs:
             for _ in range(rounds):
@@ -437,13 +501,7 @@ class Allocator:
                         cache[g.index] = self._order(g, scores_c)
                     order, n_mand = cache[g.index][0], cache[g.index][3]
                     cur_w = int(cur[g.classes].sum())
-                    round_best = None
-                    for k in self._hub_candidates(g, cur_w, n_mand):
-                        lin = self._set_width(cur, g, k, order)
-                        fixed = {x: int(lin[groups[x].classes].sum()) for x in self.hubs}
-                        r = self._solve_at(scores_c, budget, lin, fixed, cache, inner, state)
-                        if r is not None and (round_best is None or r.value > round_best.value):
-                            round_best = r
+                    round_best = self._best_candidate(scores_c, budget, cur, g, n_mand, cache, inner, state)
                     if round_best is not None:
                         cur = round_best.keep
                         if best is None or round_best.value >= best.value:
@@ -571,3 +629,166 @@ def _grouped_layers(graph: ChannelGraph) -> list[LayerInfo]:
                 "and keep the layer out of pruning with model.unpruned or model.leaf_modules meanwhile"
             )
     return [layer for layer in graph.layers if layer.group >= 0]
+
+
+class _BoundPlan:
+    """The true layer-sum cost as a sum over *components*, for exact hub-candidate solves and
+    their upper bounds.
+
+    With the hub widths fixed, a layer's cost depends on the widths of at most two groups (the one
+    it reads and the one it writes); groups joined by a layer whose both groups are ordinary
+    prunable ones form a component (a ResNet bottleneck's two inner groups), whose joint options
+    (every combination of its groups' widths) have exact costs.  The knapsack over components is
+    then exact, and its LP relaxation bounds every mask's value.  Not built (``build`` returns
+    None) when a layer side spans several groups or a component has more than
+    ``Allocator.BOUND_MAX_OPTIONS`` joint options; the allocator then solves linearised.
+    """
+
+    def __init__(self, layers, components, comp_of, variable: set[int]) -> None:
+        self.components = components  # lists of group indices (every group is in one)
+        # per component: its layers (layer, in_part, out_part), part = (group | -1, positions,
+        # constant width), and the groups outside it that they touch (hubs, unprunable groups)
+        self.layers: list[list] = [[] for _ in components]
+        self.outside: list[set[int]] = [set() for _ in components]
+        for entry in layers:
+            a, b = entry[1][0], entry[2][0]
+            owner = next((x for x in (a, b) if x in variable), a if a >= 0 else b)
+            if owner < 0:
+                continue
+            ci = comp_of[owner]
+            self.layers[ci].append(entry)
+            self.outside[ci].update(x for x in (a, b) if x >= 0 and comp_of[x] != ci)
+        self.outside_sorted = [sorted(x) for x in self.outside]
+
+    @classmethod
+    def build(cls, alloc: Allocator, layers: list[LayerInfo]) -> _BoundPlan | None:
+        graph, hubset = alloc.graph, set(alloc.hubs)
+        variable = {g.index for g in graph.groups if g.prunable and g.index not in hubset}
+        parent = {g.index: g.index for g in graph.groups}
+
+        def find(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        plan = []
+        for layer in layers:
+            parts = []
+            for labels in (layer.in_labels, layer.out_labels):
+                grp = graph.class_group[labels]
+                ids = [x for x in torch.unique(grp).tolist() if x >= 0]
+                if len(ids) > 1:
+                    return None  # a side spanning several groups: not supported
+                gid = ids[0] if ids else -1
+                pos = alloc._local[labels[grp == gid]] if ids else torch.zeros(0, dtype=torch.long)
+                parts.append((gid, pos, int((grp < 0).sum())))
+            (a, _, _), (b, _, _) = parts
+            if layer.kind == "dwconv":
+                b = -1
+                parts[1] = (-1, torch.zeros(0, dtype=torch.long), 0)
+            if a in variable and b in variable and a != b:
+                parent[find(a)] = find(b)
+            plan.append((layer, parts[0], parts[1]))
+        roots: dict[int, list[int]] = {}
+        for g in graph.groups:
+            roots.setdefault(find(g.index), []).append(g.index)
+        components = list(roots.values())
+        comp_of = {g: i for i, comp in enumerate(components) for g in comp}
+        sizes = [int(np.prod([len(alloc.grid(graph.groups[g])) for g in comp])) for comp in components]
+        if max(sizes, default=1) > alloc.BOUND_MAX_OPTIONS:
+            return None
+        return cls(plan, components, comp_of, variable)
+
+    def options(self, alloc: Allocator, fixed: dict[int, int], cache: dict):
+        """(values, costs) of every component's joint options at the hub widths ``fixed``."""
+        groups = alloc.graph.groups
+        for g in groups:
+            if g.index not in cache:
+                cache[g.index] = alloc._order(g, cache["scores"])
+        values, costs = [], []
+        for ci, comp in enumerate(self.components):
+            key = ("bound", ci, tuple(fixed.get(g) for g in comp + self.outside_sorted[ci]))
+            if key not in cache:
+                cache[key] = self._component(alloc, ci, comp, fixed, cache)
+            values.append(cache[key][0])
+            costs.append(cache[key][1])
+        # the layers of no group's component (no group on either side) are in alloc._const
+        return values, costs
+
+    def _component(self, alloc: Allocator, ci: int, comp: list[int], fixed: dict[int, int], cache: dict):
+        groups = alloc.graph.groups
+        grids = [alloc._grid_values(groups[g], fixed.get(g), cache) for g in comp]
+        axis = {g: i for i, g in enumerate(comp)}
+        shape = [len(grid) for grid, _ in grids]
+        value = np.zeros(shape)
+        for i, (_, vals) in enumerate(grids):
+            value = value + vals.numpy().reshape([-1 if j == i else 1 for j in range(len(comp))])
+        cost = np.zeros(shape)
+        for entry in self.layers[ci]:
+            cost = cost + self._layer_cost(alloc, entry, comp, axis, grids, fixed, cache)
+        return value.ravel(), np.broadcast_to(cost, shape).ravel().copy()
+
+    def _layer_cost(self, alloc: Allocator, entry, comp, axis, grids, fixed, cache) -> np.ndarray:
+        """One layer's cost at every joint option of its component (broadcastable).  A layer that
+        touches hubs is tabulated once over the hubs' whole grids (their candidates' widths) and
+        looked up; a hub width off the grid is computed directly."""
+        layer, (a, _, _), (b, _, _) = entry
+        hubs = sorted({x for x in (a, b) if x in fixed})
+        if hubs:
+            key = ("bound-table", layer.index)
+            if key not in cache:
+                widths = [alloc.grid(alloc.graph.groups[h], cache[h][3]) for h in hubs]
+                cache[key] = (widths, self._tabulate(alloc, entry, comp, axis, grids, dict(zip(hubs, widths)), cache))
+            widths, table = cache[key]
+            idx = [int(torch.searchsorted(w, fixed[h])) for h, w in zip(hubs, widths)]
+            if all(i < len(w) and int(w[i]) == fixed[h] for i, w, h in zip(idx, widths, hubs)):
+                return table[tuple(idx)]
+        key = ("bound-layer", layer.index, fixed.get(a), fixed.get(b))
+        if key not in cache:
+            lead = {h: torch.tensor([fixed[h]]) for h in hubs}
+            cache[key] = self._tabulate(alloc, entry, comp, axis, grids, lead, cache)[(0,) * len(hubs)]
+        return cache[key]
+
+    def _tabulate(self, alloc: Allocator, entry, comp, axis, grids, lead: dict, cache) -> np.ndarray:
+        """A layer's cost over the widths ``lead`` of its hubs (leading axes, in order) and the
+        joint options of its component (the other axes)."""
+        layer, (a, a_pos, a_const), (b, b_pos, b_const) = entry
+        cin = self._counts(alloc, a, a_pos, a_const, comp, axis, grids, lead, cache)
+        cout = cin if layer.kind == "dwconv" else self._counts(alloc, b, b_pos, b_const, comp, axis, grids, lead, cache)
+        cin_b, cout_b = np.broadcast_arrays(cin, cout)
+        lc = alloc.cost.layer_cost(layer, torch.from_numpy(np.ascontiguousarray(cin_b).ravel()),
+                                   torch.from_numpy(np.ascontiguousarray(cout_b).ravel()))
+        return lc.numpy().reshape(cin_b.shape)
+
+    def keep(self, alloc: Allocator, choice: list[int], fixed: dict[int, int], cache: dict) -> torch.Tensor:
+        """The keep-mask of one joint option per component (``choice``)."""
+        groups = alloc.graph.groups
+        ks, idx = [None] * len(groups), [0] * len(groups)
+        for comp, j in zip(self.components, choice):
+            grids = [alloc._grid_values(groups[g], fixed.get(g), cache)[0] for g in comp]
+            for g, grid, i in zip(comp, grids, np.unravel_index(j, [len(x) for x in grids])):
+                ks[g], idx[g] = grid, int(i)
+        orders = [cache[g.index][0] for g in groups]
+        return alloc._keep_from(torch.tensor(idx), ks, orders, alloc._class_ranks(orders, cache))
+
+    @staticmethod
+    def _counts(alloc: Allocator, g: int, pos, const: int, comp, axis, grids, lead: dict, cache) -> np.ndarray:
+        """A layer side's width over the hub widths ``lead`` (leading axes) and the component's
+        joint options (broadcastable)."""
+        shape = [1] * (len(lead) + len(comp))
+        if g < 0:
+            return np.full(shape, const, dtype=np.int64)
+        if g in lead:
+            grid = lead[g]
+            shape[list(lead).index(g)] = -1
+        elif g in axis:
+            grid = grids[axis[g]][0]
+            shape[len(lead) + axis[g]] = -1
+        else:  # outside the component and no hub: a group with a single width (unprunable)
+            grid = alloc._grid_values(alloc.graph.groups[g], None, cache)[0]
+            if len(grid) != 1:
+                raise SmcpError(f"bound plan: group {g} outside its layer's component has {len(grid)} widths")
+        rank = cache[g][2]
+        cnt = torch.searchsorted(torch.sort(rank[pos]).values, grid, right=False).numpy().astype(np.int64) + const
+        return cnt.reshape(shape)

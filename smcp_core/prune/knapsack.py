@@ -86,7 +86,7 @@ import torch
 
 from smcp_core.errors import InfeasibleTarget
 
-__all__ = ["McKpInstance", "McKpResult", "solve_mckp", "REL_TOL"]
+__all__ = ["McKpInstance", "McKpResult", "lp_upper_bound", "solve_mckp", "REL_TOL"]
 
 
 #: Relative tolerance on the capacity (float round-off in summed costs).
@@ -212,12 +212,21 @@ class McKpInstance:
     allocator solves the same options at a few corrected capacities in a row.
     """
 
-    def __init__(self, values: Sequence, costs: Sequence) -> None:
-        self.vals, self.csts = _checked_options(values, costs)
+    def __init__(self, values: Sequence, costs: Sequence, memo: dict | None = None) -> None:
+        """``memo`` (optional, the caller's, kept across instances) remembers each group's checked
+        options and Pareto set by the identity of its ``values``/``costs`` objects, so instances
+        that share most groups' option lists prepare only the groups that differ."""
+        if memo is None:
+            self.vals, self.csts = _checked_options(values, costs)
+            # 1. Pareto options per group (sorted by cost; strictly increasing cost and value).
+            self.p_idx = [_pareto_group(c, v) for c, v in zip(self.csts, self.vals)]
+        else:
+            if len(values) != len(costs):
+                raise ValueError(f"values has {len(values)} groups but costs has {len(costs)}")
+            prepared = [_prepared_group(memo, values[g], costs[g], g) for g in range(len(values))]
+            self.vals, self.csts, self.p_idx = (list(x) for x in zip(*prepared)) if prepared else ([], [], [])
         n_groups = len(self.vals)
         self.min_total = float(sum(c.min() for c in self.csts)) if n_groups else 0.0
-        # 1. Pareto options per group (sorted by cost; strictly increasing cost and value).
-        self.p_idx = [_pareto_group(self.csts[g], self.vals[g]) for g in range(n_groups)]
         self.p_c = [self.csts[g][self.p_idx[g]] for g in range(n_groups)]
         self.p_v = [self.vals[g][self.p_idx[g]] for g in range(n_groups)]
         self.best_total = float(sum(pc[-1] for pc in self.p_c))
@@ -255,6 +264,46 @@ class McKpInstance:
         return _result(vals, csts, choice, max_front)
 
 
+def lp_upper_bound(values: Sequence, costs: Sequence, capacity: float, memo: dict | None = None) -> float:
+    """An upper bound on the optimum at ``capacity``: the value of the LP relaxation (each group a
+    convex mixture of its options), ``-inf`` when even the cheapest options do not fit.  ``memo``:
+    as for :class:`McKpInstance` (it also keeps each group's hull)."""
+    if len(values) != len(costs):
+        raise ValueError(f"values has {len(values)} groups but costs has {len(costs)}")
+    memo = {} if memo is None else memo
+    hulls = [_hull_of(memo, values[g], costs[g], g) for g in range(len(values))]
+    capacity = float(capacity)
+    cap = capacity + REL_TOL * abs(capacity)
+    min_total = float(sum(h[0] for h in hulls))
+    if min_total > cap:
+        return -math.inf
+    base = float(sum(h[1] for h in hulls))
+    if float(sum(h[2] for h in hulls)) <= cap:  # every group's best option fits
+        return base + float(sum(h[3] for h in hulls))
+    dc, dv, slope = (np.concatenate([h[k] for h in hulls]) for k in (4, 5, 6))
+    order = np.argsort(-slope, kind="stable")
+    xp, fp = _lp_table(dc[order], dv[order])
+    return base + float(np.interp(cap - min_total, xp, fp))
+
+
+def _hull_of(memo: dict, values, costs, g: int) -> tuple:
+    """Group ``g``'s upper hull for :func:`lp_upper_bound`: (cheapest cost, its value, the cost and
+    value the hull adds up to, segment cost steps, value steps, slopes), memoised like
+    :func:`_prepared_group`."""
+    key = ("hull", id(values), id(costs))
+    hit = memo.get(key)
+    if hit is not None and hit[0] is values and hit[1] is costs:
+        return hit[2]
+    v, c, p = _prepared_group(memo, values, costs, g)
+    pc, pv = c[p], v[p]
+    h = _upper_hull(pc, pv) if pc.size > 2 else _SMALL[pc.size]
+    hc, hv = pc[h], pv[h]
+    dc, dv = hc[1:] - hc[:-1], hv[1:] - hv[:-1]
+    out = (float(hc[0]), float(hv[0]), float(hc[-1]), float(hv[-1] - hv[0]), dc, dv, dv / dc)
+    memo[key] = (values, costs, out)
+    return out
+
+
 def _checked_options(values: Sequence, costs: Sequence) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The options of every group as float64 vectors (values, costs); ``ValueError`` for malformed
     input."""
@@ -269,6 +318,21 @@ def _checked_options(values: Sequence, costs: Sequence) -> tuple[list[np.ndarray
                 f"group {g}: values has {vals[g].size} options but costs has {csts[g].size}"
             )
     return vals, csts
+
+
+def _prepared_group(memo: dict, values, costs, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Group ``g``'s checked values, costs and Pareto indices, memoised in ``memo`` by the identity
+    of ``values``/``costs`` (the entry holds both objects, so their ids stay theirs)."""
+    key = (id(values), id(costs))
+    hit = memo.get(key)
+    if hit is not None and hit[0] is values and hit[1] is costs:
+        return hit[2]
+    v, c = _as_vector(values, "values", g), _as_vector(costs, "costs", g)
+    if v.size != c.size:
+        raise ValueError(f"group {g}: values has {v.size} options but costs has {c.size}")
+    out = (v, c, _pareto_group(c, v))
+    memo[key] = (values, costs, out)
+    return out
 
 
 def _result(vals: list[np.ndarray], csts: list[np.ndarray], choice: np.ndarray, max_frontier: int = 0) -> McKpResult:

@@ -349,3 +349,23 @@ def test_profile_on_tensorrt_times_layer_and_whole_model_engines(tmp_path, monke
     assert {"baseline", "uniform75", "uniform50"} <= points  # the calibration timed engines too
     assert rec["builds"] > len(table["entries"]) and (run / "trt_timing.cache").exists()
     assert not (run / ".profile_tmp").exists()
+
+
+RN50_SYNTHETIC = ["data.source=synthetic", "data.path=null", "model.checkpoint=null"]
+
+
+@pytest.mark.parametrize("with_fake", [False, True], ids=["no-tensorrt", "tensorrt-without-gpu"])
+def test_rn50_fps2x_on_a_machine_without_cuda_stops_with_one_line(with_fake, monkeypatch, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    if with_fake:
+        install(monkeypatch)
+        monkeypatch.setattr(profile_trt, "_cuda_available", lambda: False)
+    else:
+        monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
+    code, _, err = cli("run", "-r", "rn50_fps2x", "--out", tmp_path / "run", *sets(RN50_SYNTHETIC))
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert ("no CUDA GPU is visible" if with_fake else "TensorRT is not installed") in lines[0]
+    assert "pip install 'smcp[trt]'" in lines[0]
+    assert not (tmp_path / "run" / "latency.json").exists()

@@ -746,7 +746,10 @@ def _digest(keep: torch.Tensor) -> str:
 
 
 @pytest.mark.parametrize("name", list(GRID))
-def test_solutions_equal_the_unoptimised_solvers(name):
+def test_solutions_equal_the_unoptimised_solvers(name, monkeypatch):
+    """The linearised solve (kept for graphs the exact component solve does not cover) still gives
+    the recorded masks, with the hub search skipping candidates by their bounds."""
+    monkeypatch.setattr(Allocator, "EXACT_COMPONENTS", False)
     hw, step = GRID[name]
     graph = ChannelGraph(build_model(name), torch.randn(1, 3, hw, hw))
     for kind in ("latency", "flops"):
@@ -761,6 +764,63 @@ def test_solutions_equal_the_unoptimised_solvers(name):
             again = alloc.solve(s * 0.9 + 0.05, (frac - 0.05) * alloc.full_cost, first.keep)
             assert (_digest(first.keep), _digest(again.keep)) == EXPECTED_KEEP[(name, kind, seed, frac)], (kind, seed)
             assert first.cost == cost.total(first.keep) and again.cost == cost.total(again.keep)
+
+
+@pytest.mark.parametrize("name", list(GRID))
+def test_exact_component_solve_is_no_worse_than_the_linearised_one(name, monkeypatch):
+    """Each hub candidate solved exactly over components (true costs) instead of linearised: on
+    ResNet-50 (rn50_fps2x grid) and ResNet-20, random scores, from the full model and re-solved,
+    the kept importance is at least the linearised solve's, and the true cost meets the budget."""
+    hw, step = GRID[name]
+    graph = ChannelGraph(build_model(name), torch.randn(1, 3, hw, hw))
+    for kind in ("latency", "flops"):
+        cost = CostModel(graph, kind, fake_table(graph, step) if kind == "latency" else None)
+        alloc = Allocator(graph, cost, channel_round=step, min_channels=step)
+        assert alloc._bound_plan is not None
+        for seed, frac in ((0, 0.5), (1, 0.7), (2, 0.45), (3, 0.6)):
+            s = torch.rand(graph.n_classes, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            out = {}
+            for exact in (False, True):
+                monkeypatch.setattr(Allocator, "EXACT_COMPONENTS", exact)
+                first = alloc.solve(s, frac * alloc.full_cost, graph.full_keep())
+                again = alloc.solve(s * 0.9 + 0.05, (frac - 0.05) * alloc.full_cost, first.keep)
+                out[exact] = (first, again)
+            for old, new, budget, sc in zip(out[False], out[True], (frac, frac - 0.05), (s, s * 0.9 + 0.05)):
+                assert new.value >= old.value * (1 - 1e-12), (kind, seed, frac)
+                assert new.cost == cost.total(new.keep) <= budget * alloc.full_cost * (1 + 1e-9)
+                check_solution(graph, cost, alloc, new, budget * alloc.full_cost, sc)
+
+
+@pytest.mark.parametrize("name", list(GRID))
+def test_hub_candidate_bounds_are_above_the_solved_values(name):
+    """The hub search skips a candidate width when an upper bound on its value (an exact knapsack
+    over groups joined by layers, relaxed) is below the best value found: the bound must be above
+    every candidate's solved value, whatever the other hubs' widths."""
+    hw, step = GRID[name]
+    graph = ChannelGraph(build_model(name), torch.randn(1, 3, hw, hw))
+    for kind in ("latency", "flops"):
+        cost = CostModel(graph, kind, fake_table(graph, step) if kind == "latency" else None)
+        alloc = Allocator(graph, cost, channel_round=step, min_channels=step)
+        assert alloc._bound_plan is not None and alloc.hubs
+        s = torch.rand(graph.n_classes, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        budget = 0.5 * alloc.full_cost
+        cache, state, cur, n = {"scores": s}, {"n": 0}, graph.full_keep(), 0
+        for h in alloc.hubs:
+            g = graph.groups[h]
+            cache.setdefault(h, alloc._order(g, s))
+            order, n_mand = cache[h][0], cache[h][3]
+            best = None
+            for k in alloc._hub_candidates(g, int(cur[g.classes].sum()), n_mand):
+                lin = alloc._set_width(cur, g, k, order)
+                fixed = {x: int(lin[graph.groups[x].classes].sum()) for x in alloc.hubs}
+                r = alloc._solve_at(s, budget, lin, fixed, cache, 3, state)
+                ub = alloc._candidate_bound(fixed, budget, cache)
+                if r is not None:
+                    assert r.value <= ub + 1e-9 * abs(ub), (kind, h, k)
+                    best = r if best is None or r.value > best.value else best
+                    n += 1
+            cur = cur if best is None else best.keep
+        assert n > 0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -380,3 +380,58 @@ def test_vectorised_reduction_keeps_what_the_per_group_one_keeps():
             assert (fast is None) == (slow is None)
             if fast is not None:
                 assert all(np.array_equal(a, b) for a, b in zip(fast, slow))
+
+
+def test_instances_sharing_a_memo_match_fresh_solves():
+    """Instances built with a shared per-group memo (the allocator's: one per mask update, most
+    groups' option lists shared between linearisations) solve like fresh ones."""
+    rng = np.random.default_rng(31)
+    memo: dict = {}
+    values, costs = staircase_instance(rng, 12, max_channels=128, noise=0.1)
+    values = [torch.as_tensor(v) for v in values]
+    costs = [torch.as_tensor(c) for c in costs]
+    for _ in range(20):
+        g = int(rng.integers(0, len(costs)))  # one group's options change, the rest are reused
+        costs = list(costs)
+        costs[g] = torch.as_tensor(np.maximum(costs[g].numpy() + rng.normal(0.0, 0.1, costs[g].numel()), 0.0))
+        shared, fresh = McKpInstance(values, costs, memo), McKpInstance(values, costs)
+        for cap in capacities(rng, [c.numpy() for c in costs], n=3):
+            try:
+                want = fresh.solve(cap)
+            except InfeasibleTarget:
+                with pytest.raises(InfeasibleTarget):
+                    shared.solve(cap)
+                continue
+            got = shared.solve(cap)
+            assert torch.equal(got.choice, want.choice) and got.value == want.value and got.cost == want.cost
+    assert len(memo) <= len(values) + 20  # an entry per distinct (values, costs) pair
+    with pytest.raises(ValueError):
+        McKpInstance([[1.0, 2.0]], [[1.0]], {})
+    with pytest.raises(ValueError):
+        McKpInstance([[1.0]], [[1.0], [2.0]], {})
+
+
+def test_lp_upper_bound_is_above_the_optimum():
+    """The LP bound (the hub search's test for skipping a candidate) is never below the optimum,
+    is -inf exactly when nothing fits, and is the optimum when every group's best option fits."""
+    from smcp_core.prune.knapsack import lp_upper_bound
+
+    rng = np.random.default_rng(13)
+    memo: dict = {}
+    for it in range(300):
+        if it % 2:
+            values, costs = random_instance(rng)
+        else:
+            values, costs = staircase_instance(rng, int(rng.integers(1, 5)), max_channels=48)
+        for cap in capacities(rng, costs, n=3):
+            best = brute_force(values, costs, cap)
+            ub = lp_upper_bound(values, costs, cap, memo if it % 3 else None)
+            if best is None:
+                assert ub == -math.inf
+            else:
+                assert ub >= best - 1e-9 * max(1.0, abs(best))
+        top = float(sum(np.max(c) for c in costs))
+        exact = brute_force(values, costs, top)
+        assert lp_upper_bound(values, costs, top) == pytest.approx(exact, rel=1e-12, abs=1e-12)
+    with pytest.raises(ValueError):
+        lp_upper_bound([[1.0]], [[1.0], [2.0]], 1.0)
