@@ -196,12 +196,35 @@ def onnx_parity(model: torch.nn.Module, onnx_path: str | os.PathLike, x: torch.T
     samples); ``n`` the batch size and ``output_shape``.
     """
     import numpy as np
-    import torch
-
 
     onnx_path = Path(onnx_path)
     if not onnx_path.exists():
         raise SmcpError(f"ONNX model {onnx_path} does not exist")
+    ref_np = reference_output(model, x)
+    sess = ort_session(onnx_path)
+    feeds = {sess.get_inputs()[0].name: x.detach().float().cpu().numpy()}
+    try:
+        got = sess.run(None, feeds)[0]
+    except Exception as e:
+        raise SmcpError(f"onnxruntime failed to run {onnx_path} on input of shape {tuple(x.shape)}: "
+                        f"{first_line(e)}") from e
+    got = np.asarray(got, dtype=np.float32)
+    if got.shape != ref_np.shape:
+        raise SmcpError(
+            f"ONNX model {onnx_path} returns shape {got.shape}, but the torch model returns {ref_np.shape}"
+        )
+    return {
+        **output_agreement(ref_np, got),
+        "n": int(ref_np.shape[0]) if ref_np.ndim else 1,
+        "output_shape": list(ref_np.shape),
+    }
+
+
+def reference_output(model: torch.nn.Module, x: torch.Tensor):
+    """``model``'s output on ``x`` (eval mode, then its mode restored; the first of a tuple) as a
+    float32 numpy array: what an exported model is compared against."""
+    import torch
+
     try:
         dev = next(iter(model.parameters())).device
     except StopIteration:
@@ -215,32 +238,22 @@ def onnx_parity(model: torch.nn.Module, onnx_path: str | os.PathLike, x: torch.T
         model.train(was_training)
     if isinstance(ref, (tuple, list)):
         ref = ref[0]
-    ref_np = ref.detach().float().cpu().numpy()
-    sess = ort_session(onnx_path)
-    feeds = {sess.get_inputs()[0].name: x.detach().float().cpu().numpy()}
-    try:
-        got = sess.run(None, feeds)[0]
-    except Exception as e:
-        raise SmcpError(f"onnxruntime failed to run {onnx_path} on input of shape {tuple(x.shape)}: "
-                        f"{first_line(e)}") from e
-    got = np.asarray(got, dtype=np.float32)
-    if got.shape != ref_np.shape:
-        raise SmcpError(
-            f"ONNX model {onnx_path} returns shape {got.shape}, but the torch model returns {ref_np.shape}"
-        )
-    diff = np.abs(got.astype(np.float64) - ref_np.astype(np.float64))
+    return ref.detach().float().cpu().numpy()
+
+
+def output_agreement(ref, got) -> dict:
+    """How closely ``got`` matches ``ref`` (numpy arrays of one shape): ``max_abs_diff``,
+    ``max_rel_diff`` (over ``max|ref|``) and ``top1_agree`` (argmax over dim 1; spatial positions
+    count as samples; None below rank 2)."""
+    import numpy as np
+
+    diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
     max_abs = float(diff.max()) if diff.size else 0.0
-    scale = float(np.abs(ref_np).max()) if ref_np.size else 0.0
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
     top1 = None
-    if ref_np.ndim >= 2 and ref_np.size:
-        a = ref_np.reshape(ref_np.shape[0], ref_np.shape[1], -1).argmax(axis=1)
+    if ref.ndim >= 2 and ref.size:
+        a = ref.reshape(ref.shape[0], ref.shape[1], -1).argmax(axis=1)
         b = got.reshape(got.shape[0], got.shape[1], -1).argmax(axis=1)
         top1 = float((a == b).mean())
-    return {
-        "max_abs_diff": max_abs,
-        "max_rel_diff": max_rel,
-        "top1_agree": top1,
-        "n": int(ref_np.shape[0]) if ref_np.ndim else 1,
-        "output_shape": list(ref_np.shape),
-    }
+    return {"max_abs_diff": max_abs, "max_rel_diff": max_rel, "top1_agree": top1}

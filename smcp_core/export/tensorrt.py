@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from smcp_core.export.onnx import export_onnx
+from smcp_core.export.onnx import export_onnx, output_agreement, reference_output
 from smcp_core.profile.trt import (
     build_trt_engine,
     ensure_tensorrt,
@@ -51,27 +51,11 @@ def engine_parity(model: torch.nn.Module, engine: str | os.PathLike, x: torch.Te
     """The engine's output against ``model``'s (eval, float32, on the CPU) on ``x``:
     ``max_abs_diff``, ``max_rel_diff`` (over ``max|torch output|``), ``top1_agree``, the
     ``tolerance`` of the precision (:data:`PARITY_RTOL`, relative) and ``passed``."""
-    import torch
-
     run = trt_runner(engine, x)
     out = run()
     run.sync()
-    got = next(iter(out.values())).detach().float().cpu()
-    was_training = model.training
-    try:
-        with torch.inference_mode():
-            ref = model.eval()(x.float())
-    finally:
-        model.train(was_training)
-    ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).detach().float().cpu()
-    diff = (got.double() - ref.double()).abs()
-    max_abs = float(diff.max()) if diff.numel() else 0.0
-    scale = float(ref.abs().max()) if ref.numel() else 0.0
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    top1 = None
-    if ref.dim() >= 2 and ref.numel():
-        top1 = float((ref.flatten(2).argmax(1) == got.flatten(2).argmax(1)).float().mean()) if ref.dim() > 2 \
-            else float((ref.argmax(1) == got.argmax(1)).float().mean())
+    got = next(iter(out.values())).detach().float().cpu().numpy()
+    agreement = output_agreement(reference_output(model, x.float()), got)
     tol = PARITY_RTOL[precision]
-    return {"max_abs_diff": max_abs, "max_rel_diff": max_rel, "top1_agree": top1, "tolerance": tol,
-            "relative_to": "max |torch float32 output|", "passed": bool(max_rel <= tol)}
+    return {**agreement, "tolerance": tol, "relative_to": "max |torch float32 output|",
+            "passed": bool(agreement["max_rel_diff"] <= tol)}
