@@ -101,7 +101,7 @@ def test_rn50_recipe():
     assert r.data.path == "/x"
     assert r.model.checkpoint == "/w/rn50.pth"
     assert (r.profile.backend, r.profile.device, r.profile.dtype, r.profile.layout) == (
-        "tensorrt", "cuda", "float16", "channels_last")
+        "tensorrt", "cuda", "float16", "nchw")
     assert (r.prune.epochs, r.prune.warmup_epochs, r.prune.ramp_epochs, r.prune.cooldown_epochs) == (90, 10, 55, 25)
     assert r.prune.optimizer.momentum == 0.875
     assert r.prune.optimizer.weight_decay == 3.0517578125e-5

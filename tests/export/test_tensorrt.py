@@ -369,3 +369,13 @@ def test_rn50_fps2x_on_a_machine_without_cuda_stops_with_one_line(with_fake, mon
     assert ("no CUDA GPU is visible" if with_fake else "TensorRT is not installed") in lines[0]
     assert "pip install 'smcp[trt]'" in lines[0]
     assert not (tmp_path / "run" / "latency.json").exists()
+
+
+def test_rn50_fps2x_profile_settings_are_measurable_on_tensorrt(monkeypatch):
+    # the shipped recipe's profile section must pass the table's own checks on a TensorRT machine
+    from smcp_core.config.recipe import load_recipe
+    from smcp_core.profile.measure import _checked_settings
+
+    install(monkeypatch)
+    p = load_recipe("rn50_fps2x", ["data.path=/x"]).profile
+    assert _checked_settings(p.backend, p.dtype, p.layout, p.batch_size, p.channel_step) == ("float16", "nchw", 256)
