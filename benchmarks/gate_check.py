@@ -65,10 +65,11 @@ def fresh_runs(n: int, root: Path) -> list[dict]:
     for i in range(n):
         out = root / f"run{i}"
         code, doc, sec = smcp("run", "--out", str(out))
-        rows.append({"dir": str(out), **_row(code, doc, sec)})
+        prune = doc.get("prune") if isinstance(doc.get("prune"), dict) else {}
+        rows.append({"dir": str(out), **_row(code, doc, sec), "top1": prune.get("top1")})
         r = rows[-1]
-        print(f"run {i + 1}/{n}: exit {code}, speed-up {r['speedup']}, interval {r['interval']}, {sec:.0f} s",
-              flush=True)
+        print(f"run {i + 1}/{n}: exit {code}, speed-up {r['speedup']}, interval {r['interval']}, "
+              f"top-1 {r['top1']}, {sec:.0f} s", flush=True)
     return rows
 
 

@@ -15,9 +15,10 @@ torch, onnxruntime and friends are imported lazily inside functions: importing t
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -125,6 +126,22 @@ def cuda_event_timer(device: Any = "cuda") -> Timer:
 def device_timer(device: Any = "cpu") -> Timer:
     """The timer for ``device``: CUDA events on ``cuda[:i]``, ``perf_counter`` elsewhere."""
     return cuda_event_timer(device) if str(device).startswith("cuda") else host_timer()
+
+
+def rotating(fns: Sequence[Callable[[], object]]) -> Callable[[], object]:
+    """One callable that calls ``fns`` in turn, one per call (A, B, C, A, ...).
+
+    Timing a model through several sessions of it: on onnxruntime CPU one session of a model can
+    run 1-2 % faster or slower than another for as long as it lives (where its buffers landed), an
+    offset no number of rounds on that one session averages out (measured on ResNet-56, batch 1:
+    four sessions of each model in one interleaved loop gave speed-ups 1.60-1.66x)."""
+    calls = list(fns)
+    if not calls:
+        raise ValueError("rotating() needs at least one callable")
+    if len(calls) == 1:
+        return calls[0]
+    turn = itertools.cycle(calls)
+    return lambda: next(turn)()
 
 
 def time_interleaved(

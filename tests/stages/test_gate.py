@@ -71,3 +71,37 @@ def test_trt_flag_enters_the_recipe_so_a_run_exported_without_engines_is_not_up_
     assert trt.export.formats == [*plain.export.formats, "trt"]
     assert stamp(plain, "export") != stamp(trt, "export") and stamp(plain, "slim") == stamp(trt, "slim")
     assert load("quickstart", [*TINY_RUN, "export.formats=[onnx, trt]"], trt=True).export.formats == ["onnx", "trt"]
+
+
+def test_each_model_is_timed_through_several_onnxruntime_sessions_in_turn(tmp_path, monkeypatch):
+    """One session's lasting offset must not decide a speed-up: on onnxruntime CPU the paired
+    measurement times every model through ORT_CPU_SESSIONS sessions of it, called in turn."""
+    import torch
+
+    from smcp_core.config.recipe import ProfileConfig
+    from smcp_core.stages import measure
+
+    runs: dict[int, int] = {}
+    real_session = measure.ort_session
+
+    def counted_session(*args, **kwargs):
+        sess = real_session(*args, **kwargs)
+        real_run, key = sess.run, len(runs)
+        runs[key] = 0
+
+        def run(*a, **k):
+            runs[key] += 1
+            return real_run(*a, **k)
+
+        sess.run = run
+        return sess
+
+    monkeypatch.setattr(measure, "ort_session", counted_session)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(288, 4))
+    bench = measure.Bench(ProfileConfig(backend="onnxruntime", device="cpu", warmup=0), torch.randn(1, 3, 8, 8))
+    m = measure.measure_pair(model, model, bench, batch=1, backend="onnxruntime", workdir=tmp_path, kind=None,
+                             target=None, min_rounds=12, max_seconds=30)
+    assert len(m.timing.a_s) == 12
+    assert len(runs) == 2 * measure.ORT_CPU_SESSIONS > 2
+    # every session ran (once on creation, then its turns of the warm-up and the 12 rounds)
+    assert all(n >= 1 + 12 // measure.ORT_CPU_SESSIONS for n in runs.values()), runs
