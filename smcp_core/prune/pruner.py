@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as torch_dist
 from torch import nn
 
 from smcp_core.config import presets
@@ -345,18 +344,18 @@ def _solve_on_main(solve: Callable[[torch.Tensor, float], SolveResult], scores: 
     """``solve(scores, budget)`` on rank 0 only, its result (or its error) broadcast to every rank."""
     if not dist.active():
         return solve(scores, budget)
-    payload: list = [None]
+    payload: object = None
     error: Exception | None = None
     if dist.is_main():
         try:
-            payload[0] = solve(scores, budget)
+            payload = solve(scores, budget)
         except Exception as exc:  # noqa: BLE001 - every rank must leave the broadcast with the same outcome
             error = exc
-            payload[0] = (type(exc).__name__, str(exc))
-    torch_dist.broadcast_object_list(payload, src=0)
+            payload = (type(exc).__name__, str(exc))
+    payload = dist.broadcast_object(payload, src=0)
     if error is not None:
         raise error
-    if isinstance(payload[0], tuple):  # rank 0 failed: the same line here
-        kind, msg = payload[0]
+    if isinstance(payload, tuple):  # rank 0 failed: the same line here
+        kind, msg = payload
         raise InfeasibleTarget(msg) if kind == "InfeasibleTarget" else SmcpError(f"mask update on rank 0: {msg}")
-    return payload[0]
+    return payload

@@ -83,6 +83,15 @@ def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     return t
 
 
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """``obj`` of rank ``src`` on every rank (pickled; ``obj`` itself in one process)."""
+    if not active():
+        return obj
+    payload = [obj]
+    dist.broadcast_object_list(payload, src=src)
+    return payload[0]
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

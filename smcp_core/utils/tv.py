@@ -5,9 +5,11 @@ extension does not load, so ``import torchvision`` dies at import time with
 ``RuntimeError: operator torchvision::nms does not exist`` (the Python side registers fake/meta
 kernels for ``torchvision::nms`` and expects the schema to have been defined by the C++ library).
 
-:func:`import_torchvision` defines the missing operator schemas, gives ``nms`` a CPU kernel of
-its own (greedy non-maximum suppression in plain torch, what torchvision's detectors call after
-their heads; ``qnms`` stays without one) and then imports torchvision.
+:func:`import_torchvision` first tries torchvision's own compiled extension (a matching torch and
+torchvision: nothing else is done); only when it does not load it defines the missing operator
+schemas, gives ``nms`` a CPU kernel of its own (greedy non-maximum suppression in plain torch, what
+torchvision's detectors call after their heads; ``qnms`` stays without one) and then imports
+torchvision.
 All project code imports torchvision through this helper.  torchvision's image decoders
 (``torchvision.io.decode_jpeg`` ...) are compiled ops as well and unavailable; decode images with
 Pillow.
@@ -16,6 +18,7 @@ Pillow.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -46,9 +49,28 @@ def _nms_defined() -> bool:
     return True
 
 
+def _own_extension_loads() -> bool:
+    """Whether torchvision's compiled extension (``torchvision/_C*.so``) loads next to this torch:
+    it then defines the operators itself, and defining them here first would make its own
+    registration fail (a matching CUDA torch + torchvision pair, for example)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    for folder in spec.submodule_search_locations:
+        for lib in sorted(Path(folder).glob("_C*.so")) + sorted(Path(folder).glob("_C*.pyd")):
+            try:
+                torch.ops.load_library(str(lib))
+            except (OSError, RuntimeError):
+                return False
+            return _nms_defined()
+    return False
+
+
 def _define_missing_schemas() -> None:
     global _LIB
-    if _LIB is not None or _nms_defined():
+    if _LIB is not None or _nms_defined() or _own_extension_loads():
         return
     lib = torch.library.Library("torchvision", "DEF")
     for schema in _SCHEMAS:

@@ -190,6 +190,33 @@ def test_torchvision_shim_idempotent():
     assert torch.ops.torchvision.nms is not None
 
 
+def test_torchvision_shim_defines_nothing_when_torchvision_loads_its_own_extension(tmp_path, monkeypatch):
+    """A matching torch + torchvision pair: torchvision's compiled extension defines the operators;
+    defining them first made its own registration fail (duplicate operator, seen with torch 2.14.1)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from smcp_core.utils import tv
+
+    (tmp_path / "_C.so").write_bytes(b"")
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: SimpleNamespace(submodule_search_locations=[str(tmp_path)]))
+    loaded = []
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: loaded.append(path))
+    monkeypatch.setattr(tv, "_LIB", None)
+    defined = iter([False, True])  # not defined before the extension is loaded, defined after
+    monkeypatch.setattr(tv, "_nms_defined", lambda: next(defined))
+    monkeypatch.setattr(torch.library, "Library", lambda *a: pytest.fail("defined schemas next to the extension"))
+    tv._define_missing_schemas()
+    assert loaded == [str(tmp_path / "_C.so")] and tv._LIB is None
+
+    def fails(path):  # a CUDA torchvision next to a CPU torch: the extension does not load
+        raise OSError("libcudart.so.13: cannot open shared object file")
+
+    monkeypatch.setattr(torch.ops, "load_library", fails)
+    assert tv._own_extension_loads() is False
+
+
 @pytest.mark.parametrize(
     "source, kwargs, needle",
     [
