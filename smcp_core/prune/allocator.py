@@ -128,6 +128,7 @@ class Allocator:
             size = graph.groups[gi].size
             uniq = {tuple(t.tolist()) for t in segs if t.numel() < size}
             self._segments[gi] = [torch.tensor(u) for u in sorted(uniq)]
+        self._atoms = {g.index: _atoms(g.size, self._segments[g.index]) for g in graph.groups}
         self.hubs = [g.index for g in graph.groups
                      if g.prunable and touch[g.index] >= self.HUB_MIN_LAYERS and g.n_frozen == 0]
         self._bound_plan = _BoundPlan.build(self, layers) if cost_weight == 1.0 else None
@@ -201,7 +202,13 @@ class Allocator:
     def _order(self, g, scores: torch.Tensor):
         """Keep order of a group's classes: frozen ones, then each segment's most important
         ``min_channels`` classes, then the rest by importance.  Returns (order, cumulative value,
-        rank, number of mandatory classes)."""
+        rank, number of mandatory classes).
+
+        A group whose layers read different parts of it (a CIFAR ResNet's residual stream: stage 1
+        reads 16 of its classes, stage 2 those and 16 more, ...) is ordered in *units* of
+        ``channel_round`` classes of one atom (the classes read by the same layers), so every
+        multiple of ``channel_round`` keeps a multiple of it in each atom and every layer's width
+        stays on the grid (not 7/11/12 of 16/32/64, off the runtime's channel blocks)."""
         s = scores[g.classes].clone()
         s[g.frozen] = float("inf")
         m = max(1, self.min_channels)
@@ -210,9 +217,11 @@ class Allocator:
         for seg in self._segments[g.index]:
             top = seg[torch.argsort(s[seg], descending=True, stable=True)[: min(m, seg.numel())]]
             prio[top] = torch.maximum(prio[top], torch.ones_like(prio[top]))
-        n_mand = int((prio > 0).sum())
         key = torch.argsort(s, descending=True, stable=True)
         order = key[torch.argsort(prio[key], descending=True, stable=True)]
+        n_mand = int((prio > 0).sum())
+        if len(self._atoms[g.index]) > 1 and self.channel_round > 1:
+            order, n_mand = _order_by_units(s, self._atoms[g.index], self._segments[g.index], self.channel_round, m)
         sv = scores[g.classes][order]
         sv = torch.where(torch.isinf(s[order]), torch.zeros_like(sv), sv)
         csum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(sv, 0)])
@@ -591,6 +600,62 @@ class Allocator:
 
     def _widths(self, keep: torch.Tensor) -> dict[int, int]:
         return {g.index: int(keep[g.classes].sum()) for g in self.graph.groups}
+
+
+def _atoms(size: int, segments: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A group's positions partitioned by the segments (layer parts) that contain them: positions
+    in the same atom are read and written by the same layers.  One atom when no layer reads a part."""
+    if not segments:
+        return [torch.arange(size)]
+    member = torch.zeros(size, len(segments), dtype=torch.bool)
+    for j, seg in enumerate(segments):
+        member[seg, j] = True
+    _, atom_of = torch.unique(member, dim=0, return_inverse=True)
+    return [torch.nonzero(atom_of == a).flatten() for a in range(int(atom_of.max()) + 1)]
+
+
+def _order_by_units(s: torch.Tensor, atoms: list[torch.Tensor], segments: list[torch.Tensor], r: int,
+                    m: int) -> tuple[torch.Tensor, int]:
+    """A group's keep order in units of ``r`` classes of one atom (each atom's classes by score,
+    ``inf`` = frozen first; an atom's last unit may be shorter), and the number of classes in its
+    mandatory units.  Mandatory: the units holding frozen classes, then, segment by segment
+    (smallest first), the best next units of its atoms until the segment keeps ``min(m, size)``
+    classes.  The other units follow by summed score, always an atom's next unit, so every prefix
+    keeps a prefix of each atom (the most valuable selection of that many units)."""
+    units = []  # per atom: its units (classes, value, holds a frozen class)
+    for pos in atoms:
+        mine = pos[torch.argsort(s[pos], descending=True, stable=True)]
+        row = []
+        for i in range(0, len(mine), r):
+            su = s[mine[i: i + r]]
+            finite = torch.where(torch.isinf(su), torch.zeros_like(su), su)
+            value = -math.inf if bool(torch.isneginf(su).any()) else float(finite.sum())  # -inf: pruned (monotone)
+            row.append((mine[i: i + r], value, bool(torch.isposinf(su).any())))
+        units.append(row)
+    nxt = [0] * len(atoms)
+    picked: list[torch.Tensor] = []
+
+    def take(a: int) -> None:
+        picked.append(units[a][nxt[a]][0])
+        nxt[a] += 1
+
+    for a, row in enumerate(units):
+        while nxt[a] < len(row) and row[nxt[a]][2]:
+            take(a)
+    inside = [[a for a, pos in enumerate(atoms) if bool(torch.isin(pos[0], seg))] for seg in segments]
+    for seg, mine in sorted(zip(segments, inside), key=lambda x: x[0].numel()):
+        have = sum(len(u[0]) for a in mine for u in units[a][: nxt[a]])
+        while have < min(m, seg.numel()):
+            a = max((a for a in mine if nxt[a] < len(units[a])), key=lambda a: units[a][nxt[a]][1])
+            have += len(units[a][nxt[a]][0])
+            take(a)
+    n_mand = sum(len(u) for u in picked)
+    while True:
+        open_ = [a for a in range(len(atoms)) if nxt[a] < len(units[a])]
+        if not open_:
+            break
+        take(max(open_, key=lambda a: (units[a][nxt[a]][1], -a)))
+    return torch.cat(picked), n_mand
 
 
 def _flat_labels(labels: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
