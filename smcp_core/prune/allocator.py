@@ -201,7 +201,7 @@ class Allocator:
 
     def _order(self, g, scores: torch.Tensor):
         """Keep order of a group's classes: frozen ones, then each segment's most important
-        ``min_channels`` classes, then the rest by importance.  Returns (order, cumulative value,
+        ``min_channels`` classes, then the rest by importance (in units, see below).  Returns (order, cumulative value,
         rank, number of mandatory classes).
 
         A group whose layers read different parts of it (a CIFAR ResNet's residual stream: stage 1
@@ -620,16 +620,21 @@ def _order_by_units(s: torch.Tensor, atoms: list[torch.Tensor], segments: list[t
     ``inf`` = frozen first; an atom's last unit may be shorter), and the number of classes in its
     mandatory units.  Mandatory: the units holding frozen classes, then, segment by segment
     (smallest first), the best next units of its atoms until the segment keeps ``min(m, size)``
-    classes.  The other units follow by summed score, always an atom's next unit, so every prefix
-    keeps a prefix of each atom (the most valuable selection of that many units)."""
+    classes.  The other full units follow by summed score, always an atom's next unit, so every
+    prefix keeps a prefix of each atom; then the short units (so they do not shift later units off
+    the grid); last the classes a monotone solve has pruned (score ``-inf``), which no unit holds,
+    so a prefix up to the current width keeps only currently kept classes."""
     units = []  # per atom: its units (classes, value, holds a frozen class)
+    pruned = []
     for pos in atoms:
-        mine = pos[torch.argsort(s[pos], descending=True, stable=True)]
+        gone = torch.isneginf(s[pos])
+        pruned.append(pos[gone])
+        live = pos[~gone]
+        mine = live[torch.argsort(s[live], descending=True, stable=True)]
         row = []
         for i in range(0, len(mine), r):
             su = s[mine[i: i + r]]
-            finite = torch.where(torch.isinf(su), torch.zeros_like(su), su)
-            value = -math.inf if bool(torch.isneginf(su).any()) else float(finite.sum())  # -inf: pruned (monotone)
+            value = float(torch.where(torch.isinf(su), torch.zeros_like(su), su).sum())
             row.append((mine[i: i + r], value, bool(torch.isposinf(su).any())))
         units.append(row)
     nxt = [0] * len(atoms)
@@ -646,16 +651,21 @@ def _order_by_units(s: torch.Tensor, atoms: list[torch.Tensor], segments: list[t
     for seg, mine in sorted(zip(segments, inside), key=lambda x: x[0].numel()):
         have = sum(len(u[0]) for a in mine for u in units[a][: nxt[a]])
         while have < min(m, seg.numel()):
-            a = max((a for a in mine if nxt[a] < len(units[a])), key=lambda a: units[a][nxt[a]][1])
+            open_ = [a for a in mine if nxt[a] < len(units[a])]
+            if not open_:  # the rest of the segment is pruned (monotone): nothing more to keep
+                break
+            a = max(open_, key=lambda a: units[a][nxt[a]][1])
             have += len(units[a][nxt[a]][0])
             take(a)
     n_mand = sum(len(u) for u in picked)
-    while True:
-        open_ = [a for a in range(len(atoms)) if nxt[a] < len(units[a])]
-        if not open_:
-            break
-        take(max(open_, key=lambda a: (units[a][nxt[a]][1], -a)))
-    return torch.cat(picked), n_mand
+    for full_only in (True, False):
+        while True:
+            open_ = [a for a in range(len(atoms)) if nxt[a] < len(units[a])
+                     and (not full_only or len(units[a][nxt[a]][0]) == r)]
+            if not open_:
+                break
+            take(max(open_, key=lambda a: (units[a][nxt[a]][1], -a)))
+    return torch.cat(picked + pruned), n_mand
 
 
 def _flat_labels(labels: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:

@@ -883,3 +883,20 @@ def test_a_mask_update_is_solved_on_rank_0_and_broadcast_with_its_error(tmp_path
     assert torch.equal(r0["keep"], torch.tensor([True, True])) and torch.equal(r1["keep"], r0["keep"])
     assert r1["widths"] == {0: 1}
     assert r0["err"] == r1["err"] == "cost budget -1 is below the minimum reachable 0.5"
+
+
+def test_monotone_solve_from_off_grid_stream_widths_keeps_a_subset(r20):
+    """A monotone re-solve from masks whose residual-stream stages are off the channel grid (masks
+    from before the stream was kept in units, or from outside): the result still keeps only
+    currently kept classes (a unit mixing kept and pruned classes once sorted last as a whole)."""
+    graph = r20
+    alloc = Allocator(graph, CostModel(graph, "flops"), channel_round=4, min_channels=4)
+    stream = max(graph.groups, key=lambda g: g.size)
+    assert len(alloc._atoms[stream.index]) == 3
+    keep_now = graph.full_keep().clone()
+    for atom, drop in zip(alloc._atoms[stream.index], (9, 5, 10)):  # 23 / 11 / 6 kept: off the grid of 4
+        keep_now[stream.classes[atom[:drop]]] = False
+    scores = random_scores(graph, seed=3)
+    res = alloc.solve(scores, 0.5 * alloc.full_cost, keep_now, monotone=True)
+    assert not bool((res.keep & ~keep_now).any()), "a pruned class came back in a monotone solve"
+    assert res.cost <= 0.5 * alloc.full_cost * (1 + 1e-9)
