@@ -900,3 +900,30 @@ def test_monotone_solve_from_off_grid_stream_widths_keeps_a_subset(r20):
     res = alloc.solve(scores, 0.5 * alloc.full_cost, keep_now, monotone=True)
     assert not bool((res.keep & ~keep_now).any()), "a pruned class came back in a monotone solve"
     assert res.cost <= 0.5 * alloc.full_cost * (1 + 1e-9)
+
+
+def test_unit_order_keeps_the_most_valuable_units_at_every_width(r20):
+    """Across the residual stream's atoms, each grid width of the unit order keeps the most
+    valuable choice of units (brute force over how many units each atom keeps, its mandatory units
+    included)."""
+    import itertools
+
+    graph = r20
+    r = 4
+    alloc = Allocator(graph, CostModel(graph, "flops"), channel_round=r, min_channels=r)
+    stream = max(graph.groups, key=lambda g: g.size)
+    atoms = alloc._atoms[stream.index]
+    for seed in range(5):
+        scores = random_scores(graph, seed).to(torch.float64)
+        order, csum, _, n_mand = alloc._order(stream, scores)
+        s = scores[stream.classes]
+        atom_of = torch.empty(stream.size, dtype=torch.long)
+        for a, pos in enumerate(atoms):
+            atom_of[pos] = a
+        mand = [int((atom_of[order[:n_mand]] == a).sum()) // r for a in range(len(atoms))]
+        sorted_s = [torch.sort(s[pos], descending=True).values for pos in atoms]
+        for k in range(n_mand, stream.size + 1, r):
+            best = max(sum(float(v[: c * r].sum()) for v, c in zip(sorted_s, cs))
+                       for cs in itertools.product(*(range(len(pos) // r + 1) for pos in atoms))
+                       if sum(cs) * r == k and all(c >= m for c, m in zip(cs, mand)))
+            assert float(csum[k]) == pytest.approx(best, rel=1e-12), (seed, k)
