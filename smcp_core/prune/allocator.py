@@ -201,7 +201,7 @@ class Allocator:
 
     def _order(self, g, scores: torch.Tensor):
         """Keep order of a group's classes: frozen ones, then each segment's most important
-        ``min_channels`` classes, then the rest by importance (in units, see below).  Returns (order, cumulative value,
+        ``min_channels`` classes, then the rest by importance.  Returns (order, cumulative value,
         rank, number of mandatory classes).
 
         A group whose layers read different parts of it (a CIFAR ResNet's residual stream: stage 1
@@ -212,16 +212,17 @@ class Allocator:
         s = scores[g.classes].clone()
         s[g.frozen] = float("inf")
         m = max(1, self.min_channels)
-        prio = torch.zeros(g.size, dtype=torch.int8)
-        prio[g.frozen] = 2
-        for seg in self._segments[g.index]:
-            top = seg[torch.argsort(s[seg], descending=True, stable=True)[: min(m, seg.numel())]]
-            prio[top] = torch.maximum(prio[top], torch.ones_like(prio[top]))
-        key = torch.argsort(s, descending=True, stable=True)
-        order = key[torch.argsort(prio[key], descending=True, stable=True)]
-        n_mand = int((prio > 0).sum())
         if len(self._atoms[g.index]) > 1 and self.channel_round > 1:
             order, n_mand = _order_by_units(s, self._atoms[g.index], self._segments[g.index], self.channel_round, m)
+        else:
+            prio = torch.zeros(g.size, dtype=torch.int8)
+            prio[g.frozen] = 2
+            for seg in self._segments[g.index]:
+                top = seg[torch.argsort(s[seg], descending=True, stable=True)[: min(m, seg.numel())]]
+                prio[top] = torch.maximum(prio[top], torch.ones_like(prio[top]))
+            key = torch.argsort(s, descending=True, stable=True)
+            order = key[torch.argsort(prio[key], descending=True, stable=True)]
+            n_mand = int((prio > 0).sum())
         sv = scores[g.classes][order]
         sv = torch.where(torch.isinf(s[order]), torch.zeros_like(sv), sv)
         csum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(sv, 0)])

@@ -56,13 +56,11 @@ def check_solution(graph, cost, alloc, res, budget, scores):
         assert k >= min(alloc.min_channels, g.size), (g.index, k)
         # every layer reading or writing part of the group keeps at least min_channels of its part
         local = {c: i for i, c in enumerate(g.classes.tolist())}
+        # and every layer's width is on the grid too: a part of the group a layer reads keeps a
+        # multiple of channel_round (a residual stream's stages, not only their sum)
         for seg in alloc._segments[g.index]:
             kept_seg = int(keep[g.classes[seg]].sum())
             assert kept_seg >= min(alloc.min_channels, seg.numel()), (g.index, seg.tolist(), kept_seg)
-        # every layer's width on the grid too: a part of the group a layer reads keeps a multiple of
-        # channel_round (a residual stream's stages, not only their sum)
-        for seg in alloc._segments[g.index]:
-            kept_seg = int(keep[g.classes[seg]].sum())
             if seg.numel() % alloc.channel_round == 0:
                 assert kept_seg % alloc.channel_round == 0, (g.index, seg.numel(), kept_seg)
         # beyond those reserved classes, the kept ones are the most important of their atom (the
