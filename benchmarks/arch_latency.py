@@ -3,8 +3,8 @@
 For torchvision MobileNetV2 and EfficientNet-B0 (224x224, batch 1, random weights: latency does not
 depend on them) and each width fraction ``f`` in ``--fracs``:
 
-* **uniform**: every prunable channel group keeps ``round(f * size)`` channels
-  (``smcp_core.stages.measure._uniform_keep``, the variants ``smcp profile`` calibrates with);
+* **uniform**: every prunable channel group keeps about ``f`` of its channels (of each stage's part of a stream)
+  (``smcp_core.prune.allocator.uniform_keep``, the variants ``smcp profile`` calibrates with);
 * **guided**: the SMCP allocator (``smcp_core.prune.allocator.Allocator``: per-group options on the channel
   grid, exact multiple-choice knapsack) with a latency cost model from an onnxruntime latency table
   measured here by ``smcp_core.profile.measure.measure_table``, and importance ``--importance`` (``ones``: every
@@ -52,9 +52,8 @@ from smcp_core.profile.fingerprint import environment_report  # noqa: E402
 from smcp_core.profile.measure import measure_table  # noqa: E402
 from smcp_core.profile.table import LatencyTable  # noqa: E402
 from smcp_core.profile.timing import ort_runner, ort_session, time_interleaved  # noqa: E402
-from smcp_core.prune.allocator import Allocator  # noqa: E402
+from smcp_core.prune.allocator import Allocator, uniform_keep  # noqa: E402
 from smcp_core.slim.surgery import count_params, slim_model  # noqa: E402
-from smcp_core.stages.measure import _uniform_keep  # noqa: E402
 
 MODELS = ["mobilenet_v2", "efficientnet_b0"]
 
@@ -155,7 +154,7 @@ def run_model(name: str, args, workdir: Path, table_dir: Path | None) -> dict:
     keeps: dict[str, torch.Tensor] = {"dense": full}
     info: dict[str, dict] = {"dense": {"frac": 1.0}}
     for f in args.fracs:
-        ku = _uniform_keep(graph, f)
+        ku = uniform_keep(graph, f)
         fu = graph.flops_params(ku)[0]
         t0 = time.perf_counter()
         kg, budget, calls = guided_keep(graph, alloc, scores, fu, cost.total(ku), args.bisect)

@@ -39,12 +39,12 @@ from smcp_core.profile import calibration as profile_calibration  # noqa: E402
 from smcp_core.profile.cost_model import CostModel  # noqa: E402
 from smcp_core.profile.fingerprint import environment_report  # noqa: E402
 from smcp_core.profile.table import LatencyTable  # noqa: E402
-from smcp_core.stages import measure  # noqa: E402
+from smcp_core.prune.allocator import uniform_keep  # noqa: E402
 from smcp_core.utils.fsutil import atomic_write_json, load_torch  # noqa: E402
 
 
-def random_keep(graph, rng: random.Random) -> torch.Tensor:
-    keep = measure._uniform_keep(graph, rng.uniform(0.4, 1.0))
+def random_keep(graph, rng: random.Random, step: int) -> torch.Tensor:
+    keep = uniform_keep(graph, rng.uniform(0.4, 1.0), step)
     removable = [g for g in graph.groups if g.prunable and g.removable and g.n_frozen == 0]
     for g in rng.sample(removable, k=rng.randint(1, max(1, len(removable) * 2 // 3))) if removable else []:
         keep[g.classes] = False
@@ -79,12 +79,14 @@ def main() -> None:
         old_scale, _ = profile_calibration.fit_calibration([(p["layer_sum_ms"], 0, p["measured_ms"])
                                                             for p in cal["points"] if not p.get("removed_layers")])
         keeps = {}
-        for run in a.runs:
+        runs = {}  # structure name (also a file name while timing) -> its run directory
+        for i, run in enumerate(a.runs):
             ck = load_torch(run / "prune" / "pruned.pt", "pruned checkpoint", "", keys=("keep",))
-            keeps[f"run:{run}"] = ck["keep"].to(torch.bool)
+            keeps[f"smcp{i}"] = ck["keep"].to(torch.bool)
+            runs[f"smcp{i}"] = str(run)
         rng = random.Random(a.seed)
         for i in range(a.random):
-            keeps[f"random{i}"] = random_keep(graph, rng)
+            keeps[f"random{i}"] = random_keep(graph, rng, recipe.prune.channel_round)
         models = {"dense": model, **{name: stages.slim_structure(recipe, graph, keep) for name, keep in keeps.items()}}
         prof = recipe.profile
         st = stages.measure_lowest(models, recipe, workdir=work / "t", repeats=2, min_runs=max(30, prof.min_runs),
@@ -98,9 +100,10 @@ def main() -> None:
             n = sum(1 for ci, co in graph.widths(keep) if ci == 0 or co == 0)
             meas = med[name] * norm
             new_pred, old_pred = cost.predict(keep), old_scale * s
-            rows.append({"structure": name, "layer_sum_ms": s, "removed_layers": n, "measured_ms": meas,
-                         "measured_raw_ms": med[name], "predicted_old_ms": old_pred, "predicted_ms": new_pred,
-                         "error_old_pct": 100 * (old_pred - meas) / meas, "error_pct": 100 * (new_pred - meas) / meas})
+            rows.append({"structure": name, "run": runs.get(name), "layer_sum_ms": s, "removed_layers": n,
+                         "measured_ms": meas, "measured_raw_ms": med[name], "predicted_old_ms": old_pred,
+                         "predicted_ms": new_pred, "error_old_pct": 100 * (old_pred - meas) / meas,
+                         "error_pct": 100 * (new_pred - meas) / meas})
         res = {"recipe": recipe.name, "sets": a.sets, "backend": prof.backend, "device": prof.device,
                "batch_size": prof.batch_size, "calibration": cal, "old_scale": old_scale,
                "table_dense_ms": base_ms, "loop_dense_ms": med["dense"], "rows": rows,

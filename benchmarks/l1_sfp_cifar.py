@@ -43,7 +43,7 @@ from _cifar_common import (
 
 from smcp_core import stages
 from smcp_core.config.recipe import load_recipe
-from smcp_core.stages import measure
+from smcp_core.prune.allocator import uniform_keep
 
 
 def uniform_flops_ratio(overrides: list[str], pruned: float) -> float:
@@ -52,7 +52,7 @@ def uniform_flops_ratio(overrides: list[str], pruned: float) -> float:
     model = stages.build_model(r)
     graph = stages.build_graph(r, model)
     full, _ = graph.flops_params()
-    kept, _ = graph.flops_params(measure._uniform_keep(graph, 1.0 - pruned))
+    kept, _ = graph.flops_params(uniform_keep(graph, 1.0 - pruned))
     return kept / full
 
 

@@ -113,21 +113,7 @@ class Allocator:
             touch[layer.group] += 1
             for x in og:
                 touch[x] += 1
-        # every layer touching a group reads or writes a *segment* of it (its own positions);
-        # each segment keeps at least min_channels (so no layer is left without inputs/outputs
-        # unless the whole group is removed by layer pruning, which is allowed only when safe)
-        self._segments: dict[int, list[torch.Tensor]] = {g.index: [] for g in graph.groups}
-        for layer in layers:
-            self._segments[layer.group].append(torch.unique(local[layer.in_labels]))
-            if layer.kind != "dwconv":
-                for x in torch.unique(graph.class_group[layer.out_labels]).tolist():
-                    if x >= 0:
-                        mine = layer.out_labels[graph.class_group[layer.out_labels] == x]
-                        self._segments[x].append(torch.unique(local[mine]))
-        for gi, segs in self._segments.items():
-            size = graph.groups[gi].size
-            uniq = {tuple(t.tolist()) for t in segs if t.numel() < size}
-            self._segments[gi] = [torch.tensor(u) for u in sorted(uniq)]
+        self._segments = group_segments(graph, layers)
         self._atoms = {g.index: _atoms(g.size, self._segments[g.index]) for g in graph.groups}
         self.hubs = [g.index for g in graph.groups
                      if g.prunable and touch[g.index] >= self.HUB_MIN_LAYERS and g.n_frozen == 0]
@@ -601,6 +587,62 @@ class Allocator:
 
     def _widths(self, keep: torch.Tensor) -> dict[int, int]:
         return {g.index: int(keep[g.classes].sum()) for g in self.graph.groups}
+
+
+def group_segments(graph: ChannelGraph, layers: list[LayerInfo] | None = None) -> dict[int, list[torch.Tensor]]:
+    """Per group, the *segments* (sets of its positions) that single layers read or write, where
+    smaller than the group: a CIFAR ResNet's residual stream has one per stage (16, 32, 64 of its
+    64 positions).  Each segment keeps at least ``min_channels``, so no layer is left without inputs
+    or outputs unless the whole group is removed by layer pruning (allowed only where safe)."""
+    layers = _grouped_layers(graph) if layers is None else layers
+    local = torch.full((graph.n_classes,), -1, dtype=torch.long)
+    for g in graph.groups:
+        local[g.classes] = torch.arange(g.size)
+    segments: dict[int, list[torch.Tensor]] = {g.index: [] for g in graph.groups}
+    for layer in layers:
+        segments[layer.group].append(torch.unique(local[layer.in_labels]))
+        if layer.kind != "dwconv":
+            for x in torch.unique(graph.class_group[layer.out_labels]).tolist():
+                if x >= 0:
+                    mine = layer.out_labels[graph.class_group[layer.out_labels] == x]
+                    segments[x].append(torch.unique(local[mine]))
+    for gi, segs in segments.items():
+        size = graph.groups[gi].size
+        uniq = {tuple(t.tolist()) for t in segs if t.numel() < size}
+        segments[gi] = [torch.tensor(u) for u in sorted(uniq)]
+    return segments
+
+
+def uniform_keep(graph: ChannelGraph, frac: float, step: int = 1) -> torch.Tensor:
+    """Every prunable group thinned to about ``frac``, every layer alike: a group whose layers read
+    different parts of it (a CIFAR ResNet's stream: stage 1 reads 16 of its classes, stage 2 those
+    and 16 more, ...) keeps, part by part (the parts read by most layers first), the multiple of
+    ``step`` nearest ``frac`` of the parts so far (16/32/64 at 0.5: 8/16/32), as the allocator's
+    widths are on its grid; a whole part where it is smaller than ``step``.  Frozen classes first."""
+    keep = graph.full_keep()
+    segments = group_segments(graph)
+    step = max(1, int(step))
+    for g in graph.groups:
+        if not g.prunable:
+            continue
+        first = torch.argsort(g.frozen.to(torch.int8), descending=True, stable=True)  # frozen, then by index
+        rank = torch.empty(g.size, dtype=torch.long)
+        rank[first] = torch.arange(g.size)
+        segs = segments[g.index]
+        atoms = sorted(_atoms(g.size, segs), key=lambda pos: -sum(bool(torch.isin(pos[0], seg)) for seg in segs))
+        kept, n_so_far, k_so_far = [], 0, 0
+        for pos in atoms:
+            pos = pos[torch.argsort(rank[pos])]
+            n_so_far += pos.numel()
+            want = step * max(1, math.ceil(frac * n_so_far / step - 0.5))  # nearest; ties: the smaller
+            k = min(pos.numel(), max(min(step, pos.numel()), want - k_so_far, int(g.frozen[pos].sum())))
+            if frac >= 1.0:
+                k = pos.numel()
+            kept.append(pos[:k])
+            k_so_far += k
+        keep[g.classes] = False
+        keep[g.classes[torch.cat(kept)]] = True
+    return keep
 
 
 def _atoms(size: int, segments: list[torch.Tensor]) -> list[torch.Tensor]:

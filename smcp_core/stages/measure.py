@@ -31,6 +31,7 @@ from smcp_core.profile.timing import (
     torch_runner,
 )
 from smcp_core.profile.trt import engine_timer, trt_precision
+from smcp_core.prune.allocator import uniform_keep
 from smcp_core.prune.masking import Masker
 from smcp_core.slim.surgery import slim_submodule
 from smcp_core.stages.builders import build_model, example_input
@@ -273,25 +274,14 @@ def measure_lowest(models: dict[str, torch.nn.Module], where: Recipe | Bench, *,
             "repeats": runs}
 
 
-def _uniform_keep(graph: ChannelGraph, frac: float) -> torch.Tensor:
-    keep = graph.full_keep()
-    for g in graph.groups:
-        if not g.prunable:
-            continue
-        k = max(g.n_frozen, 1, int(round(frac * g.size)))
-        order = torch.argsort(g.frozen.to(torch.int8), descending=True, stable=True)
-        keep[g.classes] = False
-        keep[g.classes[order[:k]]] = True
-    return keep
-
-
-def _removal_keep(graph: ChannelGraph, frac: float) -> torch.Tensor | None:
-    """Every other removable group (layer pruning) removed, the rest uniformly thinned to ``frac``;
-    None when the graph has no removable group."""
+def _removal_keep(graph: ChannelGraph, frac: float, step: int = 1) -> torch.Tensor | None:
+    """Every other removable group (layer pruning) removed, the rest uniformly thinned to ``frac``
+    on the ``step`` grid (:func:`~smcp_core.prune.allocator.uniform_keep`); None when the graph has
+    no removable group."""
     removable = [g for g in graph.groups if g.prunable and g.removable and g.n_frozen == 0]
     if not removable:
         return None
-    keep = _uniform_keep(graph, frac)
+    keep = uniform_keep(graph, frac, step)
     for g in removable[::2]:
         keep[g.classes] = False
     return keep

@@ -16,13 +16,13 @@ from smcp_core.profile.calibration import fit_calibration
 from smcp_core.profile.cost_model import CostModel
 from smcp_core.profile.measure import measure_table
 from smcp_core.profile.table import LatencyTable
+from smcp_core.prune.allocator import uniform_keep
 from smcp_core.stages.artifacts import stamp
 from smcp_core.stages.builders import build_graph, build_model, input_shape
 from smcp_core.stages.measure import (
     Bench,
     _removal_keep,
     _removed_layers,
-    _uniform_keep,
     measure_lowest,
     slim_structure,
 )
@@ -118,13 +118,15 @@ def calibrate(graph, table: LatencyTable, *, model: torch.nn.Module, source: Rec
     model copied) measured on ``where``'s backend, and the calibration fitted to them:
     ``{measured_ms, layer_sum_ms, calibration, stats}``."""
     # whole-model latency of the baseline, two uniformly thinned variants and (when layers can be
-    # removed) two variants with every other removable group removed -> calibration
+    # removed) two variants with every other removable group removed -> calibration; widths on the
+    # grid the allocator keeps (prune.channel_round), since off-block widths time differently
     cost = CostModel(graph, "latency", table)
     cost.removed_cost = 0.0  # plain layer sums (a reused table carries the previous calibration)
-    keeps = {"baseline": graph.full_keep(), "uniform75": _uniform_keep(graph, 0.75),
-             "uniform50": _uniform_keep(graph, 0.5)}
+    step = source.prune.channel_round if isinstance(source, Recipe) else (table.channel_step or 1)
+    keeps = {"baseline": graph.full_keep(), "uniform75": uniform_keep(graph, 0.75, step),
+             "uniform50": uniform_keep(graph, 0.5, step)}
     for name, frac in (("removed", 1.0), ("removed_uniform75", 0.75)):
-        k = _removal_keep(graph, frac)
+        k = _removal_keep(graph, frac, step)
         if k is not None:
             keeps[name] = k
     reporter.log(f"measuring whole-model latency ({', '.join(keeps)}) for calibration")

@@ -15,7 +15,7 @@ from smcp_core.graph.channel_graph import ChannelGraph
 from smcp_core.models import build_model
 from smcp_core.profile.cost_model import CostModel
 from smcp_core.profile.table import LatencyTable, channel_grid
-from smcp_core.prune.allocator import Allocator
+from smcp_core.prune.allocator import Allocator, uniform_keep
 from smcp_core.prune.importance import ImportanceTracker
 from smcp_core.prune.masking import Masker
 from smcp_core.prune.schedule import SCHEDULES, budget_at, ramp_fraction
@@ -925,3 +925,21 @@ def test_unit_order_keeps_the_most_valuable_units_at_every_width(r20):
                        for cs in itertools.product(*(range(len(pos) // r + 1) for pos in atoms))
                        if sum(cs) * r == k and all(c >= m for c, m in zip(cs, mand)))
             assert float(csum[k]) == pytest.approx(best, rel=1e-12), (seed, k)
+
+
+@pytest.mark.parametrize("frac, step", [(0.75, 4), (0.5, 4), (0.6, 8), (1.0, 16)])
+def test_uniform_keep_thins_every_layer_alike_on_the_grid(r20, frac, step):
+    """The calibration's uniformly thinned models: every conv/linear layer keeps the grid width
+    nearest ``frac`` of its own width, the residual stream's three stages alike (16/32/64 at 0.5:
+    8/16/32; a group-wide fraction of the stream's 64 classes kept stage 1 and 2 whole)."""
+    keep = uniform_keep(r20, frac, step)
+    for layer, (ci, co) in zip(r20.layers, r20.widths(keep)):
+        for full, kept in ((layer.sig.cin, ci), (layer.sig.cout, co)):
+            if full in (1, 3, 10):  # the image's channels and the classes are never pruned
+                assert kept == full
+                continue
+            grid = sorted(set(range(step, full + 1, step)) | {full})
+            want = min(grid, key=lambda k: (abs(k - frac * full), k))
+            assert kept == want, (layer.name, full, kept, want)
+    if frac == 1.0:
+        assert bool(keep.all())
