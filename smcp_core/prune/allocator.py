@@ -616,9 +616,11 @@ def group_segments(graph: ChannelGraph, layers: list[LayerInfo] | None = None) -
 def uniform_keep(graph: ChannelGraph, frac: float, step: int = 1) -> torch.Tensor:
     """Every prunable group thinned to about ``frac``, every layer alike: a group whose layers read
     different parts of it (a CIFAR ResNet's stream: stage 1 reads 16 of its classes, stage 2 those
-    and 16 more, ...) keeps, part by part (the parts read by most layers first), the multiple of
-    ``step`` nearest ``frac`` of the parts so far (16/32/64 at 0.5: 8/16/32), as the allocator's
-    widths are on its grid; a whole part where it is smaller than ``step``.  Frozen classes first."""
+    and 16 more, ...) keeps, part by part (the parts read by most layers first), the width on the
+    grid (multiples of ``step``, or all of them) nearest ``frac`` of the parts so far (16/32/64 at
+    0.5, step 4: 8/16/32; step 16: 16/16/32), as the allocator's widths are on its grid.  A later
+    part may keep nothing; every segment (the part one layer reads) keeps something.  Frozen
+    classes first."""
     keep = graph.full_keep()
     segments = group_segments(graph)
     step = max(1, int(step))
@@ -630,18 +632,21 @@ def uniform_keep(graph: ChannelGraph, frac: float, step: int = 1) -> torch.Tenso
         rank[first] = torch.arange(g.size)
         segs = segments[g.index]
         atoms = sorted(_atoms(g.size, segs), key=lambda pos: -sum(bool(torch.isin(pos[0], seg)) for seg in segs))
-        kept, n_so_far, k_so_far = [], 0, 0
+        mine = torch.zeros(g.size, dtype=torch.bool)
+        n_so_far = 0
         for pos in atoms:
             pos = pos[torch.argsort(rank[pos])]
             n_so_far += pos.numel()
-            want = step * max(1, math.ceil(frac * n_so_far / step - 0.5))  # nearest; ties: the smaller
-            k = min(pos.numel(), max(min(step, pos.numel()), want - k_so_far, int(g.frozen[pos].sum())))
-            if frac >= 1.0:
-                k = pos.numel()
-            kept.append(pos[:k])
-            k_so_far += k
-        keep[g.classes] = False
-        keep[g.classes[torch.cat(kept)]] = True
+            grid = sorted(set(range(step, n_so_far + 1, step)) | {n_so_far})
+            want = min(grid, key=lambda k: (abs(k - frac * n_so_far), k))  # nearest; ties: the smaller
+            floor = min(step, pos.numel()) if not bool(mine.any()) else 0
+            k = min(pos.numel(), max(floor, want - int(mine.sum()), int(g.frozen[pos].sum())))
+            mine[pos[:k]] = True
+        for seg in segs:  # (segments that are not nested: none left without inputs)
+            if not bool(mine[seg].any()):
+                seg = seg[torch.argsort(rank[seg])]
+                mine[seg[: min(step, seg.numel())]] = True
+        keep[g.classes] = mine
     return keep
 
 

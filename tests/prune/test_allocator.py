@@ -927,11 +927,12 @@ def test_unit_order_keeps_the_most_valuable_units_at_every_width(r20):
             assert float(csum[k]) == pytest.approx(best, rel=1e-12), (seed, k)
 
 
-@pytest.mark.parametrize("frac, step", [(0.75, 4), (0.5, 4), (0.6, 8), (1.0, 16)])
+@pytest.mark.parametrize("frac, step", [(0.75, 4), (0.5, 4), (0.6, 8), (0.75, 16), (0.5, 16), (0.9, 16), (1.0, 16)])
 def test_uniform_keep_thins_every_layer_alike_on_the_grid(r20, frac, step):
     """The calibration's uniformly thinned models: every conv/linear layer keeps the grid width
     nearest ``frac`` of its own width, the residual stream's three stages alike (16/32/64 at 0.5:
-    8/16/32; a group-wide fraction of the stream's 64 classes kept stage 1 and 2 whole)."""
+    8/16/32, or 16/16/32 on a grid of 16; a group-wide fraction of the stream's 64 classes kept
+    stage 1 and 2 whole)."""
     keep = uniform_keep(r20, frac, step)
     for layer, (ci, co) in zip(r20.layers, r20.widths(keep)):
         for full, kept in ((layer.sig.cin, ci), (layer.sig.cout, co)):
