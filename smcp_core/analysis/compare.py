@@ -91,7 +91,9 @@ def parse_method_sets(specs: Sequence[str] | None, methods: Sequence[str]) -> di
     return out
 
 
-def _copy_table(src: Path, dst_dir: Path) -> None:
+def copy_table(src: Path, dst_dir: Path) -> None:
+    """Copy the latency table ``src`` to ``dst_dir/latency.json`` (atomically, checksum recorded), so
+    several runs share one table."""
 
     dst_dir.mkdir(parents=True, exist_ok=True)
     dst = dst_dir / "latency.json"
@@ -125,11 +127,12 @@ def _dense_top1(base, first_summary: dict | None) -> tuple[float | None, str]:
 
 def compare(spec, overrides: Sequence[str], methods: Sequence[str], out: Path, *,
             reporter: Reporter | None = None, force: bool = False, force_table: bool = False,
-            env: Any = None, method_overrides: dict[str, list[str]] | None = None) -> dict:
+            env: Any = None, method_overrides: dict[str, list[str]] | None = None, resume: bool = False) -> dict:
     """Prune + slim the recipe ``spec`` (with ``overrides``) once per method into ``out/<method>``,
     then time the dense model and every slim model interleaved; writes ``compare.json`` and
     ``compare.md`` and returns the same dict.  ``method_overrides`` (see :func:`parse_method_sets`)
-    adds recipe overrides for single methods; they are recorded in each row."""
+    adds recipe overrides for single methods; they are recorded in each row.  ``resume`` continues a
+    method's interrupted prune from its ``prune/checkpoint.pt`` instead of starting it over."""
 
     rep = reporter or Reporter()
     out = Path(out)
@@ -150,7 +153,7 @@ def compare(spec, overrides: Sequence[str], methods: Sequence[str], out: Path, *
     first_summary = None
     for m in methods:
         row, summary = _run_method(m, recipes[m], out, per[m], rep, shared_table=kind != "flops_ratio",
-                                   force=force, force_table=force_table)
+                                   force=force, force_table=force_table, resume=resume)
         rows.append(row)
         first_summary = first_summary or summary
 
@@ -200,7 +203,7 @@ def _shared_table(base, out: Path, rep: Reporter, *, force: bool) -> dict:
 
 
 def _run_method(m: str, recipe, out: Path, extra: list[str], rep: Reporter, *, shared_table: bool,
-                force: bool, force_table: bool) -> tuple[dict, dict | None]:
+                force: bool, force_table: bool, resume: bool = False) -> tuple[dict, dict | None]:
     """Prune + slim method ``m`` (its recipe ``recipe``, with the ``extra`` overrides) into
     ``out/m``: its row (with ``error`` when it failed) and its prune summary (``None`` when it failed)."""
     mdir = out / m
@@ -212,8 +215,9 @@ def _run_method(m: str, recipe, out: Path, extra: list[str], rep: Reporter, *, s
     t0 = time.perf_counter()
     try:
         if shared_table:
-            _copy_table(out / "latency.json", mdir)
-        summary, slim_info = _prune_and_slim(m, recipe, mdir, row, rep, force=force, force_table=force_table)
+            copy_table(out / "latency.json", mdir)
+        summary, slim_info = _prune_and_slim(m, recipe, mdir, row, rep, force=force, force_table=force_table,
+                                             resume=resume)
     except SmcpError as exc:
         row["error"] = str(exc)
         row["seconds"] = time.perf_counter() - t0
@@ -235,7 +239,7 @@ def _run_method(m: str, recipe, out: Path, extra: list[str], rep: Reporter, *, s
 
 
 def _prune_and_slim(m: str, recipe, mdir: Path, row: dict, rep: Reporter, *, force: bool,
-                    force_table: bool) -> tuple[dict, dict | None]:
+                    force_table: bool, resume: bool = False) -> tuple[dict, dict | None]:
     """The prune summary and the slim info (``None`` when the slim check failed, recorded in
     ``row["error"]``) of method ``m`` in ``mdir``; either stage is re-used when it is up to date."""
     if not force and stages.up_to_date(recipe, mdir, "prune"):
@@ -243,8 +247,9 @@ def _prune_and_slim(m: str, recipe, mdir: Path, row: dict, rep: Reporter, *, for
         summary = read_json(mdir / "prune" / "summary.json", "prune summary")
         row["reused"] = True
     else:
-        rep.log(f"{m}: prune")
-        summary = stages.prune(recipe, mdir, reporter=rep, force_table=force_table).to_dict()
+        resume = resume and (mdir / "prune" / "checkpoint.pt").exists()
+        rep.log(f"{m}: prune" + (" (resumed from prune/checkpoint.pt)" if resume else ""))
+        summary = stages.prune(recipe, mdir, reporter=rep, force_table=force_table, resume=resume).to_dict()
         row["reused"] = False
     if row["reused"] and stages.up_to_date(recipe, mdir, "slim"):
         return summary, read_json(mdir / "slim" / "slim.json", "slim summary")

@@ -408,6 +408,30 @@ def test_compare_set_for_applies_to_one_method_only(tmp_path):
     assert "`prune.target.flops_ratio=0.4`" in (out / "compare.md").read_text()
 
 
+def test_compare_resume_continues_only_an_interrupted_prune(tmp_path, monkeypatch):
+    from smcp_core.analysis import compare as cmp
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_prune(recipe, mdir, **kw):
+        seen.append(kw["resume"])
+        raise Stop
+
+    monkeypatch.setattr(cmp.stages, "prune", fake_prune)
+    out = tmp_path / "cmp"
+    for resume, checkpoint in ((True, False), (True, True), (False, True)):
+        if checkpoint:
+            (out / "none" / "prune").mkdir(parents=True, exist_ok=True)
+            (out / "none" / "prune" / "checkpoint.pt").write_bytes(b"")
+        with pytest.raises(Stop):
+            cmp.compare(None, TINY, ["none"], out, resume=resume)
+    # resume only where an interrupted prune left its checkpoint, never when not asked
+    assert seen == [False, True, False]
+
+
 def test_compare_bad_input_is_one_line(tmp_path):
     for args, words in ((["--methods", "smcp,l2"], "unknown method 'l2'"),
                         (["--methods", "smcp", "--set-for", "uniform:prune.epochs=2"], "not among --methods"),
