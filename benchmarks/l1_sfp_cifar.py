@@ -32,6 +32,7 @@ from pathlib import Path
 
 from _cifar_common import (
     BASE,
+    BASE_NAME,
     Log,
     compare_rows,
     eval_sets,
@@ -81,7 +82,7 @@ def run(ratios: list[float], epochs: int, out: Path, extra: list[str]) -> dict:
                 none_row = r
             else:
                 rows.append(r)
-    return {"benchmark": "l1_sfp_cifar", "base_recipe": BASE, "overrides": common, "method_overrides": per,
+    return {"benchmark": "l1_sfp_cifar", "base_recipe": BASE_NAME, "overrides": common, "method_overrides": per,
             "epochs": epochs, "pretrained_top1": pretrained, "none": none_row, "rows": rows,
             "eval_images": {k: n for k, (n, _) in sets.items()}, "seconds": now() - t0}
 

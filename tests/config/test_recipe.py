@@ -89,11 +89,24 @@ def test_cifar_recipe_uses_shared_data_default_and_env():
     assert r.data.val_path == "../shared/data/cifar10/cifar10_exact_subset.npz"
     assert r.prune.layer_pruning and r.prune.channel_round == 16 and r.prune.min_channels == 16
     assert r.prune.target_margin == 0.1 and r.prune.closed_loop == 2
-    assert r.prune.optimizer.lr == 0.005 and r.prune.optimizer.weight_decay == 1e-4
+    assert r.prune.optimizer.lr == 0.02 and r.prune.optimizer.weight_decay == 1e-4
+    # issue 20's re-tune: the full 50k training set, 2 epochs of pruning + 3 of recovery, distilled
+    assert r.data.train_subset is None and (r.prune.epochs, r.prune.ramp_epochs, r.prune.cooldown_epochs) == (5, 2, 3)
+    assert r.prune.distill.enabled and r.prune.distill.alpha == 0.7
     assert r.export_batch_size() == 1
     r = load("cifar10_resnet56_2x", env={"SMCP_SHARED_DATA": "/data"})
     assert r.model.checkpoint == "/data/models/resnet56-4bfd9763.th"
     assert r.data.path == "/data/cifar10/cifar10_jpeg.npz"
+
+
+def test_benchmarks_short_recipe_keeps_the_schedule_its_tables_were_published_with():
+    # benchmarks/_cifar_common.py's base: the built-in recipe before issue 20's re-tune
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "recipes" / "cifar10_resnet56_short.yaml"
+    r = load(str(path), env={})
+    assert r.name == "cifar10_resnet56_short" and r.model.source == "cifar/resnet56"
+    assert r.data.train_subset == 10000 and r.prune.optimizer.lr == 0.005 and not r.prune.distill.enabled
+    assert (r.prune.epochs, r.prune.warmup_epochs, r.prune.ramp_epochs, r.prune.cooldown_epochs) == (16, 1, 8, 7)
+    assert r.prune.target_margin == 0.1 and r.prune.closed_loop == 2 and r.prune.channel_round == 16
 
 
 def test_rn50_recipe():
