@@ -1,0 +1,53 @@
+"""benchmarks/cifar_resnet56.py without training: a compare in which every method failed becomes
+error rows (the benchmark goes on), and the markdown table keeps its columns for every kind of row."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import cifar_resnet56 as bench  # noqa: E402
+
+from smcp_core.errors import SmcpError  # noqa: E402
+
+
+class _Quiet:
+    def log(self, msg: str) -> None:
+        pass
+
+
+def _run(tmp_path) -> bench.BenchRun:
+    return bench.BenchRun("cifar10_resnet56_2x", tmp_path, [], {}, _Quiet(), False, {"smcp": ["prune.epochs=3"]})
+
+
+def test_a_failed_compare_gives_error_rows_and_the_nodistill_name(tmp_path, monkeypatch):
+    seen = {}
+
+    def failing(overrides, methods, cdir, sets, rep, method_overrides, **kw):
+        seen.update(overrides=overrides, method_overrides=method_overrides, kw=kw)
+        raise SmcpError("every method failed; smcp: boom")
+
+    monkeypatch.setattr(bench, "compare_rows", failing)
+    rows = bench._nodistill_rows(_run(tmp_path), 2.0)
+    assert rows == [{"target": 2.0, "method": bench.NO_DISTILL, "dir": str(tmp_path / "2x_nodistill" / "smcp"),
+                     "error": "every method failed; smcp: boom"}]
+    assert seen["overrides"] == ["prune.distill.enabled=false", "prune.target.speedup=2.0"]
+    assert seen["method_overrides"] == {"smcp": ["prune.epochs=3"]} and seen["kw"]["keep_model"]
+
+
+def test_markdown_keeps_ten_columns_for_every_row():
+    top1 = {"jpeg_test": 88.0, "exact_test": 91.0}
+    ok = {"target": 2.0, "method": "smcp", "speedup": 2.1, "loop_speedup": 2.2, "loop_ms": 1.2, "flops_ratio": 0.4,
+          "params_ratio": 0.7, "top1": top1, "drop_vs_none": {"jpeg_test": 1.0, "exact_test": 0.5}}
+    res = {"pretrained_top1": top1, "recipe": "r", "overrides": [], "backend": "onnxruntime", "batch_size": 1,
+           "loop": {"dense_ms": 2.6}, "eval_images": {"jpeg_test": 10000, "exact_test": 1017},
+           "none": {"target": 2.0, "method": "none", "error": "boom"},
+           "rows": [ok, {"target": 3.0, "method": "smcp", "error": "failed too"}],
+           "references": [{"method": "resnet20 (dense, pretrained)", "loop_speedup": 2.9, "loop_ms": 0.9,
+                           "top1": top1}]}
+    table = [line for line in bench.markdown(res).splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 1 + 2 + 1  # header, rule, none, two rows, one reference
+    assert all(line.count("|") == 11 for line in table), table
+    assert "failed: boom" in table[2] and "**2.20x**" in table[3] and "failed: failed too" in table[4]
