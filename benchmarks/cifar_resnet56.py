@@ -2,13 +2,14 @@
 model fine-tuned the same way, HALP, the smaller network a user could take instead (the pretrained
 ResNet-20) and a peer tool (Torch-Pruning, ``benchmarks/peers.py``).
 
-For every target speed-up in ``--targets`` (default 1.5, 2, 3; onnxruntime CPU, batch 1, the
-recipe ``cifar10_resnet56_2x`` -- or ``--recipe`` -- with ``prune.target.speedup`` replaced) the script runs
-:func:`smcp_core.analysis.compare.compare` into ``OUT/<t>x`` with ``--methods`` (default
-``smcp,none``; e.g. ``smcp,halp,none``): every method gets the recipe's budget and its distillation
-from the dense model (``none`` -- the unpruned model fine-tuned the same way -- at the first target
-only).  At the targets in ``--nodistill`` (default none; e.g. ``2``) a second compare into
-``OUT/<t>x_nodistill`` runs smcp with ``prune.distill.enabled=false`` on the same latency table.
+For every target speed-up in ``--targets`` (default 1.5, 2, 3; onnxruntime CPU, batch 1, the recipe
+``cifar10_resnet56_2x`` -- or ``--recipe`` -- with ``prune.target.speedup`` replaced) the script runs
+:func:`smcp_core.analysis.compare.compare` into ``OUT/<t>x`` with ``--methods`` (default ``smcp,none``;
+e.g. ``smcp,halp,none``): every method gets the recipe's budget and its distillation from the dense
+model (``none`` -- the unpruned model fine-tuned the same way -- at the first target only;
+``--methods-at 1.5=smcp`` gives one target its own list). At the targets in ``--nodistill`` (default none; e.g.
+``2``) a second compare into ``OUT/<t>x_nodistill`` runs smcp with ``prune.distill.enabled=false`` on
+the same latency table.
 
 Afterwards the dense ResNet-56, the pretrained ResNet-20 (``models/resnet20-12fca82f.th`` next to the
 ResNet-56 checkpoint), every slim model and every peer model of ``--peers DIR`` (the
@@ -17,6 +18,7 @@ ResNet-56 checkpoint), every slim model and every peer model of ``--peers DIR`` 
 evaluated on the 10,000 JPEG-75 test images and on the 1,017 exact-pixel test images.
 
     python benchmarks/cifar_resnet56.py --targets 2 --methods smcp,halp,none --nodistill 2 --peers runs/peers
+    python benchmarks/cifar_resnet56.py --targets 2,1.5 --methods smcp,halp,none --methods-at 1.5=smcp
     python benchmarks/cifar_resnet56.py                       # smcp at 1.5x/2x/3x and none (~4 x 30 min on 2 cores)
     python benchmarks/cifar_resnet56.py --resume              # continue interrupted prunes, re-use finished ones
     python benchmarks/cifar_resnet56.py --set prune.epochs=8  # any recipe override, for every run
@@ -131,15 +133,18 @@ def _one_loop(base, models: dict[str, torch.nn.Module], out: Path, rep: Log) -> 
 
 def run(targets: list[float], out: Path, overrides: list[str], methods: list[str] | None = None, *,
         nodistill: list[float] = (), peers: Path | None = None, resume: bool = False, recipe: str = RECIPE,
-        method_overrides: dict[str, list[str]] | None = None) -> dict:
+        method_overrides: dict[str, list[str]] | None = None,
+        methods_at: dict[float, list[str]] | None = None) -> dict:
     methods = methods or ["smcp", "none"]
+    methods_at = methods_at or {}
     b = BenchRun(recipe, out, overrides, eval_sets(overrides, recipe), Log(), resume, method_overrides or {})
     base, sets = load_recipe(recipe, overrides), b.sets
     t_all = time.perf_counter()
     dense_top1 = top1s(stages.build_model(base), sets)
     rows: list[dict] = []
     for i, t in enumerate(targets):
-        todo = [m for m in methods if m != "none"] + (["none"] if i == 0 and "none" in methods else [])
+        at = methods_at.get(t, methods)
+        todo = [m for m in at if m != "none"] + (["none"] if i == 0 and "none" in at else [])
         if todo:
             rows += _compare_rows(b, t, out / _fmt_target(t), overrides, todo)
         if t in nodistill:
@@ -161,7 +166,7 @@ def run(targets: list[float], out: Path, overrides: list[str], methods: list[str
             row["drop_vs_none"] = {k: none_row["top1"][k] - row["top1"][k] for k in none_row["top1"]}
     return {
         "recipe": recipe, "overrides": overrides, "method_overrides": b.method_overrides, "targets": targets,
-        "methods": methods,
+        "methods": methods, "methods_at": {f"{t:g}": m for t, m in methods_at.items()},
         "nodistill_targets": list(nodistill), "peers": str(peers) if peers else None,
         "backend": base.export_backend(), "batch_size": base.export_batch_size(),
         "eval_images": {k: n for k, (n, _) in sets.items()}, "pretrained_top1": dense_top1,
@@ -219,6 +224,23 @@ def _floats(spec: str) -> list[float]:
     return [float(x) for x in spec.split(",") if x.strip()]
 
 
+def _methods_at(specs: list[str], targets: list[float]) -> dict[float, list[str]]:
+    """``["1.5=smcp"]`` -> ``{1.5: ["smcp"]}``; a malformed spec or a target not in ``--targets`` is a
+    one-line error."""
+    out: dict[float, list[str]] = {}
+    for spec in specs:
+        t, sep, ms = spec.partition("=")
+        try:
+            target = float(t)
+        except ValueError:
+            target = None
+        if not sep or target is None or target not in targets:
+            raise SmcpError(f"--methods-at {spec!r}: expected T=METHOD[,METHOD] with T one of --targets "
+                            f"({', '.join(f'{x:g}' for x in targets)}), e.g. 1.5=smcp")
+        out[target] = parse_methods(ms)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--targets", default="1.5,2,3", help="comma-separated speed-up targets")
@@ -226,6 +248,8 @@ def main() -> None:
                     "benchmarks/recipes/cifar10_resnet56_short.yaml)")
     ap.add_argument("--methods", default="smcp,none",
                     help="comma-separated methods per target (none: first target only), e.g. smcp,halp,none")
+    ap.add_argument("--methods-at", dest="methods_at", action="append", default=[],
+                    help="T=METHOD[,METHOD]: target T runs these methods instead of --methods, e.g. 1.5=smcp")
     ap.add_argument("--nodistill", default="", help="targets (among --targets) that also get smcp without "
                     "distillation, e.g. 2")
     ap.add_argument("--peers", type=Path, default=None, help="a peers.py --out folder: time and evaluate its models")
@@ -237,9 +261,10 @@ def main() -> None:
     ap.add_argument("--name", default="cifar_resnet56", help="results file name (NAME.json, NAME.md)")
     ap.add_argument("--publish", action="store_true", help="also write benchmarks/results/NAME.{json,md}")
     a = ap.parse_args()
-    methods = parse_methods(a.methods)
-    res = run(_floats(a.targets), a.out, a.sets, methods, nodistill=_floats(a.nodistill), peers=a.peers,
-              resume=a.resume, recipe=a.recipe, method_overrides=parse_method_sets(a.set_for, methods))
+    methods, targets = parse_methods(a.methods), _floats(a.targets)
+    res = run(targets, a.out, a.sets, methods, nodistill=_floats(a.nodistill), peers=a.peers,
+              resume=a.resume, recipe=a.recipe, method_overrides=parse_method_sets(a.set_for, methods),
+              methods_at=_methods_at(a.methods_at, targets))
     md = markdown(res)
     a.out.mkdir(parents=True, exist_ok=True)
     dests = [a.out] + ([REPO / "benchmarks" / "results"] if a.publish else [])

@@ -9,6 +9,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import cifar_resnet56 as bench  # noqa: E402
+import pytest  # noqa: E402
 
 from smcp_core.errors import SmcpError  # noqa: E402
 
@@ -51,3 +52,29 @@ def test_markdown_keeps_ten_columns_for_every_row():
     assert len(table) == 2 + 1 + 2 + 1  # header, rule, none, two rows, one reference
     assert all(line.count("|") == 11 for line in table), table
     assert "failed: boom" in table[2] and "**2.20x**" in table[3] and "failed: failed too" in table[4]
+
+
+def test_methods_at_gives_one_target_its_own_methods(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_compare(b, t, cdir, overrides, methods, names=None):
+        calls.append((t, methods))
+        return []
+
+    monkeypatch.setattr(bench, "_compare_rows", fake_compare)
+    monkeypatch.setattr(bench, "eval_sets", lambda overrides, recipe: {})
+    monkeypatch.setattr(bench, "top1s", lambda model, sets: {})
+    monkeypatch.setattr(bench.stages, "build_model", lambda recipe: None)
+    monkeypatch.setattr(bench, "_reference_models", lambda *a: (_ for _ in ()).throw(SmcpError("stop")))
+    at = bench._methods_at(["1.5=smcp"], [2.0, 1.5])
+    with pytest.raises(SmcpError, match="stop"):
+        bench.run([2.0, 1.5], tmp_path, [], ["smcp", "halp", "none"], methods_at=at)
+    assert calls == [(2.0, ["smcp", "halp", "none"]), (1.5, ["smcp"])]
+
+
+def test_methods_at_rejects_a_target_not_in_targets():
+
+    with pytest.raises(SmcpError, match="one of --targets"):
+        bench._methods_at(["3=smcp"], [2.0, 1.5])
+    with pytest.raises(SmcpError, match="unknown method"):
+        bench._methods_at(["2=smpc"], [2.0])
