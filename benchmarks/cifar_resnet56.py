@@ -33,7 +33,6 @@ with ``--publish`` a copy in ``benchmarks/results/``.
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,18 +116,10 @@ def _reference_models(b: BenchRun, base, peers: Path | None) -> dict[str, torch.
 
 
 def _one_loop(base, models: dict[str, torch.nn.Module], out: Path, rep: Log) -> dict[str, dict]:
-    """Every model and the dense ResNet-56 timed interleaved in one loop: name -> timing stats."""
-    batch, backend = base.export_batch_size(), base.export_backend()
-    rep.log(f"== one interleaved loop: dense + {len(models)} models on {backend} (batch {batch})")
-    tmp = out / ".loop_tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    try:
-        meas = stages.measure_models({"dense": stages.build_model(base), **models}, base, batch=batch,
-                                     backend=backend, workdir=tmp, min_runs=base.export.min_runs,
-                                     max_seconds=base.export.max_seconds * max(1.0, len(models) / 2))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return meas["stats"]
+    """Every model (the dense ResNet-56 among them) timed interleaved in one loop: name -> timing stats."""
+    rep.log(f"== one interleaved loop: {len(models)} models on {base.export_backend()} "
+            f"(batch {base.export_batch_size()})")
+    return stages.measure_as_export(models, base, out)
 
 
 def run(targets: list[float], out: Path, overrides: list[str], methods: list[str] | None = None, *,
@@ -140,7 +131,8 @@ def run(targets: list[float], out: Path, overrides: list[str], methods: list[str
     b = BenchRun(recipe, out, overrides, eval_sets(overrides, recipe), Log(), resume, method_overrides or {})
     base, sets = load_recipe(recipe, overrides), b.sets
     t_all = time.perf_counter()
-    dense_top1 = top1s(stages.build_model(base), sets)
+    dense = stages.build_model(base)
+    dense_top1 = top1s(dense, sets)
     rows: list[dict] = []
     for i, t in enumerate(targets):
         at = methods_at.get(t, methods)
@@ -151,7 +143,7 @@ def run(targets: list[float], out: Path, overrides: list[str], methods: list[str
             rows += _nodistill_rows(b, t)
     refs = _reference_models(b, base, peers)
     trained = {f"{r['target']:g}x {r['method']}": r.pop("model") for r in rows if "model" in r}
-    stats = _one_loop(base, {**trained, **refs}, out, b.rep)
+    stats = _one_loop(base, {"dense": dense, **trained, **refs}, out, b.rep)
     dense_ms = stats["dense"]["median_ms"]
     for r in rows:
         key = f"{r['target']:g}x {r['method']}"

@@ -265,20 +265,12 @@ def _time_models(base, dense_model, ok: list[dict], recipes: dict, out: Path,
                  rep: Reporter) -> tuple[dict, dict]:
     """Time the dense model and the slim model of every row in ``ok`` in ONE interleaved loop; adds
     the latencies and speed-ups to the rows.  Returns the models and their timing stats, by name."""
-    batch, backend = base.export_batch_size(), base.export_backend()
-    rep.log(f"measuring dense + {len(ok)} slim models interleaved on {backend} (batch {batch})")
+    rep.log(f"measuring dense + {len(ok)} slim models interleaved on {base.export_backend()} "
+            f"(batch {base.export_batch_size()})")
     models = {"dense": dense_model}
     for row in ok:
         models[row["method"]] = stages.load_slim(recipes[row["method"]], Path(row["dir"]))
-    tmp = out / ".compare_tmp"
-    tmp.mkdir(exist_ok=True)
-    try:
-        meas = stages.measure_models(models, base, batch=batch, backend=backend, workdir=tmp,
-                                       min_runs=base.export.min_runs,
-                                       max_seconds=base.export.max_seconds * max(1.0, len(models) / 2))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    stats = meas["stats"]
+    stats = stages.measure_as_export(models, base, out)
     dense_ms = stats["dense"]["median_ms"]
     for row in ok:
         st = stats[row["method"]]

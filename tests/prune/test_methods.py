@@ -388,6 +388,7 @@ def test_compare_end_to_end(tmp_path):
     # all models in the same interleaved loop: same number of timed runs
     ns = {r["latency_stats"]["n"] for r in on_disk["rows"]} | {on_disk["dense"]["latency_stats"]["n"]}
     assert len(ns) == 1
+    assert not list(out.glob(".measure_*")), "the loop's ONNX scratch folder is removed"
     md = (out / "compare.md").read_text()
     for name in ("dense", "smcp", "uniform", "l1"):
         assert f"| {name} | " in md
