@@ -71,7 +71,7 @@ from smcp_core.prune.allocator import Allocator  # noqa: E402
 from smcp_core.prune.importance import ImportanceTracker  # noqa: E402
 from smcp_core.prune.knapsack import McKpInstance, solve_mckp  # noqa: E402
 from smcp_core.prune.masking import Masker  # noqa: E402
-from smcp_core.prune.trainer import _param_groups  # noqa: E402  (the exact optimizer grouping of prune_train)
+from smcp_core.prune.trainer import param_groups  # noqa: E402  (the exact optimizer grouping of prune_train)
 
 RAMP_STEP = 0.1  # "ramp" start: the previous mask is the solution at a budget this much higher
 DEFAULT_INTERVAL_SAMPLES = 10240  # recipe default prune.update_interval_samples
@@ -218,8 +218,8 @@ def bench_training(spec: dict, args, device: torch.device, clock: StepClock, log
     masker.set_keep(keep.float())
     tracker = ImportanceTracker(masker, kind="taylor", accumulate="momentum", momentum=0.9)
     opt_kw = dict(lr=args.lr, momentum=0.9, nesterov=False)
-    opt_plain = torch.optim.SGD(_param_groups(plain, args.weight_decay), **opt_kw)
-    opt_prune = torch.optim.SGD(_param_groups(prune, args.weight_decay), **opt_kw)
+    opt_plain = torch.optim.SGD(param_groups(plain, args.weight_decay), **opt_kw)
+    opt_prune = torch.optim.SGD(param_groups(prune, args.weight_decay), **opt_kw)
 
     g = torch.Generator().manual_seed(args.seed + 1)
     batches = [(torch.randn(bs, 3, hw, hw, generator=g).to(device),

@@ -69,7 +69,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import math
 import shutil
 import sys
 import tempfile
@@ -91,6 +90,7 @@ from smcp_core.analysis.model_stats import flop_counter_macs
 from smcp_core.api import Teacher, distillation_loss
 from smcp_core.config.recipe import load_recipe
 from smcp_core.data import make_loader
+from smcp_core.prune.trainer import lr_at, sgd_for
 from smcp_core.slim.surgery import count_params
 from smcp_core.stages.measure import measure_pair
 from smcp_core.utils.fsutil import atomic_write_json, read_json
@@ -213,28 +213,6 @@ def bisect(ctx, target: float, a, rep: Log) -> tuple[float | None, list[dict]]:
 
 
 # ---------------------------------------------------------------- fine-tuning (our own loop, the public API)
-def lr_at(pc, epoch_f: float, epochs: int) -> float:
-    """The recipe's ``prune.lr_schedule`` (cosine / step / constant, linear warm-up) at fractional epoch."""
-    ls, base = pc.lr_schedule, pc.optimizer.lr
-    if ls.warmup_epochs and epoch_f < ls.warmup_epochs:
-        return base * (epoch_f + 1e-9) / ls.warmup_epochs
-    if ls.name == "constant":
-        return base
-    if ls.name == "step":
-        return base * 0.1 ** sum(epoch_f >= f * epochs for f in (0.5, 0.75))
-    t = min(1.0, (epoch_f - ls.warmup_epochs) / max(1e-9, epochs - ls.warmup_epochs))
-    return ls.min_lr + (base - ls.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def sgd(model: torch.nn.Module, pc) -> torch.optim.SGD:
-    """SGD as the recipe says; no weight decay on 1-d parameters (batch norms, biases), as smcp's trainer."""
-    ps = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in ps if p.dim() > 1], "weight_decay": pc.optimizer.weight_decay},
-              {"params": [p for p in ps if p.dim() <= 1], "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=pc.optimizer.lr, momentum=pc.optimizer.momentum,
-                           nesterov=pc.optimizer.nesterov)
-
-
 def plan(recipe, n_train: int, smoke: bool) -> tuple[int, int]:
     """(epochs, optimizer steps per epoch) of the recipe; the smoke run: 1 epoch of 2 steps."""
     pc, bs = recipe.prune, recipe.data.batch_size
@@ -254,7 +232,7 @@ def fine_tune(model, dense, recipe, bundle, smoke: bool, rep: Log) -> dict:
     teacher = Teacher(dense) if pc.distill.enabled else None
     if teacher is not None:
         teacher.model.to(device)
-    opt = sgd(model, pc)
+    opt = sgd_for(model, pc)
     epochs, steps = plan(recipe, len(bundle.train), smoke)
     t0 = time.perf_counter()
     for epoch in range(epochs):
@@ -263,7 +241,7 @@ def fine_tune(model, dense, recipe, bundle, smoke: bool, rep: Log) -> dict:
         total = 0.0
         for step, (x, y) in enumerate(itertools.islice(loader, steps)):
             for g in opt.param_groups:
-                g["lr"] = lr_at(pc, epoch + step / steps, epochs)
+                g["lr"] = lr_at(pc, pc.optimizer.lr, epoch + step / steps, epochs)
             x, y = x.to(device), y.to(device)
             out = model(x)
             loss = (distillation_loss(out, teacher(x), y, alpha=pc.distill.alpha, temperature=pc.distill.temperature,

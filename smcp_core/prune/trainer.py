@@ -109,7 +109,9 @@ def changed_keys(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_MAY_CHANGE)
 
 
-def _param_groups(model: nn.Module, weight_decay: float):
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The trainer's optimizer groups: weight decay on weights, none on 1-d parameters (batch norms,
+    biases); frozen parameters left out."""
     decay, no_decay = [], []
     for _name, p in model.named_parameters():
         if not p.requires_grad:
@@ -118,7 +120,15 @@ def _param_groups(model: nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _lr_at(cfg, base_lr: float, epoch_f: float, epochs: int) -> float:
+def sgd_for(model: nn.Module, pc) -> torch.optim.SGD:
+    """SGD as ``prune.optimizer`` says, on :func:`param_groups` of ``model``."""
+    return torch.optim.SGD(param_groups(model, pc.optimizer.weight_decay), lr=pc.optimizer.lr,
+                           momentum=pc.optimizer.momentum, nesterov=pc.optimizer.nesterov)
+
+
+def lr_at(cfg, base_lr: float, epoch_f: float, epochs: int) -> float:
+    """``cfg.lr_schedule`` (cosine / step / constant after a linear warm-up) at fractional epoch
+    ``epoch_f`` of ``epochs``, from ``base_lr``."""
     ls = cfg.lr_schedule
     if ls.warmup_epochs and epoch_f < ls.warmup_epochs:
         return base_lr * (epoch_f + 1e-9) / ls.warmup_epochs
@@ -254,8 +264,7 @@ class PruneTrainer:
         """SGD, the AMP grad scaler, and the forward module (DDP-wrapped with more than one rank;
         ``self.model`` stays the plain module)."""
         pc = self.pc
-        self.opt = torch.optim.SGD(_param_groups(self.model, pc.optimizer.weight_decay), lr=pc.optimizer.lr,
-                                   momentum=pc.optimizer.momentum, nesterov=pc.optimizer.nesterov)
+        self.opt = sgd_for(self.model, pc)
         self.use_amp = bool(pc.amp) and self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if pc.amp_dtype == "bfloat16" else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
@@ -401,7 +410,7 @@ class PruneTrainer:
         the step itself (importance, pruned decay; re-zeroing, a mask update when the interval is
         reached), progress."""
         pc, plan, opt = self.pc, self.plan, self.opt
-        stats.lr = lr = _lr_at(pc, pc.optimizer.lr, epoch + (step - 1) / plan.steps_per_epoch, plan.epochs)
+        stats.lr = lr = lr_at(pc, pc.optimizer.lr, epoch + (step - 1) / plan.steps_per_epoch, plan.epochs)
         for gparam in opt.param_groups:
             gparam["lr"] = lr
         opt.zero_grad(set_to_none=True)

@@ -23,7 +23,7 @@ from smcp_core.config.recipe import load_recipe
 from smcp_core.data import make_loader
 from smcp_core.errors import InfeasibleTarget, SmcpError
 from smcp_core.models.cifar_resnet import cifar_resnet
-from smcp_core.prune.trainer import _lr_at, _param_groups
+from smcp_core.prune.trainer import lr_at, sgd_for
 from smcp_core.stages.builders import build_data, build_model, example_input
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -81,14 +81,13 @@ def test_cli_and_api_give_identical_masks_on_the_quickstart_with_a_fixed_table(t
     torch.manual_seed(recipe.seed)  # as the trainer does before its first step
     pruner = api.pruner(model, graph, api.load_table(out / "latency.json"), speedup=recipe.target_value(),
                         schedule=schedule, config=pc)
-    opt = torch.optim.SGD(_param_groups(model, pc.optimizer.weight_decay), lr=pc.optimizer.lr,
-                          momentum=pc.optimizer.momentum, nesterov=pc.optimizer.nesterov)
+    opt = sgd_for(model, pc)
     for epoch in range(pc.epochs):
         model.train()
         loader = make_loader(bundle.train, batch_size=bs, shuffle=True, seed=recipe.seed + epoch, drop_last=True)
         for step, (x, y) in zip(range(1, spe + 1), loader):
             for group in opt.param_groups:
-                group["lr"] = _lr_at(pc, pc.optimizer.lr, epoch + (step - 1) / spe, pc.epochs)
+                group["lr"] = lr_at(pc, pc.optimizer.lr, epoch + (step - 1) / spe, pc.epochs)
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y, label_smoothing=pc.label_smoothing).backward()
             pruner.before_step()
