@@ -78,3 +78,26 @@ def test_methods_at_rejects_a_target_not_in_targets():
         bench._methods_at(["3=smcp"], [2.0, 1.5])
     with pytest.raises(SmcpError, match="unknown method"):
         bench._methods_at(["2=smpc"], [2.0])
+
+
+def _peers_dir(tmp_path, smoke: bool):
+    import json
+
+    import torch
+
+    tdir = tmp_path / "peers" / "2x"
+    tdir.mkdir(parents=True)
+    torch.save(torch.nn.Linear(2, 2), tdir / "model.pt")
+    (tdir / "row.json").write_text(json.dumps({"key": {"smoke": smoke}, "status": "met"}))
+    return tmp_path / "peers"
+
+
+def test_peers_models_are_rows_and_smoke_models_are_not(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "load_recipe", lambda name, overrides: None)
+    monkeypatch.setattr(bench.stages, "build_model", lambda recipe: __import__("torch").nn.Identity())
+    base = type("Base", (), {"model": type("M", (), {"checkpoint": str(tmp_path / "resnet56.th")})()})()
+    models = bench._reference_models(_run(tmp_path), base, _peers_dir(tmp_path, smoke=False))
+    assert list(models) == ["resnet20 (dense, pretrained)", "torch-pruning 2x (met)"]
+    assert not models["torch-pruning 2x (met)"].training
+    with pytest.raises(SmcpError, match="no peers.py model"):
+        bench._reference_models(_run(tmp_path), base, _peers_dir(tmp_path / "s", smoke=True))

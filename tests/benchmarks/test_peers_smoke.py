@@ -78,4 +78,5 @@ def test_without_torch_pruning_the_script_says_so_and_exits_3(monkeypatch, capsy
     with pytest.raises(SystemExit) as exc:
         peers.main([])
     assert exc.value.code == 3
-    assert capsys.readouterr().err.strip() == 'peers.py needs torch-pruning: pip install -e ".[peers]" (or pip install torch-pruning)'
+    assert capsys.readouterr().err.strip() == ('peers.py needs torch-pruning: pip install -e ".[peers]" '
+                                               "(or pip install torch-pruning)")
