@@ -837,10 +837,22 @@ class ChannelGraph:
                         self._uf.freeze(layer.out_labels, reason)
 
     def _finalise(self) -> None:
+        """Union-find labels -> compact channel classes, frozen classes (with reasons), groups of
+        classes read by the same consumer layers, their depthwise layers and producers."""
+        frozen, reasons = self._compact_classes()
+        self._freeze_unconsumed(frozen, reasons)
+        self.class_frozen = frozen
+        self.class_reason = reasons
+        self._build_groups(self._consumer_components(), frozen)
+        self._attach_dw_and_producers(reasons)
+        self._mark_removable()
+
+    def _compact_classes(self) -> tuple[torch.Tensor, dict[int, str]]:
+        """Number the union-find roots 0..n_classes-1 and relabel every layer and node with them;
+        returns the frozen classes and why each is frozen."""
         uf = self._uf
         n = len(uf.parent)
         root = torch.tensor([uf.find(i) for i in range(n)], dtype=torch.long)
-        # compact class ids
         uniq, compact = torch.unique(root, return_inverse=True)
         self.n_classes = int(uniq.numel())
         self._raw_to_class = compact
@@ -867,8 +879,10 @@ class ChannelGraph:
         for layer in self.layers:
             layer.in_labels = compact[layer.in_labels]
             layer.out_labels = compact[layer.out_labels]
+        return frozen, reasons
 
-        # classes consumed by no masked layer cannot be pruned (nothing would mask them)
+    def _freeze_unconsumed(self, frozen: torch.Tensor, reasons: dict[int, str]) -> None:
+        """Classes read by no masked layer cannot be pruned (nothing would mask them)."""
         consumed = torch.zeros(self.n_classes, dtype=torch.bool)
         for layer in self.layers:
             if layer.is_consumer:
@@ -876,10 +890,9 @@ class ChannelGraph:
         for c in torch.nonzero(~consumed & ~frozen).flatten().tolist():
             frozen[c] = True
             reasons[c] = "not read by any conv/linear layer"
-        self.class_frozen = frozen
-        self.class_reason = reasons
 
-        # groups = connected components of "read by the same consumer layer"
+    def _consumer_components(self) -> torch.Tensor:
+        """Per class, the root of its connected component of "read by the same consumer layer"."""
         parent = list(range(self.n_classes))
 
         def find(a: int) -> int:
@@ -898,12 +911,15 @@ class ChannelGraph:
                 if rc != r0:
                     parent[max(rc, r0)] = min(rc, r0)
                     r0 = min(rc, r0)
-        comp = torch.tensor([find(i) for i in range(self.n_classes)], dtype=torch.long)
-        consumer_roots = sorted({int(comp[layer.in_labels[0]]) for layer in self.layers if layer.is_consumer})
+        return torch.tensor([find(i) for i in range(self.n_classes)], dtype=torch.long)
+
+    def _build_groups(self, comp: torch.Tensor, frozen: torch.Tensor) -> None:
+        """One group per component, ordered by its first consumer (graph order, for readable
+        output); every consumer layer joins its group."""
+        consumer_roots = {int(comp[layer.in_labels[0]]) for layer in self.layers if layer.is_consumer}
         self.groups: list[Group] = []
         self.class_group = torch.full((self.n_classes,), -1, dtype=torch.long)
         root_to_group: dict[int, int] = {}
-        # order groups by first consumer (graph order) for readable output
         for layer in self.layers:
             if not layer.is_consumer:
                 continue
@@ -912,13 +928,16 @@ class ChannelGraph:
                 gi = len(self.groups)
                 root_to_group[r] = gi
                 classes = torch.nonzero(comp == r).flatten()
-                g = Group(gi, classes, frozen[classes].clone())
-                self.groups.append(g)
+                self.groups.append(Group(gi, classes, frozen[classes].clone()))
                 self.class_group[classes] = gi
             gi = root_to_group[r]
             self.groups[gi].consumers.append(layer.index)
             layer.group = gi
         assert len(root_to_group) == len(consumer_roots)
+
+    def _attach_dw_and_producers(self, reasons: dict[int, str]) -> None:
+        """Depthwise layers join the group they read; each group learns its producer layers and why
+        (some of) its classes are frozen."""
         for layer in self.layers:
             if layer.kind == "dwconv":
                 gi = int(self.class_group[layer.in_labels[0]])
@@ -938,7 +957,6 @@ class ChannelGraph:
             if rs:
                 uniq_r = list(dict.fromkeys(rs))
                 g.reason = "; ".join(uniq_r[:2]) + (f" (+{len(uniq_r) - 2} more)" if len(uniq_r) > 2 else "")
-        self._mark_removable()
 
     def _mark_removable(self) -> None:
         """A group may be pruned to zero channels iff the output still depends on the input
