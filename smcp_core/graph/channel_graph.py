@@ -463,82 +463,18 @@ class ChannelGraph:
         return self._in_labels(node.args[i]) if len(node.args) > i else None
 
     def _visit_module(self, node: fx.Node, mod: nn.Module) -> Any:
-        uf = self._uf
+        """The channel labels of a module call's output (a barrier where the module is not understood)."""
         name = str(node.target)
         x = self._inp(node)
         ishape = _shape(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
         if isinstance(mod, nn.Conv2d) and not isinstance(mod, nn.LazyConv2d):
-            if x is None or ishape is None or len(ishape) != 4:
-                return self._barrier(node, f"{name}: conv input without channel dimension")
-            g, cin, cout = mod.groups, mod.in_channels, mod.out_channels
-            sig_common = dict(
-                kernel=_pair(mod.kernel_size), stride=_pair(mod.stride), dilation=_pair(mod.dilation),
-                in_hw=(int(ishape[2]), int(ishape[3])), bias=mod.bias is not None,
-            )
-            if isinstance(mod.padding, str):
-                return self._barrier(node, f"{name}: string padding '{mod.padding}' is not supported")
-            if mod.padding_mode != "zeros":
-                return self._barrier(node, f"{name}: padding_mode {mod.padding_mode} is not supported")
-            sig_common["padding"] = _pair(mod.padding)
-            if g == 1:
-                out = uf.new(cout)
-                sig = LayerSig(kind="conv", cin=cin, cout=cout, **sig_common)
-                self.layers.append(LayerInfo(len(self.layers), name, "conv", sig, x, out, node.name))
-                return out
-            if g == cin and cout == cin:
-                sig = LayerSig(kind="conv", cin=cin, cout=cout, depthwise=True, **sig_common)
-                self.layers.append(LayerInfo(len(self.layers), name, "dwconv", sig, x, x, node.name))
-                return x
-            if cin == cout:
-                # grouped conv (ResNeXt, RegNet): every group of gs channels becomes one class that
-                # runs from the producer of its input, through this conv, to the layers reading its
-                # output; pruning keeps or removes whole groups, so the group size never changes
-                gs = cin // g
-                for j in range(g):
-                    blk = x[j * gs:(j + 1) * gs].tolist()
-                    for c in blk[1:]:
-                        uf.union(blk[0], c)
-                sig = LayerSig(kind="conv", cin=cin, cout=cout, depthwise=True, group_size=gs, **sig_common)
-                self.layers.append(LayerInfo(len(self.layers), name, "dwconv", sig, x, x, node.name))
-                return x
-            reason = (f"{name}: grouped convolution with different input and output widths "
-                      f"(groups={g}, {cin} -> {cout} channels) is not pruned")
-            self._freeze(x, reason)
-            self.unsupported.append(reason)
-            return self._fresh_like(node, reason)
+            return self._visit_conv(node, mod, name, x, ishape)
         if isinstance(mod, nn.Linear):
-            if x is None or ishape is None or len(ishape) < 2:
-                return self._barrier(node, f"{name}: linear layer on a tensor without a feature dimension")
-            cd = self._cdim(node.args[0])
-            if cd != len(ishape) - 1:
-                return self._barrier(node, f"{name}: linear layer on a tensor of rank {len(ishape)} whose "
-                                           "channels are not on the last dimension")
-            out = uf.new(mod.out_features)
-            if len(ishape) == 2:
-                sig = LayerSig(kind="linear", cin=mod.in_features, cout=mod.out_features, bias=mod.bias is not None)
-            else:
-                # a Linear on (N, ..., C) computes a 1x1 conv over the positions: cost it as one
-                pos = [int(v) for v in ishape[1:-1]]
-                rest = 1
-                for v in pos[1:]:
-                    rest *= v
-                hw = (pos[0], rest)
-                sig = LayerSig(kind="conv", cin=mod.in_features, cout=mod.out_features, in_hw=hw,
-                               bias=mod.bias is not None)
-                self._cdim_out = cd
-            self.layers.append(LayerInfo(len(self.layers), name, "linear", sig, x, out, node.name))
-            return out
+            return self._visit_linear(node, mod, name, x, ishape)
         if isinstance(mod, nn.LayerNorm):
             return self._layer_norm(node, x, tuple(mod.normalized_shape), name)
         if isinstance(mod, _BN_MODULES):
-            if x is None:
-                return self._barrier(node, f"{name}: batch norm without channel input")
-            odd = [f"{type(c).__name__}" for c in mod.modules() if c is not mod and not _channelwise(c)]
-            if odd:  # a norm-act layer (timm's BatchNormAct2d) with more than per-channel ops inside
-                return self._barrier(node, f"{name}: {type(mod).__name__} holds {', '.join(odd)}, "
-                                           "which is not a per-channel operation")
-            self.bns[name] = node.name
-            return x
+            return self._visit_bn(node, mod, name, x)
         if isinstance(mod, nn.PReLU) and mod.num_parameters > 1:
             return self._barrier(node, f"{name}: PReLU with one slope per channel is not sliced")
         if isinstance(mod, _PASS_MODULES):
@@ -548,6 +484,82 @@ class ChannelGraph:
         if type(mod).__name__ == "StochasticDepth":
             return x
         return self._barrier(node, f"{name}: module type {type(mod).__name__} is not understood")
+
+    def _visit_conv(self, node: fx.Node, mod: nn.Conv2d, name: str, x: Any, ishape) -> Any:
+        """A plain conv (new output classes), a depthwise or channel-grouped conv (its output is its
+        input's classes) or a barrier."""
+        uf = self._uf
+        if x is None or ishape is None or len(ishape) != 4:
+            return self._barrier(node, f"{name}: conv input without channel dimension")
+        g, cin, cout = mod.groups, mod.in_channels, mod.out_channels
+        sig_common = dict(
+            kernel=_pair(mod.kernel_size), stride=_pair(mod.stride), dilation=_pair(mod.dilation),
+            in_hw=(int(ishape[2]), int(ishape[3])), bias=mod.bias is not None,
+        )
+        if isinstance(mod.padding, str):
+            return self._barrier(node, f"{name}: string padding '{mod.padding}' is not supported")
+        if mod.padding_mode != "zeros":
+            return self._barrier(node, f"{name}: padding_mode {mod.padding_mode} is not supported")
+        sig_common["padding"] = _pair(mod.padding)
+        if g == 1:
+            out = uf.new(cout)
+            sig = LayerSig(kind="conv", cin=cin, cout=cout, **sig_common)
+            self.layers.append(LayerInfo(len(self.layers), name, "conv", sig, x, out, node.name))
+            return out
+        if g == cin and cout == cin:
+            sig = LayerSig(kind="conv", cin=cin, cout=cout, depthwise=True, **sig_common)
+            self.layers.append(LayerInfo(len(self.layers), name, "dwconv", sig, x, x, node.name))
+            return x
+        if cin == cout:
+            # grouped conv (ResNeXt, RegNet): every group of gs channels becomes one class that
+            # runs from the producer of its input, through this conv, to the layers reading its
+            # output; pruning keeps or removes whole groups, so the group size never changes
+            gs = cin // g
+            for j in range(g):
+                blk = x[j * gs:(j + 1) * gs].tolist()
+                for c in blk[1:]:
+                    uf.union(blk[0], c)
+            sig = LayerSig(kind="conv", cin=cin, cout=cout, depthwise=True, group_size=gs, **sig_common)
+            self.layers.append(LayerInfo(len(self.layers), name, "dwconv", sig, x, x, node.name))
+            return x
+        reason = (f"{name}: grouped convolution with different input and output widths "
+                  f"(groups={g}, {cin} -> {cout} channels) is not pruned")
+        self._freeze(x, reason)
+        self.unsupported.append(reason)
+        return self._fresh_like(node, reason)
+
+    def _visit_linear(self, node: fx.Node, mod: nn.Linear, name: str, x: Any, ishape) -> Any:
+        """A Linear on (N, C), or on (N, ..., C) costed as a 1x1 conv over the positions."""
+        if x is None or ishape is None or len(ishape) < 2:
+            return self._barrier(node, f"{name}: linear layer on a tensor without a feature dimension")
+        cd = self._cdim(node.args[0])
+        if cd != len(ishape) - 1:
+            return self._barrier(node, f"{name}: linear layer on a tensor of rank {len(ishape)} whose "
+                                       "channels are not on the last dimension")
+        out = self._uf.new(mod.out_features)
+        if len(ishape) == 2:
+            sig = LayerSig(kind="linear", cin=mod.in_features, cout=mod.out_features, bias=mod.bias is not None)
+        else:
+            pos = [int(v) for v in ishape[1:-1]]
+            rest = 1
+            for v in pos[1:]:
+                rest *= v
+            sig = LayerSig(kind="conv", cin=mod.in_features, cout=mod.out_features, in_hw=(pos[0], rest),
+                           bias=mod.bias is not None)
+            self._cdim_out = cd
+        self.layers.append(LayerInfo(len(self.layers), name, "linear", sig, x, out, node.name))
+        return out
+
+    def _visit_bn(self, node: fx.Node, mod: nn.Module, name: str, x: Any) -> Any:
+        """A batch norm passes its input's classes on (and is recorded for slimming)."""
+        if x is None:
+            return self._barrier(node, f"{name}: batch norm without channel input")
+        odd = [f"{type(c).__name__}" for c in mod.modules() if c is not mod and not _channelwise(c)]
+        if odd:  # a norm-act layer (timm's BatchNormAct2d) with more than per-channel ops inside
+            return self._barrier(node, f"{name}: {type(mod).__name__} holds {', '.join(odd)}, "
+                                       "which is not a per-channel operation")
+        self.bns[name] = node.name
+        return x
 
     def _layer_norm(self, node: fx.Node, x: Any, normalized: tuple[int, ...], name: str) -> Any:
         """LayerNorm over the last ``len(normalized)`` dims: when they include the channels its
