@@ -81,10 +81,30 @@ def export_onnx(
 
     Any failure raises :class:`SmcpError` with the exporter's one-line reason.
     """
+    path = Path(path)
+    model, example = _export_inputs(model, example, dtype, dynamic_batch)
+    tmp = make_temp_beside(path)
+    was_training = model.training
+    model.eval()
+    try:
+        _export_either(model, example, tmp, opset=opset, dynamic_batch=dynamic_batch)
+        _check_onnx_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        model.train(was_training)
+        for leftover in (tmp, tmp.parent / (tmp.name + ".data")):  # external data is never asked for
+            try:
+                leftover.unlink(missing_ok=True)
+            except OSError:
+                pass
+    return path
+
+
+def _export_inputs(model: torch.nn.Module, example, dtype: str, dynamic_batch: bool):
+    """The model and example to trace: the example on the model's device (repeated to batch 2 for a
+    dynamic batch), both in half precision for ``float16`` (a copy of the model)."""
     import torch
 
-
-    path = Path(path)
     if not isinstance(example, torch.Tensor):
         raise SmcpError("export_onnx needs an example input tensor")
     if example.dim() == 0:
@@ -99,47 +119,30 @@ def export_onnx(
     elif dtype != "float32":
         raise SmcpError(f"ONNX export supports dtype float32 or float16, not {dtype}")
     if dynamic_batch and example.shape[0] < 2:
-        reps = [2] + [1] * (example.dim() - 1)
-        example = example[:1].repeat(*reps)
+        example = example[:1].repeat(2, *[1] * (example.dim() - 1))
+    return model, example
 
-    tmp = make_temp_beside(path)
-    was_training = model.training
-    model.eval()
+
+def _export_either(model, example, out: Path, *, opset: int, dynamic_batch: bool) -> None:
+    """The torch.export-based exporter, or once it fails the legacy TorchScript one (with a warning);
+    both failing is one :class:`SmcpError` with both reasons."""
     try:
-        dynamo_err = None
-        try:
-            _export_dynamo(model, example, tmp, opset=opset, dynamic_batch=dynamic_batch)
-        except Exception as e:  # the exporter raises many exception types
-            dynamo_err = e
-        if dynamo_err is not None:
-            try:
-                _export_legacy(model, example, tmp, opset=opset, dynamic_batch=dynamic_batch)
-            except Exception as legacy_err:
-                r1, r2 = _reason(dynamo_err), _reason(legacy_err)
-                also = "" if r1 == r2 else f" (legacy exporter: {r2})"
-                raise SmcpError(f"ONNX export of {type(model).__name__} failed: {r1}{also}") from dynamo_err
-            warnings.warn(
-                f"torch.export-based ONNX export failed ({_reason(dynamo_err)}); used the legacy "
-                "TorchScript exporter, which bakes data-dependent branches in: check parity",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        _check_onnx_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        model.train(was_training)
-        if tmp.exists():
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-        extra = tmp.parent / (tmp.name + ".data")  # external data is never asked for; be tidy anyway
-        if extra.exists():
-            try:
-                extra.unlink()
-            except OSError:
-                pass
-    return path
+        _export_dynamo(model, example, out, opset=opset, dynamic_batch=dynamic_batch)
+        return
+    except Exception as e:  # the exporter raises many exception types
+        dynamo_err = e
+    try:
+        _export_legacy(model, example, out, opset=opset, dynamic_batch=dynamic_batch)
+    except Exception as legacy_err:
+        r1, r2 = _reason(dynamo_err), _reason(legacy_err)
+        also = "" if r1 == r2 else f" (legacy exporter: {r2})"
+        raise SmcpError(f"ONNX export of {type(model).__name__} failed: {r1}{also}") from dynamo_err
+    warnings.warn(
+        f"torch.export-based ONNX export failed ({_reason(dynamo_err)}); used the legacy "
+        "TorchScript exporter, which bakes data-dependent branches in: check parity",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _export_dynamo(model, example, out: Path, *, opset: int, dynamic_batch: bool) -> None:

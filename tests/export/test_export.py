@@ -107,6 +107,28 @@ def test_export_failure_is_one_line_smcp_error(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no partial output, no temp file
 
 
+def test_a_failed_dynamo_export_falls_back_to_the_legacy_exporter_with_a_warning(tmp_path, monkeypatch):
+    import smcp_core.export.onnx as onnx_mod
+
+    def no_dynamo(*a, **kw):
+        raise RuntimeError("dynamo cannot trace this")
+
+    monkeypatch.setattr(onnx_mod, "_export_dynamo", no_dynamo)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).train()
+    with pytest.warns(RuntimeWarning, match="dynamo cannot trace this.*legacy"):
+        p = export_onnx(m, torch.randn(1, 3, 8, 8), tmp_path / "legacy.onnx")
+    assert m.training, "the caller's train mode is restored"
+    assert onnx_parity(m.eval(), p, torch.randn(3, 3, 8, 8))["max_abs_diff"] < 1e-5
+
+    def no_legacy(*a, **kw):
+        raise ValueError("legacy cannot either")
+
+    monkeypatch.setattr(onnx_mod, "_export_legacy", no_legacy)
+    with pytest.raises(SmcpError, match="dynamo cannot trace this \\(legacy exporter: legacy cannot either\\)"):
+        export_onnx(m, torch.randn(1, 3, 8, 8), tmp_path / "none.onnx")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["legacy.onnx"]  # no partial output, no temp file
+
+
 def test_parity_missing_file(tmp_path):
     with pytest.raises(SmcpError, match="does not exist"):
         onnx_parity(_net(), tmp_path / "nope.onnx", torch.randn(1, 3, 16, 16))
