@@ -119,6 +119,29 @@ def build_model(
     """Build a model from ``source`` (see the module docstring for the accepted forms).
     ``deploy=False``: a re-parameterisable timm model in its training form (to load a checkpoint
     of that form; :func:`~smcp_core.models.timm_source.deploy_form` then folds it)."""
+    source, num_classes, kwargs = _checked_build_args(source, num_classes, kwargs)
+    if ".py:" in source or source.endswith(".py"):
+        return _build_user(source, num_classes, kwargs, base_dir)
+    if source.startswith(timm_source.PREFIX):
+        model = timm_source.build_timm(source, num_classes, kwargs, _call_builder)
+        return timm_source.deploy_form(model) if deploy else model
+    if source.startswith("torchvision/"):
+        return _build_torchvision(source, num_classes, kwargs)
+    if source.startswith("cifar/"):
+        return _build_cifar(source, num_classes, kwargs)
+    if source == "mobilenet_v1":
+        return _call_builder(
+            source,
+            lambda **kw: MobileNetV1(num_classes=1000 if num_classes is None else num_classes, **kw),
+            kwargs,
+            ["width", "in_channels"],
+        )
+    raise SmcpError(_unknown_source(source))
+
+
+def _checked_build_args(source, num_classes, kwargs) -> tuple[str, int | None, dict]:
+    """``source`` stripped, ``num_classes`` (given directly or in ``kwargs``, not both differently)
+    and the other keyword arguments; anything malformed is a one-line :class:`SmcpError`."""
     if not isinstance(source, str) or not source.strip():
         raise SmcpError(f"model source must be a non-empty string such as {_FORMS} (got {source!r})")
     source = source.strip()
@@ -136,53 +159,43 @@ def build_model(
         num_classes is not None and num_classes < 1
     ):
         raise SmcpError(f"model {source}: num_classes must be a positive integer (got {num_classes!r})")
+    return source, num_classes, kwargs
 
-    if ".py:" in source or source.endswith(".py"):
-        return _build_user(source, num_classes, kwargs, base_dir)
 
-    if source.startswith(timm_source.PREFIX):
-        model = timm_source.build_timm(source, num_classes, kwargs, _call_builder)
-        return timm_source.deploy_form(model) if deploy else model
-
-    if source.startswith("torchvision/"):
-        name = source.split("/", 1)[1]
-        names = _torchvision_names()
-        if name not in names:
-            hint = _close(name, names)
-            raise SmcpError(
-                f"model {source}: unknown torchvision classification model '{name}'"
-                + (f"; {hint}" if hint else "; list_models() shows the valid names")
-            )
-
-        tv = import_torchvision()
-        if num_classes is not None:
-            kwargs["num_classes"] = num_classes
-        kwargs.setdefault("weights", None)
-        return _call_builder(source, lambda **kw: tv.models.get_model(name, **kw), kwargs)
-
-    if source.startswith("cifar/"):
-        name = source.split("/", 1)[1]
-        if name not in _CIFAR_DEPTHS:
-            hint = _close(source, [f"cifar/{n}" for n in _CIFAR_DEPTHS])
-            raise SmcpError(
-                f"model {source}: unknown CIFAR model; valid: {', '.join('cifar/' + n for n in _CIFAR_DEPTHS)}"
-                + (f"; {hint}" if hint else "")
-            )
-        return _call_builder(
-            source,
-            lambda **kw: cifar_resnet(name, num_classes=10 if num_classes is None else num_classes, **kw),
-            kwargs,
-            ["in_channels"],
+def _build_torchvision(source: str, num_classes: int | None, kwargs: dict) -> nn.Module:
+    name = source.split("/", 1)[1]
+    names = _torchvision_names()
+    if name not in names:
+        hint = _close(name, names)
+        raise SmcpError(
+            f"model {source}: unknown torchvision classification model '{name}'"
+            + (f"; {hint}" if hint else "; list_models() shows the valid names")
         )
+    tv = import_torchvision()
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    kwargs.setdefault("weights", None)
+    return _call_builder(source, lambda **kw: tv.models.get_model(name, **kw), kwargs)
 
-    if source == "mobilenet_v1":
-        return _call_builder(
-            source,
-            lambda **kw: MobileNetV1(num_classes=1000 if num_classes is None else num_classes, **kw),
-            kwargs,
-            ["width", "in_channels"],
+
+def _build_cifar(source: str, num_classes: int | None, kwargs: dict) -> nn.Module:
+    name = source.split("/", 1)[1]
+    if name not in _CIFAR_DEPTHS:
+        hint = _close(source, [f"cifar/{n}" for n in _CIFAR_DEPTHS])
+        raise SmcpError(
+            f"model {source}: unknown CIFAR model; valid: {', '.join('cifar/' + n for n in _CIFAR_DEPTHS)}"
+            + (f"; {hint}" if hint else "")
         )
+    return _call_builder(
+        source,
+        lambda **kw: cifar_resnet(name, num_classes=10 if num_classes is None else num_classes, **kw),
+        kwargs,
+        ["in_channels"],
+    )
 
+
+def _unknown_source(source: str) -> str:
+    """The one line for a source of no known form, with the nearest valid names."""
     try:
         candidates = list_models()
     except SmcpError:
@@ -191,7 +204,7 @@ def build_model(
     bare = {c.split("/", 1)[-1]: c for c in reversed(candidates)}
     matches = difflib.get_close_matches(source, list(bare), n=4, cutoff=0.5)
     hint = f"did you mean {', '.join(bare[m] for m in matches)}?" if matches else _close(source, candidates)
-    raise SmcpError(f"unknown model source '{source}'; use {_FORMS}" + (f"; {hint}" if hint else ""))
+    return f"unknown model source '{source}'; use {_FORMS}" + (f"; {hint}" if hint else "")
 
 
 # ---------------------------------------------------------------------------------------- user code
