@@ -75,6 +75,9 @@ class Allocator:
         ``layer_pruning`` lets a removable group go to zero; when re-solving, currently kept classes
         count ``1 + stickiness`` times their importance; ``cost_weight`` is the share of a layer's
         cost charged to its input group (1 = SMCP, 0 = HALP)."""
+        w = float(cost_weight)
+        if not 0.0 <= w <= 1.0:
+            raise SmcpError(f"prune.cost_weight = {w}: must be between 0 and 1")
         self.graph = graph
         self.cost = cost
         self.channel_round = channel_round
@@ -85,7 +88,25 @@ class Allocator:
         self.full_keep = graph.full_keep()
         self.full_cost = cost.total(self.full_keep)
         self._cap: dict[int, int] | None = None  # per-group width caps of a monotone solve
-        G = len(graph.groups)
+        self._index_labels()
+        self._memo: dict[tuple[int, int, int], float] = {}  # (layer, cin, cout) -> cost, for _total
+        self._memo_removed = cost.removed_cost
+        layers = _grouped_layers(graph)
+        # a channel-wise conv whose channels no conv/linear reads (every class frozen) belongs to no
+        # group: its cost is a constant of every option, never charged to a group
+        self._const = sum(float(cost.layer_cost(layer, torch.tensor([layer.sig.cin]), layer.sig.cout)[0])
+                          for layer in graph.layers if layer.group < 0)  # in no option's cost
+        touch, out_group = self._touches(layers)
+        self._segments = group_segments(graph, layers)
+        self._atoms = {g.index: _atoms(g.size, self._segments[g.index]) for g in graph.groups}
+        self.hubs = [g.index for g in graph.groups
+                     if g.prunable and touch[g.index] >= self.HUB_MIN_LAYERS and g.n_frozen == 0]
+        self._bound_plan = _BoundPlan.build(self, layers) if cost_weight == 1.0 else None
+        self._plan = self._charge_plan(layers, out_group, w)
+
+    def _index_labels(self) -> None:
+        """Per class its position in its group; every layer's input and output classes, flattened."""
+        graph = self.graph
         local = torch.full((graph.n_classes,), -1, dtype=torch.long)
         for g in graph.groups:
             local[g.classes] = torch.arange(g.size)
@@ -95,56 +116,50 @@ class Allocator:
         self._in_start = _starts(self._in_of, len(graph.layers))
         self._out_start = _starts(self._out_of, len(graph.layers))
         self._group_of = graph.class_group.numpy().copy()
-        self._memo: dict[tuple[int, int, int], float] = {}  # (layer, cin, cout) -> cost, for _total
-        self._memo_removed = cost.removed_cost
-        touch = [0] * G
+
+    def _touches(self, layers: list[LayerInfo]) -> tuple[list[int], dict[int, int]]:
+        """Per group the number of (non-depthwise) layers reading or writing it, and per layer the one
+        group it writes (-1: none or several)."""
+        touch = [0] * len(self.graph.groups)
         out_group: dict[int, int] = {}
-        # a channel-wise conv whose channels no conv/linear reads (every class frozen) belongs to no
-        # group: its cost is a constant of every option, never charged to a group
-        layers = _grouped_layers(graph)
-        self._const = sum(float(cost.layer_cost(layer, torch.tensor([layer.sig.cin]), layer.sig.cout)[0])
-                          for layer in graph.layers if layer.group < 0)  # in no option's cost
         for layer in layers:
             if layer.kind == "dwconv":
                 continue
-            og = torch.unique(graph.class_group[layer.out_labels]).tolist()
-            og = [x for x in og if x >= 0]
+            og = [x for x in torch.unique(self.graph.class_group[layer.out_labels]).tolist() if x >= 0]
             out_group[layer.index] = og[0] if len(og) == 1 else -1
             touch[layer.group] += 1
             for x in og:
                 touch[x] += 1
-        self._segments = group_segments(graph, layers)
-        self._atoms = {g.index: _atoms(g.size, self._segments[g.index]) for g in graph.groups}
-        self.hubs = [g.index for g in graph.groups
-                     if g.prunable and touch[g.index] >= self.HUB_MIN_LAYERS and g.n_frozen == 0]
-        self._bound_plan = _BoundPlan.build(self, layers) if cost_weight == 1.0 else None
-        hubset = set(self.hubs)
-        # charge plan per group: (layer, mode, positions in the charged group)
-        #   mode "in": cin from the charged group's option, cout from the current masks
-        #   mode "out": cout from the charged group's option, cin from the current masks (hub)
-        #   mode "dw": depthwise, width from the charged group's option
-        # the last field is the share of the layer's cost charged there: with cost_weight w < 1 a
-        # layer whose input and output groups are both ordinary prunable groups is charged w to its
-        # input group (output width held) and 1 - w to its output group (input width held); w = 0
-        # is HALP's output-side view.  Hub layers stay exact whatever w is.
-        w = float(cost_weight)
-        if not 0.0 <= w <= 1.0:
-            raise SmcpError(f"prune.cost_weight = {w}: must be between 0 and 1")
-        self._plan: dict[int, list[tuple[LayerInfo, str, torch.Tensor, float]]] = {g.index: [] for g in graph.groups}
+        return touch, out_group
+
+    def _charge_plan(self, layers: list[LayerInfo], out_group: dict[int, int],
+                     w: float) -> dict[int, list[tuple[LayerInfo, str, torch.Tensor, float]]]:
+        """Per group the layers whose cost its options change: (layer, mode, positions in the charged
+        group, share of the layer's cost).
+
+        Mode "in": cin from the charged group's option, cout from the current masks; "out": cout from
+        the charged group's option, cin from the current masks (a hub's reader); "dw": depthwise,
+        width from the charged group's option.  With cost_weight ``w`` < 1 a layer whose input and
+        output groups are both ordinary prunable groups is charged ``w`` to its input group (output
+        width held) and ``1 - w`` to its output group (input width held); ``w`` = 0 is HALP's
+        output-side view.  Hub layers stay exact whatever ``w`` is."""
+        graph, local, hubset = self.graph, self._local, set(self.hubs)
+        plan: dict[int, list[tuple[LayerInfo, str, torch.Tensor, float]]] = {g.index: [] for g in graph.groups}
         for layer in layers:
             if layer.kind == "dwconv":
-                self._plan[layer.group].append((layer, "dw", local[layer.in_labels], 1.0))
+                plan[layer.group].append((layer, "dw", local[layer.in_labels], 1.0))
                 continue
             a, b = layer.group, out_group.get(layer.index, -1)
             b_ordinary = b >= 0 and b != a and b not in hubset and graph.groups[b].prunable
             if a in hubset and b_ordinary:
-                self._plan[b].append((layer, "out", local[layer.out_labels], 1.0))
+                plan[b].append((layer, "out", local[layer.out_labels], 1.0))
             elif w < 1.0 and b_ordinary and a not in hubset and graph.groups[a].prunable:
                 if w > 0.0:
-                    self._plan[a].append((layer, "in", local[layer.in_labels], w))
-                self._plan[b].append((layer, "out", local[layer.out_labels], 1.0 - w))
+                    plan[a].append((layer, "in", local[layer.in_labels], w))
+                plan[b].append((layer, "out", local[layer.out_labels], 1.0 - w))
             else:
-                self._plan[a].append((layer, "in", local[layer.in_labels], 1.0))
+                plan[a].append((layer, "in", local[layer.in_labels], 1.0))
+        return plan
 
     @classmethod
     def from_recipe(cls, graph: ChannelGraph, cost: CostModel, prune_config: PruneConfig) -> Allocator:
