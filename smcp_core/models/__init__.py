@@ -409,12 +409,8 @@ def _looks_like_torch_file(p: Path) -> bool:
     return zipfile.is_zipfile(p) or head[:1] == b"\x80"
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, *, trust: bool = False) -> dict:
-    """Load a checkpoint into ``model`` strictly and return its metadata (e.g. ``best_prec1``).
-
-    Accepts a plain state dict, ``{'state_dict': ...}`` or ``{'model': ...}``; a leading ``module.``
-    (from ``DataParallel``) is stripped.  Loads with ``weights_only=True`` unless ``trust``.
-    """
+def _checked_checkpoint_file(path: str | Path) -> Path:
+    """``path`` as a regular, complete file, or a one-line :class:`SmcpError` saying what it is."""
     p = Path(path).expanduser()
     if p.is_dir():
         found = sorted(q.name for q in p.iterdir() if q.is_file() and q.suffix.lower() in _CKPT_EXTS)
@@ -427,8 +423,13 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, trust: bool = False) 
     if _truncated_zip(p):
         raise SmcpError(f"checkpoint {p}: the file is truncated (a zip archive written by torch.save, cut off "
                         "before its end: an interrupted copy or download?); copy or save it again")
+    return p
+
+
+def _torch_load(p: Path, trust: bool):
+    """``torch.load`` of ``p`` on the CPU (``weights_only`` unless ``trust``); every failure is one line."""
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=not trust)
+        return torch.load(p, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
         looks_pickled = "unsupported global" in str(exc).lower() or _looks_like_torch_file(p)
         if not trust and "weights only" in str(exc).lower() and looks_pickled:
@@ -451,9 +452,9 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, trust: bool = False) 
                             "copy or save it again") from None
         raise SmcpError(f"checkpoint {p}: loading failed ({_one_line(exc)})") from None
 
-    sd, meta = _extract_state_dict(obj, p)
-    sd = _strip_module(sd)
-    own = model.state_dict()
+
+def _check_keys_and_shapes(p: Path, sd: dict, own: dict) -> None:
+    """The checkpoint's keys and shapes against the model's, every difference named in one line."""
     optional = {k for k in own if k.endswith("num_batches_tracked")}
     missing = [k for k in own if k not in sd and k not in optional]
     unexpected = [k for k in sd if k not in own]
@@ -474,6 +475,19 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, trust: bool = False) 
             f"checkpoint {p} does not match the model ({'; '.join(parts)}); check the model source, "
             f"its kwargs and num_classes"
         )
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, *, trust: bool = False) -> dict:
+    """Load a checkpoint into ``model`` strictly and return its metadata (e.g. ``best_prec1``).
+
+    Accepts a plain state dict, ``{'state_dict': ...}`` or ``{'model': ...}``; a leading ``module.``
+    (from ``DataParallel``) is stripped.  Loads with ``weights_only=True`` unless ``trust``.
+    """
+    p = _checked_checkpoint_file(path)
+    sd, meta = _extract_state_dict(_torch_load(p, trust), p)
+    sd = _strip_module(sd)
+    own = model.state_dict()
+    _check_keys_and_shapes(p, sd, own)
     _check_finite(p, sd, own)
     try:
         model.load_state_dict(sd, strict=True)
