@@ -62,8 +62,10 @@ def compare(
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Prune with every method (same target, fine-tuning and latency table), slim, and time the dense
-    and all slim models interleaved; writes OUT/compare.json and OUT/compare.md."""
+    """Prune with every method on one target, table and budget; time all slim models in one loop.
+
+    Every method gets the same target, fine-tuning budget and latency table; each is slimmed, and the
+    dense and every slim model are timed interleaved; writes OUT/compare.json and OUT/compare.md."""
     with guarded(as_json):
         from smcp_core.analysis.compare import parse_method_sets, parse_methods
 

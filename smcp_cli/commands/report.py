@@ -19,8 +19,10 @@ def report(
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Plot kept channels per layer, budget/predicted cost/top-1 over training and predicted vs
-    measured latency; write report.md and report.html (needs matplotlib: the `report` extra of smcp)."""
+    """Plot kept channels, training curves and predicted vs measured latency (report.md, .html).
+
+    Kept channels per layer, budget / predicted cost / top-1 over training, predicted vs measured
+    latency; needs matplotlib (the `report` extra of smcp)."""
     with guarded(as_json):
         from smcp_core.analysis.report import make_report
 
