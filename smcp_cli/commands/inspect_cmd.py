@@ -24,36 +24,14 @@ def inspect(
     """Show the channel groups of a model."""
     with guarded(as_json):
         from smcp_core import stages
-        from smcp_core.config.recipe import builtin_recipe_names, load_recipe
-        from smcp_core.errors import SmcpError
+        from smcp_core.analysis.model_stats import model_stats
 
-        t = target or "quickstart"
-        looks_recipe = t.endswith((".yaml", ".yml")) or t in builtin_recipe_names()
-        if looks_recipe:
-            r = load_recipe(t, list(set_ or []))
-        else:
-            extra = [f"model.source={t}", "model.checkpoint=null", "model.kwargs={}", "data.source=synthetic"]
-            if input_size is not None:
-                try:
-                    c, h, w = (int(v) for v in input_size.split(","))
-                except ValueError:
-                    raise SmcpError(f"--input-size {input_size!r}: expected C,H,W such as 3,224,224") from None
-                extra.append(f"model.input_size=[{c},{h},{w}]")
-            else:
-                extra.append("model.input_size=[3,224,224]" if not t.startswith("cifar/")
-                             else "model.input_size=[3,32,32]")
-            if num_classes is None:
-                num_classes = 10 if t.startswith("cifar/") else 1000
-            extra.append(f"model.num_classes={num_classes}")  # 0 or less: the recipe check says why
-            r = load_recipe("quickstart", extra + list(set_ or []))
+        r = _inspect_recipe(target or "quickstart", list(set_ or []), input_size, num_classes)
         model = stages.build_model(r, load_weights=False)
-        g = stages.build_graph(r, model)
-        s = g.summary()
+        s = stages.build_graph(r, model).summary()
         s["model"] = r.model.source
         if quiet and not as_json:
             return
-        from smcp_core.analysis.model_stats import model_stats
-
         # params/flops: the whole model (every parameter; MACs of one sample, measured with a forward
         # pass); graph_*: what the channel graph understood (its conv/linear/BN layers) and their share
         st = model_stats(model, stages.example_input(r), graph_flops=s["flops"], graph_params=s["params"])
@@ -62,28 +40,57 @@ def inspect(
         if as_json:
             emit({"ok": True, **s}, True)
             return
-        from rich.table import Table
+        _print_groups(r.model.source, s)
 
-        tab = Table(title=f"{r.model.source}: input {tuple(s['input_shape'])}, {s['params']:,} params, "
-                          f"{_mmac(s['flops'])}, {len(s['groups'])} groups", title_justify="left")
-        for col in ("group", "channels", "prunable", "layers reading it", "note"):
-            tab.add_column(col)
-        for gr in s["groups"]:
-            cons = gr["consumers"]
-            names = ", ".join(cons[:3]) + (f" (+{len(cons) - 3})" if len(cons) > 3 else "")
-            if gr["depthwise"]:
-                names += f"; dw: {len(gr['depthwise'])}"
-            if not gr["prunable"]:
-                pr, note = "no", gr["reason"]
-            elif gr["frozen_channels"]:
-                pr, note = "partly", f"{gr['frozen_channels']} frozen: {gr['reason']}"
-            else:
-                pr, note = "yes", "removable (layer pruning)" if gr["removable"] else ""
-            tab.add_row(str(gr["group"]), str(gr["channels"]), pr, names, note)
-        console.print(tab)
-        console.print(_understood_line(s))
-        for spot in s["frozen_spots"]:
-            console.print(f"[yellow]frozen:[/yellow] {escape(str(spot))}")
+
+def _inspect_recipe(t: str, sets: list[str], input_size: str | None, num_classes: int | None):
+    """The recipe to inspect: ``t`` itself, or the quickstart with ``t`` as a bare model source
+    (random weights, synthetic data, ``--input-size`` / ``--num-classes`` or their defaults)."""
+    from smcp_core.config.recipe import builtin_recipe_names, load_recipe
+    from smcp_core.errors import SmcpError
+
+    if t.endswith((".yaml", ".yml")) or t in builtin_recipe_names():
+        return load_recipe(t, sets)
+    cifar = t.startswith("cifar/")
+    extra = [f"model.source={t}", "model.checkpoint=null", "model.kwargs={}", "data.source=synthetic"]
+    if input_size is not None:
+        try:
+            c, h, w = (int(v) for v in input_size.split(","))
+        except ValueError:
+            raise SmcpError(f"--input-size {input_size!r}: expected C,H,W such as 3,224,224") from None
+        extra.append(f"model.input_size=[{c},{h},{w}]")
+    else:
+        extra.append("model.input_size=[3,32,32]" if cifar else "model.input_size=[3,224,224]")
+    if num_classes is None:
+        num_classes = 10 if cifar else 1000
+    extra.append(f"model.num_classes={num_classes}")  # 0 or less: the recipe check says why
+    return load_recipe("quickstart", extra + sets)
+
+
+def _print_groups(source: str, s: dict) -> None:
+    """The human output: one row per group, the understood share and the frozen spots."""
+    from rich.table import Table
+
+    tab = Table(title=f"{source}: input {tuple(s['input_shape'])}, {s['params']:,} params, "
+                      f"{_mmac(s['flops'])}, {len(s['groups'])} groups", title_justify="left")
+    for col in ("group", "channels", "prunable", "layers reading it", "note"):
+        tab.add_column(col)
+    for gr in s["groups"]:
+        cons = gr["consumers"]
+        names = ", ".join(cons[:3]) + (f" (+{len(cons) - 3})" if len(cons) > 3 else "")
+        if gr["depthwise"]:
+            names += f"; dw: {len(gr['depthwise'])}"
+        if not gr["prunable"]:
+            pr, note = "no", gr["reason"]
+        elif gr["frozen_channels"]:
+            pr, note = "partly", f"{gr['frozen_channels']} frozen: {gr['reason']}"
+        else:
+            pr, note = "yes", "removable (layer pruning)" if gr["removable"] else ""
+        tab.add_row(str(gr["group"]), str(gr["channels"]), pr, names, note)
+    console.print(tab)
+    console.print(_understood_line(s))
+    for spot in s["frozen_spots"]:
+        console.print(f"[yellow]frozen:[/yellow] {escape(str(spot))}")
 
 
 def _mmac(macs) -> str:
