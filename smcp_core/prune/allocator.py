@@ -487,41 +487,10 @@ class Allocator:
         if self.stickiness > 0:
             scores_c = scores_c * (1.0 + self.stickiness * cur.to(torch.float64))
         cache["scores"] = scores_c  # for the groups' orders (:meth:`_candidate_bound`)
-        best: SolveResult | None = None
         if not self.hubs:
-            for _ in range(rounds):
-                r = self._solve_at(scores_c, budget, cur, {}, cache, inner, state)
-                if r is not None and (best is None or r.value > best.value):
-                    best = r
-                if best is None or torch.equal(best.keep, cur):
-                    break
-                cur = best.keep
+            best = self._solve_without_hubs(scores_c, budget, cur, cache, rounds, inner, state)
         else:
-            groups = self.graph.groups
-            # at least two rounds even with one hub: the second is linearised at the first
-            # round's answer, and the better of the two (by kept importance, which does not depend
-            # on the linearisation) wins; with one round, successive mask updates can alternate
-            # between two very different solutions, each looking best from the other
-            n_rounds = max(2, rounds)
-            rnd = 0
-            while rnd < n_rounds or (best is None and rnd < n_rounds + 2):  # extra rounds only if nothing fit yet
-                rnd += 1
-                for h in self.hubs:
-                    g = groups[h]
-                    if g.index not in cache:
-                        cache[g.index] = self._order(g, scores_c)
-                    order, n_mand = cache[g.index][0], cache[g.index][3]
-                    cur_w = int(cur[g.classes].sum())
-                    round_best = self._best_candidate(scores_c, budget, cur, g, n_mand, cache, inner, state)
-                    if round_best is not None:
-                        cur = round_best.keep
-                        if best is None or round_best.value >= best.value:
-                            best = round_best
-                    elif best is None:
-                        # nothing fits while the other hubs are this wide: park this hub at its
-                        # narrowest width so the next hubs see the budget that is left
-                        k_min = self._hub_candidates(g, cur_w, n_mand)[0]
-                        cur = self._set_width(cur, g, k_min, order)
+            best = self._solve_over_hubs(scores_c, budget, cur, cache, rounds, inner, state)
         if best is None:
             raise InfeasibleTarget(
                 f"cost budget {budget:.4g} {self.cost.unit} is below the minimum reachable "
@@ -531,6 +500,51 @@ class Allocator:
             )
         best.iterations = state["n"]
         best.widths = self._widths(best.keep)
+        return best
+
+    def _solve_without_hubs(self, scores_c, budget: float, cur: torch.Tensor, cache: dict, rounds: int,
+                            inner: int, state: dict) -> SolveResult | None:
+        """Up to ``rounds`` linearised solves, each at the previous answer; the best by kept importance."""
+        best: SolveResult | None = None
+        for _ in range(rounds):
+            r = self._solve_at(scores_c, budget, cur, {}, cache, inner, state)
+            if r is not None and (best is None or r.value > best.value):
+                best = r
+            if best is None or torch.equal(best.keep, cur):
+                break
+            cur = best.keep
+        return best
+
+    def _solve_over_hubs(self, scores_c, budget: float, cur: torch.Tensor, cache: dict, rounds: int,
+                         inner: int, state: dict) -> SolveResult | None:
+        """Coordinate search over the hubs' widths (each hub's best candidate with the others held).
+
+        At least two rounds even with one hub: the second is linearised at the first round's
+        answer, and the better of the two (by kept importance, which does not depend on the
+        linearisation) wins; with one round, successive mask updates can alternate between two very
+        different solutions, each looking best from the other."""
+        groups = self.graph.groups
+        best: SolveResult | None = None
+        n_rounds = max(2, rounds)
+        rnd = 0
+        while rnd < n_rounds or (best is None and rnd < n_rounds + 2):  # extra rounds only if nothing fit yet
+            rnd += 1
+            for h in self.hubs:
+                g = groups[h]
+                if g.index not in cache:
+                    cache[g.index] = self._order(g, scores_c)
+                order, n_mand = cache[g.index][0], cache[g.index][3]
+                cur_w = int(cur[g.classes].sum())
+                round_best = self._best_candidate(scores_c, budget, cur, g, n_mand, cache, inner, state)
+                if round_best is not None:
+                    cur = round_best.keep
+                    if best is None or round_best.value >= best.value:
+                        best = round_best
+                elif best is None:
+                    # nothing fits while the other hubs are this wide: park this hub at its
+                    # narrowest width so the next hubs see the budget that is left
+                    k_min = self._hub_candidates(g, cur_w, n_mand)[0]
+                    cur = self._set_width(cur, g, k_min, order)
         return best
 
     def solve_uniform(self, scores: torch.Tensor, budget: float, keep_now: torch.Tensor | None = None, *,
