@@ -33,6 +33,7 @@ with ``--publish`` a copy in ``benchmarks/results/``.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,13 +213,16 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _floats(spec: str) -> list[float]:
-    return [float(x) for x in spec.split(",") if x.strip()]
+def _floats(spec: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise SmcpError(f"{flag} {spec!r}: expected comma-separated numbers such as 1.5,2") from None
 
 
 def _methods_at(specs: list[str], targets: list[float]) -> dict[float, list[str]]:
-    """``["1.5=smcp"]`` -> ``{1.5: ["smcp"]}``; a malformed spec or a target not in ``--targets`` is a
-    one-line error."""
+    """``["1.5=smcp"]`` -> ``{1.5: ["smcp"]}``; a malformed spec, a target not in ``--targets`` or
+    given twice, an unknown method, or ``none`` at any target but the first is a one-line error."""
     out: dict[float, list[str]] = {}
     for spec in specs:
         t, sep, ms = spec.partition("=")
@@ -229,7 +233,15 @@ def _methods_at(specs: list[str], targets: list[float]) -> dict[float, list[str]
         if not sep or target is None or target not in targets:
             raise SmcpError(f"--methods-at {spec!r}: expected T=METHOD[,METHOD] with T one of --targets "
                             f"({', '.join(f'{x:g}' for x in targets)}), e.g. 1.5=smcp")
-        out[target] = parse_methods(ms)
+        if target in out:
+            raise SmcpError(f"--methods-at {spec!r}: target {target:g} given twice; give it once")
+        try:
+            out[target] = parse_methods(ms)
+        except SmcpError as exc:
+            raise SmcpError(f"--methods-at {spec!r}: {str(exc).removeprefix('--methods: ')}") from None
+        if "none" in out[target] and target != targets[0]:
+            raise SmcpError(f"--methods-at {spec!r}: none (the unpruned model) runs once, at the first target "
+                            f"({targets[0]:g}); give it there")
     return out
 
 
@@ -253,10 +265,16 @@ def main() -> None:
     ap.add_argument("--name", default="cifar_resnet56", help="results file name (NAME.json, NAME.md)")
     ap.add_argument("--publish", action="store_true", help="also write benchmarks/results/NAME.{json,md}")
     a = ap.parse_args()
-    methods, targets = parse_methods(a.methods), _floats(a.targets)
-    res = run(targets, a.out, a.sets, methods, nodistill=_floats(a.nodistill), peers=a.peers,
-              resume=a.resume, recipe=a.recipe, method_overrides=parse_method_sets(a.set_for, methods),
-              methods_at=_methods_at(a.methods_at, targets))
+    try:
+        targets = _floats(a.targets, "--targets")
+        methods = parse_methods(a.methods)
+        methods_at = _methods_at(a.methods_at, targets)
+        every = list(dict.fromkeys(methods + [m for ms in methods_at.values() for m in ms]))
+        res = run(targets, a.out, a.sets, methods, nodistill=_floats(a.nodistill, "--nodistill"), peers=a.peers,
+                  resume=a.resume, recipe=a.recipe, method_overrides=parse_method_sets(a.set_for, every),
+                  methods_at=methods_at)
+    except SmcpError as exc:
+        sys.exit(f"cifar_resnet56.py: {exc}")
     md = markdown(res)
     a.out.mkdir(parents=True, exist_ok=True)
     dests = [a.out] + ([REPO / "benchmarks" / "results"] if a.publish else [])

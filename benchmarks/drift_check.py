@@ -63,7 +63,7 @@ def export_pair(recipe_name: str, keep_frac: float, workdir: Path) -> dict[str, 
     paths = {}
     for name, m in (("baseline", dense), ("pruned", pruned)):
         paths[name] = workdir / f"{name}.onnx"
-        export_onnx(m, x, paths[name])
+        export_onnx(m, x, paths[name], opset=recipe.export.opset)
     return paths
 
 
@@ -118,6 +118,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "drift_check.json")
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.rounds < 10 or a.processes < 1 or a.session_sets < 1:
+        ap.error("--rounds must be at least 10, --processes and --session-sets at least 1")
+    recipe = load_recipe(a.recipe, [])
+    if recipe.export_backend() != "onnxruntime":
+        ap.error(f"recipe {a.recipe}: export backend {recipe.export_backend()}; drift_check.py times onnxruntime "
+                 "sessions (the backend whose run-to-run spread the gate check found)")
     if a.child:
         print(json.dumps(child(a.recipe, a.child, a.session_sets, a.rounds)))
         return
@@ -127,12 +133,14 @@ def main() -> None:
         for p in range(a.processes):
             proc = subprocess.run([sys.executable, __file__, "--recipe", a.recipe, "--session-sets",
                                    str(a.session_sets), "--rounds", str(a.rounds), "--child", tmp],
-                                  capture_output=True, text=True, check=True)
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+                sys.exit(f"drift_check.py: process {p + 1} failed (exit {proc.returncode}): {tail}")
             loops = json.loads(proc.stdout.strip().splitlines()[-1])
             rows += [{"process": p, **r} for r in loops]
             print(f"process {p + 1}/{a.processes}: median of ratios "
                   + ", ".join(f"{r['median_of_ratios']:.3f}" for r in loops), flush=True)
-    recipe = load_recipe(a.recipe, [])
     doc = {"command": " ".join(["python", "benchmarks/drift_check.py", *sys.argv[1:]]), "keep": a.keep,
            "rounds": a.rounds, "summary": summary(rows), "rows": rows,
            "environment": environment_report(backend=recipe.export_backend(), device=recipe.profile.device,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -169,20 +168,17 @@ def measure_models(models: dict[str, torch.nn.Module], where: Recipe | Bench, *,
     return {"stats": {k: v.to_dict() for k, v in stats.items()}, "onnx": onnx_paths}
 
 
-
 def measure_as_export(models: dict[str, torch.nn.Module], recipe: Recipe, workdir: Path) -> dict[str, dict]:
     """Every model timed interleaved in one loop the way ``recipe``'s export measures (its backend and
     batch, ``export.min_runs`` rounds, ``export.max_seconds`` per two models): name -> timing stats.
     The ONNX files go to a scratch folder in ``workdir``, removed afterwards."""
     workdir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".measure_", dir=workdir))
-    try:
+    with scratch_dir(Path(tempfile.mkdtemp(prefix=".measure_", dir=workdir))) as tmp:
         meas = measure_models(models, recipe, batch=recipe.export_batch_size(), backend=recipe.export_backend(),
                               workdir=tmp, min_runs=recipe.export.min_runs,
                               max_seconds=recipe.export.max_seconds * max(1.0, len(models) / 2))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return meas["stats"]
+
 
 @dataclass
 class PairMeasurement:

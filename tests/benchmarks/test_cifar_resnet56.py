@@ -72,12 +72,37 @@ def test_methods_at_gives_one_target_its_own_methods(tmp_path, monkeypatch):
     assert calls == [(2.0, ["smcp", "halp", "none"]), (1.5, ["smcp"])]
 
 
-def test_methods_at_rejects_a_target_not_in_targets():
-
+def test_methods_at_rejects_what_it_cannot_run():
     with pytest.raises(SmcpError, match="one of --targets"):
         bench._methods_at(["3=smcp"], [2.0, 1.5])
-    with pytest.raises(SmcpError, match="unknown method"):
+    with pytest.raises(SmcpError, match=r"^--methods-at '2=smpc': unknown method 'smpc'"):
         bench._methods_at(["2=smpc"], [2.0])
+    with pytest.raises(SmcpError, match="given twice"):
+        bench._methods_at(["2=smcp", "2=halp"], [2.0])
+    with pytest.raises(SmcpError, match="runs once, at the first target"):
+        bench._methods_at(["1.5=smcp,none"], [2.0, 1.5])
+    assert bench._methods_at(["2=halp,none"], [2.0, 1.5]) == {2.0: ["halp", "none"]}
+
+
+def test_bad_arguments_are_one_line_not_a_traceback(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "run", lambda *a, **kw: pytest.fail("bad arguments must stop before any run"))
+    for argv in (["--targets", "2,x"], ["--targets", "2", "--methods-at", "3=smcp"],
+                 ["--methods", "smcp", "--set-for", "halp:prune.epochs=1"]):
+        monkeypatch.setattr(sys, "argv", ["cifar_resnet56.py", *argv])
+        with pytest.raises(SystemExit) as exc:
+            bench.main()
+        assert str(exc.value.code).startswith("cifar_resnet56.py: --"), exc.value.code
+        assert "\n" not in str(exc.value.code)
+
+
+def test_set_for_may_name_a_method_of_methods_at_only(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(bench, "run", lambda *a, **kw: seen.update(kw) or (_ for _ in ()).throw(SmcpError("stop")))
+    monkeypatch.setattr(sys, "argv", ["cifar_resnet56.py", "--targets", "2,1.5", "--methods", "smcp",
+                                      "--methods-at", "1.5=halp", "--set-for", "halp:prune.epochs=1"])
+    with pytest.raises(SystemExit, match="stop"):
+        bench.main()
+    assert seen["method_overrides"] == {"halp": ["prune.epochs=1"]} and seen["methods_at"] == {1.5: ["halp"]}
 
 
 def _peers_dir(tmp_path, smoke: bool):

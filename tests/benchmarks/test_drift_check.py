@@ -15,11 +15,13 @@ from smcp_core.profile.paired import PairedTiming  # noqa: E402
 
 
 def test_estimators_of_one_loop():
-    t = PairedTiming(a_s=[2.0, 2.0, 4.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0],
-                     b_s=[1.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
-    e = drift_check.estimates(t)
-    assert e["median_of_ratios"] == 2.0 and e["ratio_of_medians"] == 2.0
-    assert e["ratio_of_p10"] == pytest.approx(2.0)
+    # three estimators that differ here: median of per-round ratios 3.5, ratio of medians 7 / 1,
+    # ratio of the 10th percentiles 2 / 1
+    a = [7.0, 5.0, 8.0, 9.0, 7.0, 8.0, 7.0, 2.0, 7.0, 9.0, 2.0]
+    b = [2.0, 2.0, 2.0, 1.0, 3.0, 1.0, 1.0, 1.0, 1.0, 4.0, 1.0]
+    e = drift_check.estimates(PairedTiming(a_s=a, b_s=b))
+    assert e == {"median_of_ratios": pytest.approx(3.5), "ratio_of_medians": pytest.approx(7.0),
+                 "ratio_of_p10": pytest.approx(2.0)}
 
 
 def test_summary_splits_the_spread_between_processes_sets_and_loops():

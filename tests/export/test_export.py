@@ -115,8 +115,9 @@ def test_a_failed_dynamo_export_falls_back_to_the_legacy_exporter_with_a_warning
 
     monkeypatch.setattr(onnx_mod, "_export_dynamo", no_dynamo)
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).train()
-    with pytest.warns(RuntimeWarning, match="dynamo cannot trace this.*legacy"):
+    with pytest.warns(RuntimeWarning, match="dynamo cannot trace this.*legacy") as rec:
         p = export_onnx(m, torch.randn(1, 3, 8, 8), tmp_path / "legacy.onnx")
+    assert rec[0].filename == __file__, "the warning points at the caller of export_onnx"
     assert m.training, "the caller's train mode is restored"
     assert onnx_parity(m.eval(), p, torch.randn(3, 3, 8, 8))["max_abs_diff"] < 1e-5
 
