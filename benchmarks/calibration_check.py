@@ -15,8 +15,14 @@ extra variants that remove every other removable residual block).
    interleaved in one loop, twice; per model the lower median is kept (a busy machine only adds
    time).  ``measured`` is that median scaled by the table's dense latency over this loop's dense
    median, so a load change between profiling and this loop cancels out.
-4. Printed and written to ``--out`` (default ``benchmarks/results/calibration_check.json``): layer
-   sum, removed layers, both predictions and their errors.
+4. The profile's calibration structures (:func:`smcp_core.stages.measure.calibration_keeps`) are
+   timed in the same loop and the calibration is fitted again on them (``loop_calibration``): its
+   predictions against the raw medians of this loop (``error_loop_pct``) say how well the layer model
+   predicts when the machine has not changed since its calibration was measured; ``error_pct`` is
+   the table as profiled (the machine may have changed in between, by more than the dense model's
+   ratio can correct when the change is not uniform).
+5. Printed and written to ``--out`` (default ``benchmarks/results/calibration_check.json``): layer
+   sum, removed layers, the predictions and their errors, the mean and max absolute error of both.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from smcp_core.profile.cost_model import CostModel  # noqa: E402
 from smcp_core.profile.fingerprint import environment_report  # noqa: E402
 from smcp_core.profile.table import LatencyTable  # noqa: E402
 from smcp_core.prune.allocator import uniform_keep  # noqa: E402
+from smcp_core.stages.measure import calibration_keeps, removed_layers  # noqa: E402
 from smcp_core.utils.fsutil import atomic_write_json, load_torch  # noqa: E402
 
 
@@ -87,26 +94,42 @@ def main() -> None:
         rng = random.Random(a.seed)
         for i in range(a.random):
             keeps[f"random{i}"] = random_keep(graph, rng, recipe.prune.channel_round)
-        models = {"dense": model, **{name: stages.slim_structure(recipe, graph, keep) for name, keep in keeps.items()}}
+        variants = {f"cal_{k}": v for k, v in calibration_keeps(graph, recipe.prune.channel_round).items()
+                    if k != "baseline"}
+        models = {"dense": model, **{name: stages.slim_structure(recipe, graph, keep)
+                                     for name, keep in {**keeps, **variants}.items()}}
         prof = recipe.profile
         st = stages.measure_lowest(models, recipe, workdir=work / "t", repeats=2, min_runs=max(30, prof.min_runs),
                                      max_seconds=90.0)["stats"]
         med = {k: st[k]["median_ms"] for k in models}
         base_ms = float(table.model["measured_ms"])
         norm = base_ms / med["dense"]
+        # the same calibration fitted again on its structures timed in THIS loop: what the layer model
+        # predicts when the machine has not changed since the calibration was measured
+        loop_keeps = {"dense": graph.full_keep(), **{k: variants[k] for k in variants}}
+        loop_scale, loop_removed = profile_calibration.fit_calibration(
+            [(plain.total(kp), removed_layers(graph, kp), med[k]) for k, kp in loop_keeps.items()])
         rows = []
         for name, keep in keeps.items():
             s = plain.total(keep)
-            n = sum(1 for ci, co in graph.widths(keep) if ci == 0 or co == 0)
+            n = removed_layers(graph, keep)
             meas = med[name] * norm
             new_pred, old_pred = cost.predict(keep), old_scale * s
+            loop_pred = loop_scale * (s + loop_removed * n)
             rows.append({"structure": name, "run": runs.get(name), "layer_sum_ms": s, "removed_layers": n,
                          "measured_ms": meas, "measured_raw_ms": med[name], "predicted_old_ms": old_pred,
                          "predicted_ms": new_pred, "error_old_pct": 100 * (old_pred - meas) / meas,
-                         "error_pct": 100 * (new_pred - meas) / meas})
+                         "error_pct": 100 * (new_pred - meas) / meas,
+                         "predicted_loop_ms": loop_pred,
+                         "error_loop_pct": 100 * (loop_pred - med[name]) / med[name]})
+        summary = {key: {"mae_pct": sum(abs(r[key]) for r in rows) / len(rows),
+                         "max_pct": max(abs(r[key]) for r in rows)} for key in ("error_pct", "error_loop_pct")}
         res = {"recipe": recipe.name, "sets": a.sets, "backend": prof.backend, "device": prof.device,
                "batch_size": prof.batch_size, "calibration": cal, "old_scale": old_scale,
-               "table_dense_ms": base_ms, "loop_dense_ms": med["dense"], "rows": rows,
+               "table_dense_ms": base_ms, "loop_dense_ms": med["dense"],
+               "loop_calibration": {"scale": loop_scale, "removed_layer_ms": loop_removed,
+                                    "measured_ms": {k: med[k] for k in loop_keeps}},
+               "summary": summary, "rows": rows,
                "profile_seconds": info["seconds"],
                "environment": environment_report(backend=prof.backend, device=prof.device, threads=prof.threads,
                                                  batch_size=prof.batch_size)}
@@ -115,11 +138,14 @@ def main() -> None:
               f"(old: proportional {old_scale:.3f}); dense {base_ms:.3f} ms (table) / "
               f"{med['dense']:.3f} ms (this loop)")
         print("| structure | removed layers | measured ms | predicted, old calibration "
-              "| predicted, with removed-layer term |")
-        print("|---|---:|---:|---:|---:|")
+              "| predicted, with removed-layer term | calibration re-fitted in this loop: measured, predicted |")
+        print("|---|---:|---:|---:|---:|---:|")
         for r in rows:
             print(f"| {r['structure']} | {r['removed_layers']} | {r['measured_ms']:.3f} | {r['predicted_old_ms']:.3f} "
-                  f"({r['error_old_pct']:+.1f}%) | {r['predicted_ms']:.3f} ({r['error_pct']:+.1f}%) |")
+                  f"({r['error_old_pct']:+.1f}%) | {r['predicted_ms']:.3f} ({r['error_pct']:+.1f}%) "
+                  f"| {r['measured_raw_ms']:.3f}, {r['predicted_loop_ms']:.3f} ({r['error_loop_pct']:+.1f}%) |")
+        for key, label in (("error_pct", "as profiled"), ("error_loop_pct", "re-fitted in this loop")):
+            print(f"{label}: mean absolute error {summary[key]['mae_pct']:.1f} %, max {summary[key]['max_pct']:.1f} %")
         for p in cal["points"]:
             print(f"  calibration point {p['name']}: measured {p['measured_ms']:.3f} predicted {p['predicted_ms']:.3f}")
     finally:

@@ -300,5 +300,19 @@ def _removal_keep(graph: ChannelGraph, frac: float, step: int = 1) -> torch.Tens
     return keep
 
 
-def _removed_layers(graph: ChannelGraph, keep: torch.Tensor) -> int:
+def removed_layers(graph: ChannelGraph, keep: torch.Tensor) -> int:
+    """How many layers ``keep`` removes (no input or no output channel left)."""
     return sum(1 for ci, co in graph.widths(keep) if ci == 0 or co == 0)
+
+
+def calibration_keeps(graph: ChannelGraph, step: int) -> dict[str, torch.Tensor]:
+    """The structures the profile's whole-model calibration is fitted on, by name: the baseline, two
+    uniformly thinned variants and (when layers can be removed) two with every other removable group
+    removed; widths on the ``step`` grid the allocator keeps, since off-block widths time differently."""
+    keeps = {"baseline": graph.full_keep(), "uniform75": uniform_keep(graph, 0.75, step),
+             "uniform50": uniform_keep(graph, 0.5, step)}
+    for name, frac in (("removed", 1.0), ("removed_uniform75", 0.75)):
+        k = _removal_keep(graph, frac, step)
+        if k is not None:
+            keeps[name] = k
+    return keeps

@@ -16,14 +16,13 @@ from smcp_core.profile.calibration import fit_calibration
 from smcp_core.profile.cost_model import CostModel
 from smcp_core.profile.measure import measure_table
 from smcp_core.profile.table import LatencyTable
-from smcp_core.prune.allocator import uniform_keep
 from smcp_core.stages.artifacts import stamp
 from smcp_core.stages.builders import build_graph, build_model, input_shape
 from smcp_core.stages.measure import (
     Bench,
-    _removal_keep,
-    _removed_layers,
+    calibration_keeps,
     measure_lowest,
+    removed_layers,
     slim_structure,
 )
 from smcp_core.stages.results import ProfileResult
@@ -117,21 +116,13 @@ def calibrate(graph, table: LatencyTable, *, model: torch.nn.Module, source: Rec
     submodule inside it, if any) and its slimmed variants (of ``source``: the recipe, or a plain
     model copied) measured on ``where``'s backend, and the calibration fitted to them:
     ``{measured_ms, layer_sum_ms, calibration, stats}``."""
-    # whole-model latency of the baseline, two uniformly thinned variants and (when layers can be
-    # removed) two variants with every other removable group removed -> calibration; widths on the
-    # grid the allocator keeps (prune.channel_round), since off-block widths time differently
     cost = CostModel(graph, "latency", table)
     cost.removed_cost = 0.0  # plain layer sums (a reused table carries the previous calibration)
     step = source.prune.channel_round if isinstance(source, Recipe) else (table.channel_step or 1)
-    keeps = {"baseline": graph.full_keep(), "uniform75": uniform_keep(graph, 0.75, step),
-             "uniform50": uniform_keep(graph, 0.5, step)}
-    for name, frac in (("removed", 1.0), ("removed_uniform75", 0.75)):
-        k = _removal_keep(graph, frac, step)
-        if k is not None:
-            keeps[name] = k
+    keeps = calibration_keeps(graph, step)
     reporter.log(f"measuring whole-model latency ({', '.join(keeps)}) for calibration")
     sums = {k: cost.total(v) for k, v in keeps.items()}
-    removed = {k: _removed_layers(graph, v) for k, v in keeps.items()}
+    removed = {k: removed_layers(graph, v) for k, v in keeps.items()}
     variants = {name: (model if name == "baseline" else slim_structure(source, graph, keep))
                 for name, keep in keeps.items()}
     # two independent interleaved loops, the lower median per model
