@@ -46,7 +46,7 @@ from smcp_core.profile.cost_model import CostModel  # noqa: E402
 from smcp_core.profile.fingerprint import environment_report  # noqa: E402
 from smcp_core.profile.table import LatencyTable  # noqa: E402
 from smcp_core.prune.allocator import uniform_keep  # noqa: E402
-from smcp_core.stages.measure import calibration_keeps, removed_layers  # noqa: E402
+from smcp_core.stages.measure import calibration_keeps  # noqa: E402
 from smcp_core.utils.fsutil import atomic_write_json, load_torch  # noqa: E402
 
 
@@ -106,13 +106,13 @@ def main() -> None:
         norm = base_ms / med["dense"]
         # the same calibration fitted again on its structures timed in THIS loop: what the layer model
         # predicts when the machine has not changed since the calibration was measured
-        loop_keeps = {"dense": graph.full_keep(), **{k: variants[k] for k in variants}}
+        loop_keeps = {"dense": graph.full_keep(), **variants}
         loop_scale, loop_removed = profile_calibration.fit_calibration(
-            [(plain.total(kp), removed_layers(graph, kp), med[k]) for k, kp in loop_keeps.items()])
+            [(plain.total(kp), graph.removed_layers(kp), med[k]) for k, kp in loop_keeps.items()])
         rows = []
         for name, keep in keeps.items():
             s = plain.total(keep)
-            n = removed_layers(graph, keep)
+            n = graph.removed_layers(keep)
             meas = med[name] * norm
             new_pred, old_pred = cost.predict(keep), old_scale * s
             loop_pred = loop_scale * (s + loop_removed * n)

@@ -235,10 +235,7 @@ def _methods_at(specs: list[str], targets: list[float]) -> dict[float, list[str]
                             f"({', '.join(f'{x:g}' for x in targets)}), e.g. 1.5=smcp")
         if target in out:
             raise SmcpError(f"--methods-at {spec!r}: target {target:g} given twice; give it once")
-        try:
-            out[target] = parse_methods(ms)
-        except SmcpError as exc:
-            raise SmcpError(f"--methods-at {spec!r}: {str(exc).removeprefix('--methods: ')}") from None
+        out[target] = parse_methods(ms, flag=f"--methods-at {spec!r}")
         if "none" in out[target] and target != targets[0]:
             raise SmcpError(f"--methods-at {spec!r}: none (the unpruned model) runs once, at the first target "
                             f"({targets[0]:g}); give it there")

@@ -92,9 +92,9 @@ def summary(rows: list[dict]) -> dict[str, dict[str, float]]:
     process (mean over processes) and between the two loops of a session set (mean)."""
     out = {}
     procs = sorted({r["process"] for r in rows})
+    by_proc = {p: [r for r in rows if r["process"] == p] for p in procs}
+    sets = {(r["process"], r["session_set"]) for r in rows}
     for est in ESTIMATORS:
-        by_proc = {p: [r for r in rows if r["process"] == p] for p in procs}
-        sets = {(r["process"], r["session_set"]) for r in rows}
         set_means = {k: statistics.mean(r[est] for r in rows if (r["process"], r["session_set"]) == k) for k in sets}
         out[est] = {
             "all": _spread([r[est] for r in rows]),

@@ -149,10 +149,6 @@ def bench_for(s: Setting) -> Bench:
     return Bench(prof, torch.randn(1, 3, s.size, s.size))
 
 
-def removed_layers(graph, keep: torch.Tensor) -> int:
-    return sum(1 for cin, cout in graph.widths(keep) if cin == 0 or cout == 0)
-
-
 def part_b(s: Setting, model, graph, table, workdir: Path) -> tuple[list[dict], float]:
     """Dense and three slimmed variants: the layer sum, the prediction (layer sum x the dense
     model's measured/layer-sum; removed layers cost 0) and the measured median."""
@@ -163,7 +159,7 @@ def part_b(s: Setting, model, graph, table, workdir: Path) -> tuple[list[dict], 
     got = measure_models(models, bench_for(s), batch=s.batch, backend="torch", workdir=workdir,
                          min_runs=s.min_runs, max_seconds=s.measure_seconds * 2)["stats"]
     cost = CostModel(graph, "latency", table)
-    points = [(cost.total(keep), removed_layers(graph, keep), got[k]["median_ms"]) for k, keep in keeps.items()]
+    points = [(cost.total(keep), graph.removed_layers(keep), got[k]["median_ms"]) for k, keep in keeps.items()]
     scale = points[0][2] / points[0][0]
     rows = []
     for (name, keep), (layer_sum, n_rm, measured) in zip(keeps.items(), points):

@@ -47,8 +47,9 @@ from smcp_core.utils.text import markdown_table
 DEFAULT_METHODS = ("smcp", "halp", "l1", "uniform")
 
 
-def parse_methods(spec: str | Sequence[str] | None) -> list[str]:
-    """``"smcp,halp"`` (or a list) -> ``["smcp", "halp"]``; unknown names are a one-line error."""
+def parse_methods(spec: str | Sequence[str] | None, flag: str = "--methods") -> list[str]:
+    """``"smcp,halp"`` (or a list) -> ``["smcp", "halp"]``; unknown names are a one-line error that
+    starts with ``flag``."""
     if spec is None:
         return list(DEFAULT_METHODS)
     items = spec.split(",") if isinstance(spec, str) else [x for s in spec for x in str(s).split(",")]
@@ -62,11 +63,11 @@ def parse_methods(spec: str | Sequence[str] | None) -> list[str]:
 
             close = difflib.get_close_matches(m, METHODS, n=1)
             hint = f"did you mean {close[0]}? " if close else ""
-            raise SmcpError(f"--methods: unknown method {raw.strip()!r} ({hint}choose from {', '.join(METHODS)})")
+            raise SmcpError(f"{flag}: unknown method {raw.strip()!r} ({hint}choose from {', '.join(METHODS)})")
         if m not in out:
             out.append(m)
     if not out:
-        raise SmcpError(f"--methods: no method given; e.g. --methods {','.join(DEFAULT_METHODS)}")
+        raise SmcpError(f"{flag}: no method given; e.g. --methods {','.join(DEFAULT_METHODS)}")
     return out
 
 

@@ -1014,6 +1014,10 @@ class ChannelGraph:
         k = keep.to(torch.long)
         return [(int(k[layer.in_labels].sum()), int(k[layer.out_labels].sum())) for layer in self.layers]
 
+    def removed_layers(self, keep: torch.Tensor) -> int:
+        """How many layers a class keep-mask removes (no input or no output channel left)."""
+        return sum(1 for ci, co in self.widths(keep) if ci == 0 or co == 0)
+
     def flops_params(self, keep: torch.Tensor | None = None) -> tuple[int, int]:
         """MACs per sample and parameters of conv/linear layers (+BN) at a keep-mask."""
         keep = self.full_keep() if keep is None else keep

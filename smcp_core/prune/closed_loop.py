@@ -64,7 +64,7 @@ class ClosedLoop:
             dense_ms, slim_ms, slim_slow_ms = self._measure(keep)
             measured = slim_ms / dense_ms * chk.baseline_ms
             slow_end = slim_slow_ms / dense_ms * chk.baseline_ms
-            n_removed = sum(1 for ci, co in self.pruner.graph.widths(keep) if ci == 0 or co == 0)
+            n_removed = self.pruner.graph.removed_layers(keep)
             free_sum = cost.total(keep) - cost.removed_cost * n_removed
             met = slow_end <= chk.target_ms  # as the export gate decides: the whole interval meets it
             # a correction upwards is measured again in the next round; SFP's zeroed filters cannot return

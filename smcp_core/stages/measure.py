@@ -300,11 +300,6 @@ def _removal_keep(graph: ChannelGraph, frac: float, step: int = 1) -> torch.Tens
     return keep
 
 
-def removed_layers(graph: ChannelGraph, keep: torch.Tensor) -> int:
-    """How many layers ``keep`` removes (no input or no output channel left)."""
-    return sum(1 for ci, co in graph.widths(keep) if ci == 0 or co == 0)
-
-
 def calibration_keeps(graph: ChannelGraph, step: int) -> dict[str, torch.Tensor]:
     """The structures the profile's whole-model calibration is fitted on, by name: the baseline, two
     uniformly thinned variants and (when layers can be removed) two with every other removable group

@@ -22,7 +22,6 @@ from smcp_core.stages.measure import (
     Bench,
     calibration_keeps,
     measure_lowest,
-    removed_layers,
     slim_structure,
 )
 from smcp_core.stages.results import ProfileResult
@@ -122,7 +121,7 @@ def calibrate(graph, table: LatencyTable, *, model: torch.nn.Module, source: Rec
     keeps = calibration_keeps(graph, step)
     reporter.log(f"measuring whole-model latency ({', '.join(keeps)}) for calibration")
     sums = {k: cost.total(v) for k, v in keeps.items()}
-    removed = {k: removed_layers(graph, v) for k, v in keeps.items()}
+    removed = {k: graph.removed_layers(v) for k, v in keeps.items()}
     variants = {name: (model if name == "baseline" else slim_structure(source, graph, keep))
                 for name, keep in keeps.items()}
     # two independent interleaved loops, the lower median per model
