@@ -3,11 +3,14 @@ masked-then-slim comparison, and a small model with concatenation, split and squ
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from smcp_core.graph.channel_graph import ChannelGraph
+from smcp_core.profile.table import LatencyTable, channel_grid
 from smcp_core.prune.masking import Masker
 from smcp_core.slim.surgery import slim_model
 
@@ -154,3 +157,51 @@ def fake_whole_model_latency(models, recipe, **kw) -> dict:
     parameter count (deterministic)."""
     stats = {k: {"median_ms": 0.01 + 1e-5 * sum(p.numel() for p in m.parameters())} for k, m in models.items()}
     return {"stats": stats, "repeats": [stats]}
+
+
+def fake_table(graph: ChannelGraph, step: int = 8) -> LatencyTable:
+    """A complete latency table whose values are a fixed overhead plus a FLOPs term, with a
+    calibration section, built through the public (de)serialisation format."""
+    by_key: dict[str, list] = {}
+    for layer in graph.layers:
+        by_key.setdefault(layer.sig.key(), []).append(layer.sig)
+    entries = {}
+    for key, sigs in by_key.items():
+        rep = sigs[0]
+        cin_max, cout_max = max(s.cin for s in sigs), max(s.cout for s in sigs)
+        cin_grid = sorted({c for s in sigs for c in channel_grid(s.cin, step)})
+        d = {**rep.to_dict(), "cin": cin_max, "cout": cout_max}
+        if rep.depthwise:
+            ms = [0.002 + rep.flops(c, c) * 1e-8 for c in cin_grid]
+            entries[key] = {"sig": d, "depthwise": True, "cin_grid": cin_grid, "cout_grid": None, "ms": ms}
+        else:
+            cout_grid = sorted({c for s in sigs for c in channel_grid(s.cout, step)})
+            # a step in the cost every 16 input channels (like a vector width), on top of the FLOPs
+            ms = [[0.005 + rep.flops(ci, co) * 1e-8 + 0.001 * math.ceil(ci / 16) for co in cout_grid]
+                  for ci in cin_grid]
+            entries[key] = {"sig": d, "depthwise": False, "cin_grid": cin_grid, "cout_grid": cout_grid, "ms": ms}
+    return LatencyTable.from_dict({
+        "format": "smcp-latency-table", "schema_version": 1,
+        "meta": {"backend": "onnxruntime", "device": "cpu", "batch_size": 1, "dtype": "float32",
+                 "layout": "nchw", "channel_step": step},
+        "model": {"measured_ms": 1.0, "calibration": {"scale": 1.25, "offset_ms": 0.1}},
+        "entries": entries,
+    })
+
+
+def paired_from_ms(ms: dict[str, float], baseline: str = "baseline") -> dict:
+    """What :func:`smcp_core.stages.measure.measure_against_baseline` returns for these latencies
+    (ms by name; every other model paired with ``baseline``), without timing anything."""
+    from smcp_core.profile.paired import Interval
+
+    base = ms[baseline]
+    speedup = {k: Interval(base / v, base / v, base / v, 0.9, 30) for k, v in ms.items() if k != baseline}
+    return {"stats": {k: {"median_ms": v} for k, v in ms.items()}, "speedup": speedup,
+            "ms": {baseline: base, **{k: base / iv.median for k, iv in speedup.items()}}}
+
+
+def fake_paired_latency(models, where, *, baseline: str = "baseline", **kw) -> dict:
+    """Stands in for ``stages.profiling.measure_against_baseline``: the latencies of
+    :func:`fake_whole_model_latency`, each model paired with ``baseline``."""
+    stats = fake_whole_model_latency(models, where)["stats"]
+    return paired_from_ms({k: v["median_ms"] for k, v in stats.items()}, baseline)

@@ -166,8 +166,8 @@ def profile(model: nn.Module, graph: ChannelGraph, example: torch.Tensor, *, bac
                           progress=lambda d, t, k: rep.progress("profile", d, t, k))
     with tempfile.TemporaryDirectory(prefix="smcp-profile-") as tmp, _evaluating(model):
         whole = calibrate(graph, table, model=model, source=model, where=Bench(prof, example.detach().cpu()),
-                          workdir=Path(tmp) / "models", reporter=rep, min_runs=max(20, prof.min_runs),
-                          max_seconds=min(60.0, prof.max_seconds / 2))
+                          workdir=Path(tmp) / "models", reporter=rep, min_rounds=max(100, 5 * prof.min_runs),
+                          max_seconds=min(20.0, prof.max_seconds / 20))
     table.model = {"model_source": f"python:{type(model).__name__}", "submodule": graph.submodule,
                    "input_shape": list(example.shape[1:]), **whole}
     return table

@@ -252,6 +252,7 @@ class ProfileConfig(_Section):
     warmup: NonNegInt = 10
     min_runs: PosInt = 20
     max_seconds: PosFloat = 600.0
+    calibration: Literal["global", "per_resolution"] = "global"
 
     @field_validator("device")
     @classmethod

@@ -24,3 +24,61 @@ def fit_calibration(points: list[tuple[float, int, float]]) -> tuple[float, floa
     if not (a > 0) or b < 0:
         return proportional(), 0.0
     return a, b / a
+
+
+def _nonnegative_lstsq(a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x >= 0`` minimising ``|a x - y|`` by backward elimination: least squares on the free
+    columns, the most negative coefficient fixed at 0, until none is negative (enough for the few,
+    well-conditioned columns of a calibration)."""
+    free = list(range(a.shape[1]))
+    x = torch.zeros(a.shape[1], dtype=torch.float64)
+    while free:
+        sol = torch.linalg.lstsq(a[:, free], y.view(-1, 1)).solution.view(-1)
+        worst = int(torch.argmin(sol))
+        if float(sol[worst]) >= 0:
+            x[free] = sol
+            break
+        free.pop(worst)
+    return x
+
+
+MIN_WEIGHT = 0.3
+"""A per-resolution fit whose smallest layer weight falls below this (a resolution whose layers
+would look nearly free to the allocator) is not trusted: the global fit is used instead."""
+
+
+def fit_resolution_calibration(points: list[tuple[dict[str, float], float, float]],
+                               dense_sums: dict[str, float]) -> tuple[float, float, dict[str, float]] | None:
+    """``(layer sum per site, removed layers, measured_ms)`` points -> ``(scale, removed_ms,
+    layer weights per site)`` with measured ~= scale * (sum over sites of weight * layer sum +
+    removed_ms * removed layers), every coefficient >= 0; ``scale`` is the dense model's effective
+    scale (``dense_sums``: its layer sum per site), so the weights are relative to it.  Sites with
+    less than 5 % of the dense layer sum share the weight of the largest site.  None when the
+    points cannot separate the sites (fewer points than coefficients) or a weight is below
+    :data:`MIN_WEIGHT`: the caller falls back to :func:`fit_calibration`."""
+    total = sum(dense_sums.values())
+    big = sorted(s for s, v in dense_sums.items() if v >= 0.05 * total)
+    if not big or total <= 0:
+        return None
+    main = max(big, key=lambda s: dense_sums[s])
+    col = {s: (s if s in big else main) for s in dense_sums}
+    removal = any(n > 0 for _, n, _ in points)
+    ncoef = len(big) + int(removal)
+    if len(points) <= ncoef:
+        return None
+    rows = []
+    for sums, n, _ in points:
+        r = [0.0] * len(big)
+        for s, v in sums.items():
+            r[big.index(col.get(s, main))] += v
+        rows.append(r + ([float(n)] if removal else []))
+    sol = _nonnegative_lstsq(torch.tensor(rows, dtype=torch.float64),
+                             torch.tensor([p[2] for p in points], dtype=torch.float64))
+    coef = {s: float(sol[i]) for i, s in enumerate(big)}
+    scale = sum(coef[col[s]] * v for s, v in dense_sums.items()) / total
+    if not scale > 0:
+        return None
+    weights = {s: coef[col[s]] / scale for s in dense_sums}
+    if min(weights.values()) < MIN_WEIGHT:
+        return None
+    return scale, (float(sol[-1]) / scale if removal else 0.0), weights

@@ -10,6 +10,17 @@ from smcp_core.graph.channel_graph import ChannelGraph, LayerInfo
 from smcp_core.profile.table import params
 
 
+def layer_site(layer: LayerInfo) -> str:
+    """The spatial size of a layer's output (``"HxW"``), the resolution it works at; a linear layer
+    (or any 1x1 output) counts as a site of its own, ``"1x1"``."""
+    s = layer.sig
+    if s.kind == "linear":
+        return "1x1"
+    size = [(n + 2 * p - d * (k - 1) - 1) // st + 1
+            for n, p, d, k, st in zip(s.in_hw, s.padding, s.dilation, s.kernel, s.stride)]
+    return f"{size[0]}x{size[1]}"
+
+
 def _flattened(labels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The class ids of every layer's channels, concatenated, and the layer each one belongs to."""
     if not labels:
@@ -23,7 +34,9 @@ class CostModel:
 
     ``kind``: ``latency`` (from a :class:`~smcp_core.profile.table.LatencyTable`), ``flops`` (MACs) or
     ``params``.  The model-level prediction is ``scale * sum(layer costs) + offset`` where the
-    calibration (``scale``, ``offset``) comes from the table's whole-model measurements.
+    calibration (``scale``, ``offset``) comes from the table's whole-model measurements.  A
+    ``per_resolution`` calibration (``profile.calibration``) also weighs every layer's table latency
+    by the weight of its :func:`layer_site` (``layer_weights``; a site without one counts 1).
 
     A layer removed by layer pruning (input or output width 0) costs ``removed_cost`` (latency only,
     fitted by ``smcp profile``): slimming a removed residual branch leaves its join behind (the add of
@@ -44,11 +57,18 @@ class CostModel:
         self.offset = float(cal.get("offset_ms", 0.0))
         self._memo: dict[tuple[int, int, int], float] = {}  # (layer, cin, cout) -> cost, for total()
         self.removed_cost = max(0.0, float(cal.get("removed_layer_ms", 0.0)))
+        self.set_layer_weights(cal.get("layer_weights") or {})
         # every layer's input/output channel classes, flattened, with the layer each belongs to:
         # the widths of all layers at a keep-mask are then two index_adds (see widths())
         self._in_cls, self._in_of = _flattened([layer.in_labels for layer in graph.layers])
         self._out_cls, self._out_of = _flattened([layer.out_labels for layer in graph.layers])
         self._prepare()
+
+    def set_layer_weights(self, weights: dict[str, float]) -> None:
+        """Weigh every layer's table latency by its site's weight (:func:`layer_site`; 1 without)."""
+        self.layer_weights = {str(k): float(v) for k, v in weights.items()}
+        self._weight = [self.layer_weights.get(layer_site(layer), 1.0) for layer in self.graph.layers]
+        self._memo.clear()
 
     @property
     def removed_cost(self) -> float:
@@ -74,7 +94,7 @@ class CostModel:
         cout_t = cout if isinstance(cout, torch.Tensor) else torch.full_like(cin, int(cout))
         if self.kind == "latency":
             out = self.table.latency_many(s, cin, cout_t)
-            out = torch.as_tensor(out, dtype=torch.float64)
+            out = torch.as_tensor(out, dtype=torch.float64) * self._weight[layer.index]
             return torch.where((cin == 0) | (cout_t == 0), torch.full_like(out, self.removed_cost), out)
         cin_f, cout_f = cin.to(torch.float64), cout_t.to(torch.float64)
         if self.kind == "params":

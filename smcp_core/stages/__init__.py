@@ -42,7 +42,14 @@ from smcp_core.stages.builders import (
 )
 from smcp_core.stages.exporting import export
 from smcp_core.stages.gate import gate
-from smcp_core.stages.measure import measure_as_export, measure_lowest, measure_models, slim_structure
+from smcp_core.stages.measure import (
+    measure_against_baseline,
+    measure_as_export,
+    measure_in_one_loop,
+    measure_lowest,
+    measure_models,
+    slim_structure,
+)
 from smcp_core.stages.profiling import profile
 from smcp_core.stages.pruning import prune
 from smcp_core.stages.registry import PIPELINE, Stage
@@ -57,7 +64,9 @@ from smcp_core.stages.slimming import load_pruned, load_slim, rebuild_slim, slim
 __all__ = [
     "STAGES", "STAGE_OUTPUTS", "check_artifacts", "stamp", "up_to_date", "write_resolved",
     "build_data", "build_graph", "build_model", "example_input", "input_shape", "load_table", "num_classes",
-    "target_budget", "export", "gate", "measure_as_export", "measure_lowest", "measure_models", "slim_structure",
+    "target_budget", "export", "gate", "measure_against_baseline", "measure_as_export", "measure_in_one_loop",
+    "measure_lowest",
+    "measure_models", "slim_structure",
     "profile", "prune",
     "load_pruned", "load_slim", "rebuild_slim", "slim", "ExportResult", "ProfileResult", "PruneResult", "SlimResult",
     "PIPELINE", "Stage",

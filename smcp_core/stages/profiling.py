@@ -12,8 +12,8 @@ from smcp_core.config.recipe import Recipe
 from smcp_core.errors import SmcpError
 from smcp_core.events import Reporter
 from smcp_core.export.tensorrt import ensure_tensorrt
-from smcp_core.profile.calibration import fit_calibration
-from smcp_core.profile.cost_model import CostModel
+from smcp_core.profile.calibration import fit_calibration, fit_resolution_calibration
+from smcp_core.profile.cost_model import CostModel, layer_site
 from smcp_core.profile.measure import measure_table
 from smcp_core.profile.table import LatencyTable
 from smcp_core.stages.artifacts import stamp
@@ -21,6 +21,7 @@ from smcp_core.stages.builders import build_graph, build_model, input_shape
 from smcp_core.stages.measure import (
     Bench,
     calibration_keeps,
+    measure_against_baseline,
     measure_lowest,
     slim_structure,
 )
@@ -87,7 +88,8 @@ def profile(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, forc
     t_layers = time.perf_counter() - t0
     dense_after = _dense_ms(recipe, model, out)
     whole = calibrate(graph, table, model=model, source=recipe, where=recipe, workdir=out / ".profile_tmp",
-                      reporter=rep, min_runs=max(20, prof.min_runs), max_seconds=min(60.0, prof.max_seconds / 2))
+                      reporter=rep, min_rounds=max(100, 5 * prof.min_runs),
+                      max_seconds=min(20.0, prof.max_seconds / 20))
     table.model = {
         "stamp": stamp(recipe, "profile"),
         "model_source": recipe.model.source,
@@ -109,42 +111,78 @@ def profile(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, forc
 
 
 def calibrate(graph, table: LatencyTable, *, model: torch.nn.Module, source: Recipe | torch.nn.Module,
-              where: Recipe | Bench, workdir: Path, reporter: Reporter, min_runs: int = 20,
-              max_seconds: float = 60.0) -> dict:
+              where: Recipe | Bench, workdir: Path, reporter: Reporter, min_rounds: int = 100,
+              max_seconds: float = 20.0) -> dict:
     """The whole-model part of ``latency.json``'s ``model``: the dense ``model`` (the graph's
     submodule inside it, if any) and its slimmed variants (of ``source``: the recipe, or a plain
-    model copied) measured on ``where``'s backend, and the calibration fitted to them:
-    ``{measured_ms, layer_sum_ms, calibration, stats}``."""
-    cost = CostModel(graph, "latency", table)
-    cost.removed_cost = 0.0  # plain layer sums (a reused table carries the previous calibration)
+    model copied), each variant timed paired with the dense model on ``where``'s backend as the
+    export gate times it (:func:`~smcp_core.stages.measure.measure_against_baseline`, at most
+    ``max_seconds`` per pair), and the calibration fitted to them (:func:`fit_whole_model`;
+    ``per_resolution`` when the recipe's ``profile.calibration`` says so):
+    ``{measured_ms, layer_sum_ms, calibration, stats}``.  (Timed in one loop over all variants, the
+    small ones ran colder and 5-17 % slower relative to the dense model than the gate measures them
+    at batch 1, which the calibration then carried into every prediction.)"""
+    per_resolution = isinstance(source, Recipe) and source.profile.calibration == "per_resolution"
     step = source.prune.channel_round if isinstance(source, Recipe) else (table.channel_step or 1)
-    keeps = calibration_keeps(graph, step)
-    reporter.log(f"measuring whole-model latency ({', '.join(keeps)}) for calibration")
-    sums = {k: cost.total(v) for k, v in keeps.items()}
-    removed = {k: graph.removed_layers(v) for k, v in keeps.items()}
+    keeps = calibration_keeps(graph, step, per_resolution=per_resolution)
+    reporter.log(f"measuring whole-model latency ({', '.join(keeps)}) for calibration, "
+                 "each paired with the dense model")
     variants = {name: (model if name == "baseline" else slim_structure(source, graph, keep))
                 for name, keep in keeps.items()}
-    # two independent interleaved loops, the lower median per model
-    meas = measure_lowest(variants, where, workdir=workdir, repeats=2, min_runs=min_runs, max_seconds=max_seconds)
-    names = list(variants)
-    ms = [meas["stats"][k]["median_ms"] for k in names]
-    # proportional fit, measured ~= scale * (sum of layer latencies + removed_ms * removed layers):
-    # the work outside conv/linear layers (activations, adds, pooling, per-op overhead) shrinks with
-    # the layers, so a constant offset would be wrong for strongly pruned models (seen on onnxruntime
-    # CPU: a fitted offset made a 2x target demand a 4x cut of the layer time); a removed layer
-    # leaves its residual join behind, hence the per-removed-layer term
-    scale, removed_ms = fit_calibration([(sums[k], removed[k], m_) for k, m_ in zip(names, ms)])
-    pred = [scale * (sums[k] + removed_ms * removed[k]) for k in names]
-    return {
-        "measured_ms": float(ms[0]),
-        "layer_sum_ms": float(sums["baseline"]),
-        "calibration": {
-            "scale": scale, "offset_ms": 0.0, "removed_layer_ms": removed_ms,
+    meas = measure_against_baseline(variants, where, workdir=workdir, min_rounds=min_rounds, max_seconds=max_seconds)
+    cal = fit_whole_model(graph, table, keeps, meas["ms"], per_resolution=per_resolution)
+    cal["measurement"] = "each variant paired with the dense model, as the export gate"
+    for point in cal["points"][1:]:
+        iv = meas["speedup"][point["name"]]
+        point["speedup"] = {"median": iv.median, "interval": [iv.lo, iv.hi], "rounds": iv.n}
+    return {"measured_ms": float(meas["ms"]["baseline"]), "layer_sum_ms": cal["points"][0]["layer_sum_ms"],
+            "calibration": cal, "stats": meas["stats"]}
+
+
+def fit_whole_model(graph, table: LatencyTable, keeps: dict[str, torch.Tensor], ms: dict[str, float], *,
+                    per_resolution: bool = False) -> dict:
+    """The calibration of ``table`` fitted to whole-model latencies ``ms`` of the structures ``keeps``
+    (the first one dense), as ``latency.json`` stores it.
+
+    Global (proportional): measured ~= scale * (sum of layer latencies + removed_ms * removed
+    layers).  The work outside conv/linear layers (activations, adds, pooling, per-op overhead)
+    shrinks with the layers, so a constant offset would be wrong for strongly pruned models (seen on
+    onnxruntime CPU: a fitted offset made a 2x target demand a 4x cut of the layer time); a removed
+    layer leaves its residual join behind, hence the per-removed-layer term.  ``per_resolution``
+    also fits one weight per output resolution of the layers (``layer_weights``, relative to the
+    dense model's scale): at batch 1 the single-layer table over-states the small late-stage layers
+    most (ResNet-56 on onnxruntime CPU: scale 0.78 / 0.82 / 0.63 at 32x32 / 16x16 / 8x8); when the
+    points cannot separate the resolutions the global fit is kept (``form`` says which)."""
+    cost = CostModel(graph, "latency", table)
+    cost.removed_cost = 0.0  # plain layer sums (a reused table carries the previous calibration)
+    cost.set_layer_weights({})
+    removed = {k: graph.removed_layers(v) for k, v in keeps.items()}
+    fitted = None
+    if per_resolution:
+        by_site = {k: _sums_by_site(graph, cost, v) for k, v in keeps.items()}
+        fitted = fit_resolution_calibration([(by_site[k], removed[k], ms[k]) for k in keeps],
+                                            by_site[next(iter(keeps))])
+    if fitted is None:
+        scale, removed_ms, weights = (*fit_calibration([(cost.total(v), removed[k], ms[k])
+                                                        for k, v in keeps.items()]), {})
+    else:
+        scale, removed_ms, weights = fitted
+    cost.set_layer_weights(weights)
+    sums = {k: cost.total(v) for k, v in keeps.items()}  # weighted: what the allocator budgets
+    return {"scale": scale, "offset_ms": 0.0, "removed_layer_ms": removed_ms, "layer_weights": weights,
+            "form": "per_resolution" if fitted else "global",
             "points": [{"name": k, "layer_sum_ms": float(sums[k]), "removed_layers": removed[k],
-                        "measured_ms": float(m), "predicted_ms": float(p)} for k, m, p in zip(names, ms, pred)],
-        },
-        "stats": meas["stats"],
-    }
+                        "measured_ms": float(ms[k]), "predicted_ms": float(scale * (sums[k] + removed_ms * removed[k]))}
+                       for k in keeps]}
+
+
+def _sums_by_site(graph, cost: CostModel, keep: torch.Tensor) -> dict[str, float]:
+    """The layer latencies of a structure summed per :func:`~smcp_core.profile.cost_model.layer_site`
+    (removed layers cost nothing here)."""
+    out: dict[str, float] = {}
+    for layer, c in zip(graph.layers, cost.layer_costs(keep).tolist()):
+        out[layer_site(layer)] = out.get(layer_site(layer), 0.0) + c
+    return out
 
 
 def _spread(stats: dict) -> list[float] | None:

@@ -18,6 +18,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from chain_support import paired_from_ms
 from conftest import TINY, TINY_RUN, cli, one_error_line, sets, snapshot
 
 import smcp_core.stages
@@ -76,6 +77,8 @@ def test_run_force_recreates_a_truncated_latency_table(tiny_run, tmp_path, monke
     measured = json.loads(table.read_text())["model"]["stats"]
     monkeypatch.setattr(profiling, "measure_lowest", lambda models, *a, **kw: {
         "stats": {k: measured[k] for k in models}, "repeats": []})
+    monkeypatch.setattr(profiling, "measure_against_baseline", lambda models, *a, **kw: paired_from_ms(
+        {k: measured[k]["median_ms"] for k in models}))
     table.write_bytes(table.read_bytes()[: table.stat().st_size // 2])
     code, out, err = cli("run", "--out", run, *sets(TINY_RUN), "--quiet")
     assert code == 1, err

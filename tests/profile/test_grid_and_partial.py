@@ -9,7 +9,7 @@ import json
 import types
 
 import pytest
-from chain_support import fake_layer_latency, fake_whole_model_latency
+from chain_support import fake_layer_latency, fake_paired_latency, fake_whole_model_latency
 from conftest import tiny_recipe
 
 from smcp_core import stages
@@ -227,6 +227,7 @@ def test_smcp_profile_resumes_after_its_budget_ran_out(fake_clock, monkeypatch, 
     the next ``smcp profile`` measures only the missing points, writes latency.json and removes the
     partial table."""
     monkeypatch.setattr(profiling, "measure_lowest", fake_whole_model_latency)
+    monkeypatch.setattr(profiling, "measure_against_baseline", fake_paired_latency)
     short = tiny_recipe("profile.max_seconds=4", "profile.min_runs=1", "profile.warmup=1")
     with pytest.raises(TableBudgetExceeded) as ei:
         stages.profile(short, tmp_path)

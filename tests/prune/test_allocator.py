@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from chain_support import fake_table
 
 from smcp_core.errors import InfeasibleTarget, SmcpError
 from smcp_core.graph.channel_graph import ChannelGraph
 from smcp_core.models import build_model
 from smcp_core.profile.cost_model import CostModel
-from smcp_core.profile.table import LatencyTable, channel_grid
 from smcp_core.prune.allocator import Allocator, uniform_keep
 from smcp_core.prune.importance import ImportanceTracker
 from smcp_core.prune.masking import Masker
@@ -193,34 +192,6 @@ def test_resolve_from_current_masks_meets_tighter_budget(r20):
 # latency cost
 
 
-def fake_table(graph: ChannelGraph, step: int = 8) -> LatencyTable:
-    """A complete latency table whose values are a fixed overhead plus a FLOPs term, with a
-    calibration section, built through the public (de)serialisation format."""
-    by_key: dict[str, list] = {}
-    for l in graph.layers:
-        by_key.setdefault(l.sig.key(), []).append(l.sig)
-    entries = {}
-    for key, sigs in by_key.items():
-        rep = sigs[0]
-        cin_max, cout_max = max(s.cin for s in sigs), max(s.cout for s in sigs)
-        cin_grid = sorted({c for s in sigs for c in channel_grid(s.cin, step)})
-        d = {**rep.to_dict(), "cin": cin_max, "cout": cout_max}
-        if rep.depthwise:
-            ms = [0.002 + rep.flops(c, c) * 1e-8 for c in cin_grid]
-            entries[key] = {"sig": d, "depthwise": True, "cin_grid": cin_grid, "cout_grid": None, "ms": ms}
-        else:
-            cout_grid = sorted({c for s in sigs for c in channel_grid(s.cout, step)})
-            # a step in the cost every 16 input channels (like a vector width), on top of the FLOPs
-            ms = [[0.005 + rep.flops(ci, co) * 1e-8 + 0.001 * math.ceil(ci / 16) for co in cout_grid]
-                  for ci in cin_grid]
-            entries[key] = {"sig": d, "depthwise": False, "cin_grid": cin_grid, "cout_grid": cout_grid, "ms": ms}
-    return LatencyTable.from_dict({
-        "format": "smcp-latency-table", "schema_version": 1,
-        "meta": {"backend": "onnxruntime", "device": "cpu", "batch_size": 1, "dtype": "float32",
-                 "layout": "nchw", "channel_step": step},
-        "model": {"measured_ms": 1.0, "calibration": {"scale": 1.25, "offset_ms": 0.1}},
-        "entries": entries,
-    })
 
 
 @pytest.mark.parametrize("frac", [0.4, 0.6, 0.8])

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from chain_support import fake_layer_latency, fake_whole_model_latency
+from chain_support import fake_layer_latency, fake_paired_latency, fake_whole_model_latency
 
 from smcp_core import stages
 from smcp_core.config.recipe import load_recipe
@@ -102,6 +102,7 @@ def run_chain(out: Path) -> dict:
 def test_quickstart_chain_is_bit_identical_to_the_recorded_run(tmp_path, monkeypatch):
     monkeypatch.setattr(profile_measure, "_measure_point", fake_layer_latency)
     monkeypatch.setattr(profiling, "measure_lowest", fake_whole_model_latency)
+    monkeypatch.setattr(profiling, "measure_against_baseline", fake_paired_latency)
     old = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: float reductions in the same order on every run
     try:
