@@ -7,22 +7,24 @@ extra variants that remove every other removable residual block).
 
 1. ``smcp profile`` for ``--recipe`` into a scratch directory; with ``--table`` the layer points of
    that table are re-used (same machine fingerprint), so only the whole-model calibration is
-   measured (a few minutes for ResNet-56 on a 2-core CPU).
+   measured (under a minute for ResNet-56 on a 2-core CPU).
 2. The structures checked: the keep-masks of the ``--runs`` run directories (``prune/pruned.pt``)
    and ``--random`` random structures (a random uniform width fraction, then a random subset of the
    removable residual blocks removed).
-3. The dense model and every structure (random weights: latency does not depend on them) are timed
-   interleaved in one loop, twice; per model the lower median is kept (a busy machine only adds
-   time).  ``measured`` is that median scaled by the table's dense latency over this loop's dense
-   median, so a load change between profiling and this loop cancels out.
+3. Every structure (random weights: latency does not depend on them) is timed paired with the
+   dense model, as the export gate times a pruned model
+   (:func:`smcp_core.stages.measure.measure_against_baseline`, at least 5 s per pair): its
+   ``measured_speedup`` is the median of the per-round ratios, ``measured`` the table's dense latency
+   over it, so what is compared is the speed-up the table predicts against the one the gate would
+   measure.  (Timed in one loop over all models instead, small models ran 5-17 % slower relative to
+   the dense one than in pairs.)
 4. The profile's calibration structures (:func:`smcp_core.stages.measure.calibration_keeps`) are
-   timed in the same loop and the calibration is fitted again on them (``loop_calibration``): its
-   predictions against the raw medians of this loop (``error_loop_pct``) say how well the layer model
-   predicts when the machine has not changed since its calibration was measured; ``error_pct`` is
-   the table as profiled (the machine may have changed in between, by more than the dense model's
-   ratio can correct when the change is not uniform).
+   timed the same way and the calibration is fitted again on them (``loop_calibration``): its
+   predictions (``error_loop_pct``) say how well the layer model predicts when the machine has not
+   changed since its calibration was measured; ``error_pct`` is the table as profiled.
 5. Printed and written to ``--out`` (default ``benchmarks/results/calibration_check.json``): layer
-   sum, removed layers, the predictions and their errors, the mean and max absolute error of both.
+   sum, removed layers, the speed-ups, the predictions and their errors, the mean and max absolute
+   error of both.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from smcp_core.profile.fingerprint import environment_report  # noqa: E402
 from smcp_core.profile.table import LatencyTable  # noqa: E402
 from smcp_core.prune.allocator import uniform_keep  # noqa: E402
 from smcp_core.stages.measure import calibration_keeps  # noqa: E402
+from smcp_core.stages.profiling import fit_whole_model  # noqa: E402
 from smcp_core.utils.fsutil import atomic_write_json, load_torch  # noqa: E402
 
 
@@ -79,12 +82,16 @@ def main() -> None:
         model = stages.build_model(recipe, load_weights=False)
         graph = stages.build_graph(recipe, model)
         cost = CostModel(graph, "latency", table)
-        plain = CostModel(graph, "latency", table)
+        plain = CostModel(graph, "latency", table)  # unweighted layer sums, for the old calibration
         plain.removed_cost = 0.0
+        plain.set_layer_weights({})
         cal = table.model["calibration"]
+        per_res = recipe.profile.calibration == "per_resolution"
         # the old calibration: proportional, fitted on the baseline and the uniformly thinned models
-        old_scale, _ = profile_calibration.fit_calibration([(p["layer_sum_ms"], 0, p["measured_ms"])
-                                                            for p in cal["points"] if not p.get("removed_layers")])
+        old_scale, _ = profile_calibration.fit_calibration(
+            [(plain.total(kp), 0, p["measured_ms"]) for p, kp in
+             zip(cal["points"], calibration_keeps(graph, recipe.prune.channel_round, per_resolution=per_res).values())
+             if not p.get("removed_layers")])
         keeps = {}
         runs = {}  # structure name (also a file name while timing) -> its run directory
         for i, run in enumerate(a.runs):
@@ -94,32 +101,38 @@ def main() -> None:
         rng = random.Random(a.seed)
         for i in range(a.random):
             keeps[f"random{i}"] = random_keep(graph, rng, recipe.prune.channel_round)
-        variants = {f"cal_{k}": v for k, v in calibration_keeps(graph, recipe.prune.channel_round).items()
+        variants = {f"cal_{k}": v for k, v in
+                    calibration_keeps(graph, recipe.prune.channel_round, per_resolution=per_res).items()
                     if k != "baseline"}
         models = {"dense": model, **{name: stages.slim_structure(recipe, graph, keep)
                                      for name, keep in {**keeps, **variants}.items()}}
         prof = recipe.profile
-        st = stages.measure_lowest(models, recipe, workdir=work / "t", repeats=2, min_runs=max(30, prof.min_runs),
-                                     max_seconds=90.0)["stats"]
-        med = {k: st[k]["median_ms"] for k in models}
+        meas = stages.measure_against_baseline(models, recipe, workdir=work / "t", baseline="dense",
+                                               min_rounds=max(100, 5 * prof.min_runs), min_seconds=5.0)
+        med = meas["ms"]
         base_ms = float(table.model["measured_ms"])
         norm = base_ms / med["dense"]
-        # the same calibration fitted again on its structures timed in THIS loop: what the layer model
+        # the same calibration fitted again on its structures timed in THIS check: what the layer model
         # predicts when the machine has not changed since the calibration was measured
         loop_keeps = {"dense": graph.full_keep(), **variants}
-        loop_scale, loop_removed = profile_calibration.fit_calibration(
-            [(plain.total(kp), graph.removed_layers(kp), med[k]) for k, kp in loop_keeps.items()])
+        loop_cal = fit_whole_model(graph, table, loop_keeps, med, per_resolution=per_res)
+        loop_cost = CostModel(graph, "latency", table)
+        loop_cost.scale, loop_cost.removed_cost = loop_cal["scale"], loop_cal["removed_layer_ms"]
+        loop_cost.set_layer_weights(loop_cal["layer_weights"])
         rows = []
         for name, keep in keeps.items():
             s = plain.total(keep)
             n = graph.removed_layers(keep)
-            meas = med[name] * norm
+            meas_ms = med[name] * norm  # the table's dense latency over the paired speed-up
             new_pred, old_pred = cost.predict(keep), old_scale * s
-            loop_pred = loop_scale * (s + loop_removed * n)
+            loop_pred = loop_cost.predict(keep)
+            iv = meas["speedup"][name]
             rows.append({"structure": name, "run": runs.get(name), "layer_sum_ms": s, "removed_layers": n,
-                         "measured_ms": meas, "measured_raw_ms": med[name], "predicted_old_ms": old_pred,
-                         "predicted_ms": new_pred, "error_old_pct": 100 * (old_pred - meas) / meas,
-                         "error_pct": 100 * (new_pred - meas) / meas,
+                         "measured_speedup": iv.median, "measured_speedup_interval": [iv.lo, iv.hi],
+                         "predicted_speedup": base_ms / new_pred,
+                         "measured_ms": meas_ms, "measured_raw_ms": med[name], "predicted_old_ms": old_pred,
+                         "predicted_ms": new_pred, "error_old_pct": 100 * (old_pred - meas_ms) / meas_ms,
+                         "error_pct": 100 * (new_pred - meas_ms) / meas_ms,
                          "predicted_loop_ms": loop_pred,
                          "error_loop_pct": 100 * (loop_pred - med[name]) / med[name]})
         summary = {key: {"mae_pct": sum(abs(r[key]) for r in rows) / len(rows),
@@ -127,14 +140,15 @@ def main() -> None:
         res = {"recipe": recipe.name, "sets": a.sets, "backend": prof.backend, "device": prof.device,
                "batch_size": prof.batch_size, "calibration": cal, "old_scale": old_scale,
                "table_dense_ms": base_ms, "loop_dense_ms": med["dense"],
-               "loop_calibration": {"scale": loop_scale, "removed_layer_ms": loop_removed,
+               "loop_calibration": {**{k: v for k, v in loop_cal.items() if k != "points"},
                                     "measured_ms": {k: med[k] for k in loop_keeps}},
                "summary": summary, "rows": rows,
                "profile_seconds": info["seconds"],
                "environment": environment_report(backend=prof.backend, device=prof.device, threads=prof.threads,
                                                  batch_size=prof.batch_size)}
         atomic_write_json(a.out, res)
-        print(f"calibration: scale {cal['scale']:.3f}, {cal.get('removed_layer_ms', 0):.4f} ms per removed layer "
+        print(f"calibration ({cal.get('form', 'global')}, layer weights {cal.get('layer_weights') or '-'}): "
+              f"scale {cal['scale']:.3f}, {cal.get('removed_layer_ms', 0):.4f} ms per removed layer "
               f"(old: proportional {old_scale:.3f}); dense {base_ms:.3f} ms (table) / "
               f"{med['dense']:.3f} ms (this loop)")
         print("| structure | removed layers | measured ms | predicted, old calibration "

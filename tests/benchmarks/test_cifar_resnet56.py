@@ -38,9 +38,10 @@ def test_a_failed_compare_gives_error_rows_and_the_nodistill_name(tmp_path, monk
     assert seen["method_overrides"] == {"smcp": ["prune.epochs=3"]} and seen["kw"]["keep_model"]
 
 
-def test_markdown_keeps_ten_columns_for_every_row():
+def test_markdown_keeps_eleven_columns_for_every_row():
     top1 = {"jpeg_test": 88.0, "exact_test": 91.0}
     ok = {"target": 2.0, "method": "smcp", "speedup": 2.1, "loop_speedup": 2.2, "loop_ms": 1.2, "flops_ratio": 0.4,
+          "paired_speedup": 2.31, "paired_interval": [2.28, 2.35],
           "params_ratio": 0.7, "top1": top1, "drop_vs_none": {"jpeg_test": 1.0, "exact_test": 0.5}}
     res = {"pretrained_top1": top1, "recipe": "r", "overrides": [], "backend": "onnxruntime", "batch_size": 1,
            "loop": {"dense_ms": 2.6}, "eval_images": {"jpeg_test": 10000, "exact_test": 1017},
@@ -50,8 +51,9 @@ def test_markdown_keeps_ten_columns_for_every_row():
                            "top1": top1}]}
     table = [line for line in bench.markdown(res).splitlines() if line.startswith("|")]
     assert len(table) == 2 + 1 + 2 + 1  # header, rule, none, two rows, one reference
-    assert all(line.count("|") == 11 for line in table), table
+    assert all(line.count("|") == 12 for line in table), table
     assert "failed: boom" in table[2] and "**2.20x**" in table[3] and "failed: failed too" in table[4]
+    assert "2.31x [2.28-2.35]" in table[3] and "| n/a |" in table[5]  # a reference row written without pairs
 
 
 def test_methods_at_gives_one_target_its_own_methods(tmp_path, monkeypatch):
