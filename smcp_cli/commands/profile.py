@@ -72,8 +72,9 @@ def profile(
                     f"{res['baseline_ms']:.3f} ms{spread(res.get('baseline_spread_ms'))} on "
                     f"{r.profile.backend}/{r.profile.device} "
                     f"batch {r.profile.batch_size}; "
-                    f"calibration: measured = {res['scale']:.3f} x (table + {res['removed_layer_ms']:.4f} ms per "
-                    f"removed layer) + {res['offset_ms']:.3f} ms ({res['seconds']:.0f}s)"
+                    f"calibration{_weights_text(res.get('layer_weights'))}: measured = {res['scale']:.3f} x "
+                    f"(table + {res['removed_layer_ms']:.4f} ms per removed layer) + {res['offset_ms']:.3f} ms "
+                    f"({res['seconds']:.0f}s)"
                 )
                 if res.get("interpolated_points"):
                     console.print(f"[yellow]{res['interpolated_points']} grid points interpolated[/yellow] "
@@ -83,3 +84,17 @@ def profile(
                     console.print(f"  {p['name']:<18} measured {p['measured_ms']:.3f} ms  "
                                   f"predicted {p['predicted_ms']:.3f} ms ({err:+.1f}%)")
             emit({"ok": True, **res}, as_json)
+
+
+def _weights_text(weights: dict[str, float] | None) -> str:
+    """`` (layer weights per resolution: 32x32 1.14, 16x16 1.08, ...)`` for a per-resolution
+    calibration (largest resolution first), else nothing."""
+    if not weights:
+        return ""
+
+    def pixels(site: str) -> int:
+        h, _, w = site.partition("x")
+        return int(h) * int(w) if h.isdigit() and w.isdigit() else 0
+
+    ordered = sorted(weights.items(), key=lambda kv: -pixels(kv[0]))
+    return " (layer weights per resolution: " + ", ".join(f"{k} {v:.2f}" for k, v in ordered) + ")"

@@ -379,8 +379,11 @@ def _latency_section(d: dict, images: dict[str, Path | None]) -> list[str]:
         return L + ["(no latency measurements: FLOPs target, or not profiled yet)", ""]
     cal = (t.get("model") or {}).get("calibration") or {}
     weights = cal.get("layer_weights") or {}
-    weighed = (" weighted per output resolution (" + ", ".join(f"{k} x {v:.3g}" for k, v in weights.items()) + ")"
-               if weights else "")
+    weighed = ""
+    if isinstance(weights, dict) and weights:
+        each = (f"{k} x {_number_or_na(v, '.3g') if isinstance(v, (int, float)) else 'n/a'}"
+                for k, v in weights.items())
+        weighed = " weighted per output resolution (" + ", ".join(each) + ")"
     L += [f"Table calibration: measured = {_number_or_na(cal.get('scale'))} x (sum of layer latencies{weighed} + "
           f"{_number_or_na(cal.get('removed_layer_ms', 0.0))} ms per removed layer) + "
           f"{_number_or_na(cal.get('offset_ms'))} ms. Profile points are timed while profiling; export points in "

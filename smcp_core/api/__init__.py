@@ -149,17 +149,18 @@ def channel_graph(model: nn.Module, example: Any, *, submodule: str | None = Non
 
 def profile(model: nn.Module, graph: ChannelGraph, example: torch.Tensor, *, backend: str = "onnxruntime",
             batch_size: int = 1, threads: int | None = None, channel_step: int = 8, max_seconds: float = 600.0,
-            device: str = "cpu", reporter: Reporter | None = None) -> LatencyTable:
+            device: str = "cpu", calibration: str = "global", reporter: Reporter | None = None) -> LatencyTable:
     """The latency table of ``graph``'s layers on ``backend`` (as ``smcp profile``), with the
     whole-model calibration measured on ``model`` (the whole model, e.g. the whole detector, when
-    the graph is of a submodule) and slimmed copies of it.  Call it before :func:`pruner` (the
-    model must not carry masks yet).  ``example`` is the whole model's input (one sample is
+    the graph is of a submodule) and slimmed copies of it; ``calibration``: ``"global"`` or
+    ``"per_resolution"`` (as the recipe key ``profile.calibration``).  Call it before :func:`pruner`
+    (the model must not carry masks yet).  ``example`` is the whole model's input (one sample is
     repeated to ``batch_size``)."""
     if not isinstance(example, torch.Tensor):
         raise SmcpError(f"profile: the example input must be a tensor, got {type(example).__name__}")
     rep = reporter or Reporter()
     prof = _profile_settings(backend=backend, batch_size=batch_size, threads=threads, channel_step=channel_step,
-                             max_seconds=max_seconds, device=device)
+                             max_seconds=max_seconds, device=device, calibration=calibration)
     table = measure_table([layer.sig for layer in graph.layers], backend=prof.backend, batch_size=prof.batch_size,
                           device=prof.device, channel_step=prof.channel_step, threads=prof.threads,
                           warmup=prof.warmup, min_runs=prof.min_runs, max_seconds=prof.max_seconds,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 
@@ -48,17 +50,22 @@ would look nearly free to the allocator) is not trusted: the global fit is used 
 
 
 def fit_resolution_calibration(points: list[tuple[dict[str, float], float, float]],
-                               dense_sums: dict[str, float]) -> tuple[float, float, dict[str, float]] | None:
+                               dense_sums: dict[str, float], *, separated: Collection[str] | None = None,
+                               ) -> tuple[float, float, dict[str, float]] | None:
     """``(layer sum per site, removed layers, measured_ms)`` points -> ``(scale, removed_ms,
     layer weights per site)`` with measured ~= scale * (sum over sites of weight * layer sum +
     removed_ms * removed layers), every coefficient >= 0; ``scale`` is the dense model's effective
     scale (``dense_sums``: its layer sum per site), so the weights are relative to it.  Sites with
-    less than 5 % of the dense layer sum share the weight of the largest site.  None when the
-    points cannot separate the sites (fewer points than coefficients) or a weight is below
-    :data:`MIN_WEIGHT`: the caller falls back to :func:`fit_calibration`."""
+    less than 5 % of the dense layer sum share the weight of the largest site.  ``separated``: the
+    sites with a point of their own (blocks of that site removed, the rest whole); uniformly thinned
+    points shrink every site alike and cannot tell the sites' weights apart.  None when a large
+    site is not in ``separated`` (when given), when there are fewer points than coefficients or when
+    a weight is below :data:`MIN_WEIGHT`: the caller falls back to :func:`fit_calibration`."""
     total = sum(dense_sums.values())
     big = sorted(s for s, v in dense_sums.items() if v >= 0.05 * total)
     if not big or total <= 0:
+        return None
+    if separated is not None and not set(big) <= set(separated):
         return None
     main = max(big, key=lambda s: dense_sums[s])
     col = {s: (s if s in big else main) for s in dense_sums}

@@ -57,7 +57,7 @@ class CostModel:
         self.offset = float(cal.get("offset_ms", 0.0))
         self._memo: dict[tuple[int, int, int], float] = {}  # (layer, cin, cout) -> cost, for total()
         self.removed_cost = max(0.0, float(cal.get("removed_layer_ms", 0.0)))
-        self.set_layer_weights(cal.get("layer_weights") or {})
+        self.set_layer_weights(_checked_weights(cal.get("layer_weights"), table))
         # every layer's input/output channel classes, flattened, with the layer each belongs to:
         # the widths of all layers at a keep-mask are then two index_adds (see widths())
         self._in_cls, self._in_of = _flattened([layer.in_labels for layer in graph.layers])
@@ -136,3 +136,16 @@ class CostModel:
     def budget_for(self, predicted_target: float) -> float:
         """Layer-sum budget whose calibrated prediction equals ``predicted_target``."""
         return (predicted_target - self.offset) / self.scale
+
+
+def _checked_weights(weights, table) -> dict[str, float]:
+    """A latency table's ``calibration.layer_weights``: resolution -> positive number ({} without)."""
+    if weights is None:
+        return {}
+    ok = isinstance(weights, dict) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in weights.values())
+    if not ok:
+        where = f" {table.path}" if getattr(table, "path", None) is not None else ""
+        raise SmcpError(f"latency table{where}: model.calibration.layer_weights must map output resolutions "
+                        f"('32x32') to positive numbers, got {str(weights)[:80]}: re-run `smcp profile --force`")
+    return weights

@@ -65,6 +65,8 @@ def stamp(recipe: Recipe, stage: str) -> str:
         model.pop("leaf_modules", None)
     if not r["prune"].get("distill", {}).get("enabled"):
         r["prune"].pop("distill", None)
+    if r["profile"].get("calibration") == "global":
+        r["profile"].pop("calibration")
     prof = _digest(model, r["profile"], r["data"]["source"], r["data"]["image_size"])
     if stage == "profile":
         return prof

@@ -189,14 +189,15 @@ def measure_as_export(models: dict[str, torch.nn.Module], recipe: Recipe, workdi
     """Every model paired with ``baseline`` the way ``recipe``'s export gate measures (its backend and
     batch, at least ``export.min_runs`` rounds, at most ``export.max_seconds`` per pair;
     :func:`measure_against_baseline`): name -> timing stats, with the paired ``speedup`` (median of
-    the per-round ratios) and its 90 % ``speedup_interval`` beside each model's own (the baseline's:
-    1).  The ONNX files go to a scratch folder in ``workdir``, removed afterwards."""
+    the per-round ratios) and its ``speedup_interval`` (at ``export.confidence``, as the gate) beside
+    each model's own (the baseline's: 1).  The ONNX files go to a scratch folder in ``workdir``, removed afterwards."""
     workdir.mkdir(parents=True, exist_ok=True)
     max_s = recipe.export.max_seconds
     meas = measure_against_baseline(models, recipe, workdir=Path(tempfile.mkdtemp(prefix=".measure_", dir=workdir)),
                                     baseline=baseline, batch=recipe.export_batch_size(),
                                     backend=recipe.export_backend(), min_rounds=recipe.export.min_runs,
-                                    min_seconds=min(10.0, max_s / 4), max_seconds=max_s)  # removes its workdir
+                                    min_seconds=min(10.0, max_s / 4), max_seconds=max_s,
+                                    confidence=recipe.export.confidence)  # removes its workdir
     out = {}
     for name, st in meas["stats"].items():
         iv = meas["speedup"].get(name)
@@ -251,20 +252,21 @@ def measure_pair(baseline: torch.nn.Module, pruned: torch.nn.Module, where: Reci
 
 def measure_against_baseline(models: dict[str, torch.nn.Module], where: Recipe | Bench, *, workdir: Path,
                              baseline: str = "baseline", batch: int | None = None, backend: str | None = None,
-                             min_rounds: int = 100, min_seconds: float = 2.0,
-                             max_seconds: float = 20.0) -> dict[str, Any]:
+                             min_rounds: int = 100, min_seconds: float = 2.0, max_seconds: float = 20.0,
+                             confidence: float = 0.9) -> dict[str, Any]:
     """Every model of ``models`` but ``baseline`` timed in paired rounds against ``baseline``, one pair
     after the other, as the export gate times a pruned model (:func:`~smcp_core.profile.paired.time_paired`:
     at least ``min_rounds`` rounds and ``min_seconds`` of timed calls, at most ``max_seconds`` per pair)
-    on ``backend`` at ``batch`` (default: ``where``'s profile settings).
+    on ``backend`` at ``batch`` (default: ``where``'s profile settings); the speed-ups' intervals at
+    ``confidence``.  ``workdir`` (its ONNX files) is removed afterwards, also on an error.
 
     Two models alternating keep each other's state warm as a deployed model is; in one loop over many
     models every call starts colder, which slowed small models more than large ones (ResNet-56 at
     batch 1 on onnxruntime CPU: 5-17 % lower speed-ups in a 14-model loop than in pairs, which
     reproduced within 2 %).  ``{"stats": {name: stats}, "speedup": {name: Interval}, "ms": {name:
     ms}}``: ``ms`` of a model is the baseline's median (over every pair) over its median speed-up."""
-    prof = _bench(where).profile
     with scratch_dir(workdir):
+        prof = _bench(where).profile
         fns, timer, _ = _runners(models, where, batch=batch or prof.batch_size, backend=backend or prof.backend,
                                  workdir=workdir)
         timings = {name: time_paired(fns[baseline], fn, warmup=max(3, prof.warmup // 2), min_rounds=min_rounds,
@@ -272,7 +274,7 @@ def measure_against_baseline(models: dict[str, torch.nn.Module], where: Recipe |
                                      decided=lambda t: sum(t.a_s) + sum(t.b_s) >= min_seconds)
                    for name, fn in fns.items() if name != baseline}
     base = Stats.from_samples([a for t in timings.values() for a in t.a_s])
-    speedup = {name: median_interval(t.ratios()) for name, t in timings.items()}
+    speedup = {name: median_interval(t.ratios(), confidence) for name, t in timings.items()}
     return {"stats": {baseline: base.to_dict(), **{k: Stats.from_samples(t.b_s).to_dict() for k, t in timings.items()}},
             "speedup": speedup, "ms": {baseline: base.median_ms, **{k: base.median_ms / iv.median
                                                                     for k, iv in speedup.items()}}}
@@ -341,11 +343,16 @@ def measure_lowest(models: dict[str, torch.nn.Module], where: Recipe | Bench, *,
             "repeats": runs}
 
 
+def _removable_groups(graph: ChannelGraph) -> list:
+    """The groups whose removal removes a residual block's branch (layer pruning), none frozen."""
+    return [g for g in graph.groups if g.prunable and g.removable and g.n_frozen == 0]
+
+
 def _removal_keep(graph: ChannelGraph, frac: float, step: int = 1) -> torch.Tensor | None:
     """Every other removable group (layer pruning) removed, the rest uniformly thinned to ``frac``
     on the ``step`` grid (:func:`~smcp_core.prune.allocator.uniform_keep`); None when the graph has
     no removable group."""
-    removable = [g for g in graph.groups if g.prunable and g.removable and g.n_frozen == 0]
+    removable = _removable_groups(graph)
     if not removable:
         return None
     keep = uniform_keep(graph, frac, step)
@@ -359,14 +366,12 @@ def _site_removal_keeps(graph: ChannelGraph) -> dict[str, torch.Tensor]:
     (:func:`~smcp_core.profile.cost_model.layer_site`, the most common among the layers its removal
     removes) removed, the rest whole; none when all removable groups share one resolution."""
     by_site: dict[str, list] = {}
-    for g in graph.groups:
-        if g.prunable and g.removable and g.n_frozen == 0:
-            keep = graph.full_keep()
-            keep[g.classes] = False
-            sites = [layer_site(layer) for layer, (ci, co) in zip(graph.layers, graph.widths(keep))
-                     if ci == 0 or co == 0]
-            if sites:
-                by_site.setdefault(max(set(sites), key=sites.count), []).append(g)
+    for g in _removable_groups(graph):
+        keep = graph.full_keep()
+        keep[g.classes] = False
+        sites = [layer_site(layer) for layer, (ci, co) in zip(graph.layers, graph.widths(keep)) if ci == 0 or co == 0]
+        if sites:
+            by_site.setdefault(max(set(sites), key=sites.count), []).append(g)
     out = {}
     for site, groups in sorted(by_site.items()) if len(by_site) > 1 else []:
         keep = graph.full_keep()

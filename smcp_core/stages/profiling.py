@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from smcp_core.config.recipe import Recipe
 from smcp_core.errors import SmcpError
 from smcp_core.events import Reporter
 from smcp_core.export.tensorrt import ensure_tensorrt
-from smcp_core.profile.calibration import fit_calibration, fit_resolution_calibration
+from smcp_core.profile.calibration import MIN_WEIGHT, fit_calibration, fit_resolution_calibration
 from smcp_core.profile.cost_model import CostModel, layer_site
 from smcp_core.profile.measure import measure_table
 from smcp_core.profile.table import LatencyTable
@@ -107,7 +108,8 @@ def profile(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, forc
         path=str(path), layers=len(table), baseline_ms=whole["measured_ms"], scale=cal["scale"],
         offset_ms=cal["offset_ms"], removed_layer_ms=cal["removed_layer_ms"], seconds=time.perf_counter() - t0,
         interpolated_points=int(table.meta.get("measure", {}).get("interpolated_points", 0) or 0),
-        calibration=cal["points"], baseline_spread_ms=_spread(whole["stats"]["baseline"]))
+        calibration=cal["points"], baseline_spread_ms=_spread(whole["stats"]["baseline"]),
+        calibration_form=cal.get("form"), layer_weights=cal.get("layer_weights") or {})
 
 
 def calibrate(graph, table: LatencyTable, *, model: torch.nn.Module, source: Recipe | torch.nn.Module,
@@ -118,11 +120,11 @@ def calibrate(graph, table: LatencyTable, *, model: torch.nn.Module, source: Rec
     model copied), each variant timed paired with the dense model on ``where``'s backend as the
     export gate times it (:func:`~smcp_core.stages.measure.measure_against_baseline`, at most
     ``max_seconds`` per pair), and the calibration fitted to them (:func:`fit_whole_model`;
-    ``per_resolution`` when the recipe's ``profile.calibration`` says so):
+    ``per_resolution`` when ``where``'s ``profile.calibration`` says so):
     ``{measured_ms, layer_sum_ms, calibration, stats}``.  (Timed in one loop over all variants, the
     small ones ran colder and 5-17 % slower relative to the dense model than the gate measures them
     at batch 1, which the calibration then carried into every prediction.)"""
-    per_resolution = isinstance(source, Recipe) and source.profile.calibration == "per_resolution"
+    per_resolution = where.profile.calibration == "per_resolution"
     step = source.prune.channel_round if isinstance(source, Recipe) else (table.channel_step or 1)
     keeps = calibration_keeps(graph, step, per_resolution=per_resolution)
     reporter.log(f"measuring whole-model latency ({', '.join(keeps)}) for calibration, "
@@ -131,6 +133,11 @@ def calibrate(graph, table: LatencyTable, *, model: torch.nn.Module, source: Rec
                 for name, keep in keeps.items()}
     meas = measure_against_baseline(variants, where, workdir=workdir, min_rounds=min_rounds, max_seconds=max_seconds)
     cal = fit_whole_model(graph, table, keeps, meas["ms"], per_resolution=per_resolution)
+    if per_resolution and cal["form"] != "per_resolution":
+        reporter.log("warning: profile.calibration is per_resolution, but the calibration variants cannot "
+                     "separate the resolutions' weights (a resolution with most of the layer time has no "
+                     "removable block of its own, or a weight came out below "
+                     f"{MIN_WEIGHT:g}): the global calibration is used (latency.json calibration.form)")
     cal["measurement"] = "each variant paired with the dense model, as the export gate"
     for point in cal["points"][1:]:
         iv = meas["speedup"][point["name"]]
@@ -151,8 +158,10 @@ def fit_whole_model(graph, table: LatencyTable, keeps: dict[str, torch.Tensor], 
     layer leaves its residual join behind, hence the per-removed-layer term.  ``per_resolution``
     also fits one weight per output resolution of the layers (``layer_weights``, relative to the
     dense model's scale): at batch 1 the single-layer table over-states the small late-stage layers
-    most (ResNet-56 on onnxruntime CPU: scale 0.78 / 0.82 / 0.63 at 32x32 / 16x16 / 8x8); when the
-    points cannot separate the resolutions the global fit is kept (``form`` says which)."""
+    most (ResNet-56 on onnxruntime CPU: scale 0.82 / 0.77 / 0.59 at 32x32 / 16x16 / 8x8); only
+    when every resolution with a large share of the layer time has a variant of its own
+    (``removed_<HxW>``, see :func:`~smcp_core.stages.measure.calibration_keeps`): otherwise, or when a
+    weight comes out implausibly small, the global fit is kept (``form`` says which)."""
     cost = CostModel(graph, "latency", table)
     cost.removed_cost = 0.0  # plain layer sums (a reused table carries the previous calibration)
     cost.set_layer_weights({})
@@ -160,8 +169,9 @@ def fit_whole_model(graph, table: LatencyTable, keeps: dict[str, torch.Tensor], 
     fitted = None
     if per_resolution:
         by_site = {k: _sums_by_site(graph, cost, v) for k, v in keeps.items()}
+        own = {k.removeprefix("removed_") for k in keeps if re.fullmatch(r"removed_\d+x\d+", k)}
         fitted = fit_resolution_calibration([(by_site[k], removed[k], ms[k]) for k in keeps],
-                                            by_site[next(iter(keeps))])
+                                            by_site[next(iter(keeps))], separated=own)
     if fitted is None:
         scale, removed_ms, weights = (*fit_calibration([(cost.total(v), removed[k], ms[k])
                                                         for k, v in keeps.items()]), {})

@@ -42,6 +42,8 @@ class ProfileResult(_Result):
     interpolated_points: int  # grid points left unmeasured when the time budget ran out
     calibration: list[dict]  # per calibration structure: layer sum, measured and predicted ms
     baseline_spread_ms: list[float] | None = None  # p10, p90 of the dense model's runs
+    calibration_form: str | None = None  # "global" or "per_resolution" (the fit used, see latency.json)
+    layer_weights: dict[str, float] | None = None  # per_resolution: weight per output resolution
 
     def headline(self) -> str:
         return f"baseline {self.baseline_ms:.3f} ms{spread(self.baseline_spread_ms)}; table {self.path}"

@@ -176,6 +176,28 @@ def test_the_latency_table_and_the_closed_loop_measure_the_whole_model():
                                              if e == "mask_update")  # after the window's last update
 
 
+def test_api_profile_can_calibrate_per_resolution(monkeypatch):
+    """``api.profile(calibration="per_resolution")`` times the per-resolution variants too, as the
+    recipe key does; a value it does not know is one line."""
+    from chain_support import fake_layer_latency, fake_paired_latency
+
+    from smcp_core.profile import measure as profile_measure
+    from smcp_core.stages import profiling
+
+    monkeypatch.setattr(profile_measure, "_measure_point", fake_layer_latency)
+    monkeypatch.setattr(profiling, "measure_against_baseline", fake_paired_latency)
+    model, example = cifar_resnet("resnet20", num_classes=10), torch.randn(1, 3, 32, 32)
+    graph = api.channel_graph(model, example)
+    names = {p["name"] for p in api.profile(model, graph, example, channel_step=16, max_seconds=60,
+                                           calibration="per_resolution").model["calibration"]["points"]}
+    assert names >= {"removed_32x32", "removed_16x16", "removed_8x8"}
+    plain = {p["name"] for p in api.profile(model, graph, example, channel_step=16,
+                                           max_seconds=60).model["calibration"]["points"]}
+    assert not any(re.fullmatch(r"removed_\d+x\d+", n) for n in plain) and "removed" in plain
+    with pytest.raises(SmcpError, match="calibration"):
+        api.profile(model, graph, example, calibration="per_stage")
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda m, x: api.channel_graph(m, x, submodule="bakbone"),
      "has no submodule 'bakbone'; its children are backbone, head"),
