@@ -6,10 +6,10 @@
 #
 # WHEELS_DIR: the wheels gpu_check.sh describes (pydantic and its three dependencies), installed
 # into /tmp/site with --no-deps (the machine's torch stays).  In order, each under its own timeout,
-# each writing into OUT_DIR (at most 8 files):
+# each writing into OUT_DIR (7 files at most):
 #   1. env.txt          nvidia-smi, CPU count, torch / CUDA / torchvision / onnxruntime versions;
 #   2. pytest_gpu.log   the @pytest.mark.gpu tests (60 s);
-#   3. gpu_check.{log,md,json}  benchmarks/gpu_check.py with a 100 s table (350 s);
+#   3. gpu_check.{log,md,json}  benchmarks/gpu_check.py with a 100 s table (330 s);
 #   4. run_gpu.log, run_report.json   `smcp run` (the quickstart) with profile, prune and export on torch CUDA
 #                       (140 s; its exit code is the log's last line; the tiny model is launch-bound
 #                       on a GPU, so a missed 1.5x is a finding, not a failure of this script).
@@ -44,9 +44,9 @@ else
   check=(--dry-run)
   chain=()
 fi
-timeout -s INT -k 15 350 "$PY" benchmarks/gpu_check.py "${check[@]}" --out "$OUTDIR" 2>&1 | tee "$OUTDIR/gpu_check.log"
+timeout -s INT -k 15 330 "$PY" benchmarks/gpu_check.py "${check[@]}" --out "$OUTDIR" 2>&1 | tee "$OUTDIR/gpu_check.log"
 run_dir="$(mktemp -d)"
+trap 'rm -rf "$run_dir"' EXIT
 timeout -s INT -k 10 140 "$PY" -m smcp_cli run "${chain[@]}" --out "$run_dir/qs" 2>&1 | tee "$OUTDIR/run_gpu.log"
 echo "smcp run exit code: $?" >> "$OUTDIR/run_gpu.log"
 cp "$run_dir/qs/export/report.json" "$OUTDIR/run_report.json" 2>/dev/null || true
-rm -rf "$run_dir"
