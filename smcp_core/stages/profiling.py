@@ -62,20 +62,7 @@ def profile(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, forc
     model = build_model(recipe, load_weights=False)  # latency does not depend on the weights
     graph = build_graph(recipe, model)
     partial_path = out / PARTIAL_TABLE
-    existing = []
-    if not force:
-        if partial_path.exists():
-            try:  # only a cache of measurements: a corrupt one is measured again
-                existing.append(LatencyTable.load(partial_path))
-                rep.log(f"resuming the latency table from {partial_path} (points measured with other settings "
-                        "or on another machine are measured again)")
-            except SmcpError as exc:
-                rep.log(f"warning: ignoring the partial latency table ({exc})")
-        if path.exists():
-            try:  # a corrupt cached table stops here: it is never silently replaced
-                existing.append(LatencyTable.load(path))
-            except SmcpError as exc:
-                raise SmcpError(f"{exc}; `smcp profile --force` re-measures it from scratch") from None
+    existing = [] if force else _cached_tables(path, partial_path, rep)
     t0 = time.perf_counter()
     dense_before = _dense_ms(recipe, model, out)
     sigs = [layer.sig for layer in graph.layers]
@@ -103,10 +90,33 @@ def profile(recipe: Recipe, out: Path, *, reporter: Reporter | None = None, forc
     atomic_write_json(path, table.to_dict(), indent=1, checksum=True)
     remove_artifact(partial_path)  # its points are in latency.json now
     table.path = path
+    return _result(table, whole, time.perf_counter() - t0)
+
+
+def _cached_tables(path: Path, partial_path: Path, rep: Reporter) -> list[LatencyTable]:
+    """The tables whose points a profile re-uses: an interrupted profile's partial table (a corrupt
+    one is ignored: it is only a cache) and the finished one (a corrupt one stops here, one line)."""
+    existing = []
+    if partial_path.exists():
+        try:
+            existing.append(LatencyTable.load(partial_path))
+            rep.log(f"resuming the latency table from {partial_path} (points measured with other settings "
+                    "or on another machine are measured again)")
+        except SmcpError as exc:
+            rep.log(f"warning: ignoring the partial latency table ({exc})")
+    if path.exists():
+        try:  # never silently replaced
+            existing.append(LatencyTable.load(path))
+        except SmcpError as exc:
+            raise SmcpError(f"{exc}; `smcp profile --force` re-measures it from scratch") from None
+    return existing
+
+
+def _result(table: LatencyTable, whole: dict, seconds: float) -> ProfileResult:
     cal = whole["calibration"]
     return ProfileResult(
-        path=str(path), layers=len(table), baseline_ms=whole["measured_ms"], scale=cal["scale"],
-        offset_ms=cal["offset_ms"], removed_layer_ms=cal["removed_layer_ms"], seconds=time.perf_counter() - t0,
+        path=str(table.path), layers=len(table), baseline_ms=whole["measured_ms"], scale=cal["scale"],
+        offset_ms=cal["offset_ms"], removed_layer_ms=cal["removed_layer_ms"], seconds=seconds,
         interpolated_points=int(table.meta.get("measure", {}).get("interpolated_points", 0) or 0),
         calibration=cal["points"], baseline_spread_ms=_spread(whole["stats"]["baseline"]),
         calibration_form=cal.get("form"), layer_weights=cal.get("layer_weights") or {})
