@@ -51,14 +51,20 @@ class LayerSig:
                 d[f] = tuple(d[f])
         return cls(**d)
 
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        """The output's spatial size (a conv's; ``(1, 1)`` for a linear layer's ``in_hw``)."""
+        h, w = self.in_hw
+        oh = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel[0] - 1) - 1) // self.stride[0] + 1
+        ow = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel[1] - 1) - 1) // self.stride[1] + 1
+        return oh, ow
+
     def flops(self, cin: int | None = None, cout: int | None = None) -> int:
         """Multiply-accumulates of one sample at the given widths (defaults: full widths)."""
         cin = self.cin if cin is None else cin
         cout = self.cout if cout is None else cout
         if self.kind == "linear":
             return cin * cout
-        h, w = self.in_hw
-        oh = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel[0] - 1) - 1) // self.stride[0] + 1
-        ow = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel[1] - 1) - 1) // self.stride[1] + 1
+        oh, ow = self.out_hw
         per_out = self.kernel[0] * self.kernel[1] * (self.group_size if self.depthwise else cin)
         return per_out * cout * oh * ow

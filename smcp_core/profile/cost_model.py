@@ -13,12 +13,10 @@ from smcp_core.profile.table import params
 def layer_site(layer: LayerInfo) -> str:
     """The spatial size of a layer's output (``"HxW"``), the resolution it works at; a linear layer
     (or any 1x1 output) counts as a site of its own, ``"1x1"``."""
-    s = layer.sig
-    if s.kind == "linear":
+    if layer.sig.kind == "linear":
         return "1x1"
-    size = [(n + 2 * p - d * (k - 1) - 1) // st + 1
-            for n, p, d, k, st in zip(s.in_hw, s.padding, s.dilation, s.kernel, s.stride)]
-    return f"{size[0]}x{size[1]}"
+    h, w = layer.sig.out_hw
+    return f"{h}x{w}"
 
 
 def _flattened(labels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

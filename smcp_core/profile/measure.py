@@ -33,13 +33,6 @@ if TYPE_CHECKING:  # pragma: no cover
     pass
 
 
-def _out_hw(sig: LayerSig) -> tuple[int, int]:
-    h, w = sig.in_hw
-    oh = (h + 2 * sig.padding[0] - sig.dilation[0] * (sig.kernel[0] - 1) - 1) // sig.stride[0] + 1
-    ow = (w + 2 * sig.padding[1] - sig.dilation[1] * (sig.kernel[1] - 1) - 1) // sig.stride[1] + 1
-    return oh, ow
-
-
 def single_layer_module(sig: LayerSig, cin: int, cout: int):
     """The torch layer of ``sig`` at widths ``cin``/``cout`` (random init); depthwise uses ``cin``."""
     from torch import nn
@@ -111,7 +104,7 @@ def single_layer_onnx(sig: LayerSig, cin: int, cout: int, *, batch_size: int = 1
             dilations=list(sig.dilation),
             group=groups,
         )
-        oh, ow = _out_hw(sig)
+        oh, ow = sig.out_hw
         out_shape = [batch_size, c_out, oh, ow]
     graph = helper.make_graph(
         [node],
