@@ -22,7 +22,7 @@ from smcp_cli.common import (
     locked,
     out_dir,
 )
-from smcp_core.utils.text import spread
+from smcp_core.utils.text import layer_weights_text, spread
 
 
 def profile(
@@ -72,7 +72,7 @@ def profile(
                     f"{res['baseline_ms']:.3f} ms{spread(res.get('baseline_spread_ms'))} on "
                     f"{r.profile.backend}/{r.profile.device} "
                     f"batch {r.profile.batch_size}; "
-                    f"calibration{_weights_text(res.get('layer_weights'))}: measured = {res['scale']:.3f} x "
+                    f"calibration{_weights(res.get('layer_weights'))}: measured = {res['scale']:.3f} x "
                     f"(table + {res['removed_layer_ms']:.4f} ms per removed layer) + {res['offset_ms']:.3f} ms "
                     f"({res['seconds']:.0f}s)"
                 )
@@ -86,15 +86,5 @@ def profile(
             emit({"ok": True, **res}, as_json)
 
 
-def _weights_text(weights: dict[str, float] | None) -> str:
-    """`` (layer weights per resolution: 32x32 1.14, 16x16 1.08, ...)`` for a per-resolution
-    calibration (largest resolution first), else nothing."""
-    if not weights:
-        return ""
-
-    def pixels(site: str) -> int:
-        h, _, w = site.partition("x")
-        return int(h) * int(w) if h.isdigit() and w.isdigit() else 0
-
-    ordered = sorted(weights.items(), key=lambda kv: -pixels(kv[0]))
-    return " (layer weights per resolution: " + ", ".join(f"{k} {v:.2f}" for k, v in ordered) + ")"
+def _weights(weights: dict[str, float] | None) -> str:
+    return f" (layer weights per resolution: {layer_weights_text(weights)})" if weights else ""

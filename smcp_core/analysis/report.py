@@ -42,7 +42,7 @@ from smcp_core.utils.fsutil import (
     atomic_write_text,
     read_json,
 )
-from smcp_core.utils.text import markdown_table
+from smcp_core.utils.text import layer_weights_text, markdown_table
 
 
 def _opt_json(path: Path, what: str) -> dict | None:
@@ -379,11 +379,8 @@ def _latency_section(d: dict, images: dict[str, Path | None]) -> list[str]:
         return L + ["(no latency measurements: FLOPs target, or not profiled yet)", ""]
     cal = (t.get("model") or {}).get("calibration") or {}
     weights = cal.get("layer_weights") or {}
-    weighed = ""
-    if isinstance(weights, dict) and weights:
-        each = (f"{k} x {_number_or_na(v, '.3g') if isinstance(v, (int, float)) else 'n/a'}"
-                for k, v in weights.items())
-        weighed = " weighted per output resolution (" + ", ".join(each) + ")"
+    weighed = (f" weighted per output resolution ({layer_weights_text(weights)})"
+               if isinstance(weights, dict) and weights else "")
     L += [f"Table calibration: measured = {_number_or_na(cal.get('scale'))} x (sum of layer latencies{weighed} + "
           f"{_number_or_na(cal.get('removed_layer_ms', 0.0))} ms per removed layer) + "
           f"{_number_or_na(cal.get('offset_ms'))} ms. Profile points are timed while profiling; export points in "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -379,6 +380,13 @@ def _site_removal_keeps(graph: ChannelGraph) -> dict[str, torch.Tensor]:
             keep[g.classes] = False
         out[f"removed_{site}"] = keep
     return out
+
+
+def removal_site(name: str) -> str | None:
+    """The output resolution a ``removed_<HxW>`` calibration variant (:func:`_site_removal_keeps`)
+    removes blocks of; None for every other variant."""
+    m = re.fullmatch(r"removed_(\d+x\d+)", name)
+    return m.group(1) if m else None
 
 
 def calibration_keeps(graph: ChannelGraph, step: int, *, per_resolution: bool = False) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from smcp_core.stages.measure import (
     calibration_keeps,
     measure_against_baseline,
     measure_lowest,
+    removal_site,
     slim_structure,
 )
 from smcp_core.stages.results import ProfileResult
@@ -179,7 +179,7 @@ def fit_whole_model(graph, table: LatencyTable, keeps: dict[str, torch.Tensor], 
     fitted = None
     if per_resolution:
         by_site = {k: _sums_by_site(graph, cost, v) for k, v in keeps.items()}
-        own = {k.removeprefix("removed_") for k in keeps if re.fullmatch(r"removed_\d+x\d+", k)}
+        own = {removal_site(k) for k in keeps} - {None}
         fitted = fit_resolution_calibration([(by_site[k], removed[k], ms[k]) for k in keeps],
                                             by_site[next(iter(keeps))], separated=own)
     if fitted is None:

@@ -32,3 +32,16 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], *,
 def spread(p10_p90: Sequence[float] | None) -> str:
     """`` (p10-p90 A-B)`` for a timing's spread in ms, shown beside its median; "" without one."""
     return f" (p10-p90 {p10_p90[0]:.3f}-{p10_p90[1]:.3f})" if p10_p90 else ""
+
+
+def layer_weights_text(weights: dict) -> str:
+    """A per-resolution calibration's layer weights as ``32x32 1.14, 16x16 1.08, 8x8 0.82``: the
+    largest resolution first, ``n/a`` for a value that is not a number (a hand-edited table)."""
+    def pixels(site: str) -> int:
+        h, _, w = str(site).partition("x")
+        return int(h) * int(w) if h.isdigit() and w.isdigit() else 0
+
+    def number(v) -> str:
+        return f"{v:.2f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "n/a"
+
+    return ", ".join(f"{k} {number(v)}" for k, v in sorted(weights.items(), key=lambda kv: -pixels(kv[0])))

@@ -21,8 +21,9 @@ from smcp_core.profile.table import LatencyTable
 from smcp_core.stages import profiling
 from smcp_core.stages.builders import build_model as build_recipe_model
 from smcp_core.stages.builders import example_input
-from smcp_core.stages.measure import calibration_keeps
+from smcp_core.stages.measure import calibration_keeps, removal_site
 from smcp_core.stages.profiling import _sums_by_site, fit_whole_model
+from smcp_core.utils.text import layer_weights_text
 
 TRUE = {"32x32": 0.8, "16x16": 0.9, "8x8": 0.6}  # per-resolution scales, ms per table ms
 REMOVED = 0.004  # ms per removed layer
@@ -200,3 +201,13 @@ def test_only_a_per_resolution_calibration_enters_the_stamps(monkeypatch):
     artifacts.stamp(plain, "profile")
     profile_section = hashed[0][1]
     assert "calibration" not in profile_section and "batch_size" in profile_section
+
+
+def test_variant_names_and_weights_text():
+    """The ``removed_<HxW>`` names the fit reads its separating variants by, and the weights as
+    ``smcp profile`` and ``smcp report`` print them (largest resolution first)."""
+    assert [removal_site(n) for n in ("removed_16x16", "removed_uniform75", "removed", "baseline")] == \
+        ["16x16", None, None, None]
+    assert layer_weights_text({"8x8": 0.82, "1x1": 0.8, "32x32": 1.14, "16x16": 1.08}) == \
+        "32x32 1.14, 16x16 1.08, 8x8 0.82, 1x1 0.80"
+    assert layer_weights_text({"8x8": "fast", "32x32": 1}) == "32x32 1.00, 8x8 n/a"
